@@ -1,0 +1,36 @@
+"""polytool: Poly / MHR adapters, inspected, collapsed into plain LoRA or dense weights, verified.
+
+The model API mirrors PEFT's Poly tuner (`PolyConfig`, `PolyModel`, `get_poly_model`, ...). Names
+that need torch are imported on first use, so `import polytool` (and the CLI) stays fast.
+"""
+from __future__ import annotations
+
+from importlib import import_module
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("polytool")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+unknown"
+
+# public name -> module that defines it
+_LAZY = {
+    "PolyConfig": "polytool.poly.config",
+    "PolyRouter": "polytool.poly.router",
+    "PolyLayer": "polytool.poly.layer",
+    "Linear": "polytool.poly.layer",
+    "PolyModel": "polytool.poly.model",
+    "get_poly_model": "polytool.poly.model",
+    "load_adapter": "polytool.adapter",
+    "PolyAdapter": "polytool.adapter",
+    "collapse_factors": "polytool.collapse",
+    "PolytoolError": "polytool.errors",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'polytool' has no attribute {name!r}")

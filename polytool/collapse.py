@@ -1,0 +1,73 @@
+"""The one collapse formula: routed skill inventory + mixing weights -> plain LoRA factors.
+
+Everything that turns a Poly/MHR layer into a LoRA goes through `collapse_factors`: LoRA export,
+the dense merge, verify, and the Poly layer's own forward (per task at eval, per sample in
+training). It is written against the operations numpy and torch share (einsum with `...`,
+reshape), so it serves files (numpy, float64) and the model (torch, with autograd) alike.
+
+Per split q, with weights w[q, s]:  A_q = sum_s w[q,s] A[q,s],  B_q = sum_s w[q,s] B[q,s].
+The A_q stack along the input rows, the B_q along the output columns; the update is
+x @ A @ B / r. Mixing A and B separately is the model; sum_s w A_s B_s would be another one.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+
+def _einsum(x: Any):
+    if type(x).__module__.startswith("torch"):
+        import torch
+
+        return torch.einsum
+    import numpy as np
+
+    return np.einsum
+
+
+def collapse_factors(poly_A: Any, poly_B: Any, weights: Any) -> tuple[Any, Any]:
+    """Mix one layer's skills.
+
+    poly_A:  (n_splits, n_skills, in // n_splits, r)
+    poly_B:  (n_splits, n_skills, r, out // n_splits)
+    weights: (..., n_splits, n_skills)   any leading dims (tasks, batch rows, or none)
+    returns  A (..., in, r) and B (..., r, out), so that the update is x @ A @ B / r.
+    """
+    einsum = _einsum(poly_A)
+    n_splits, _, d_in, r = poly_A.shape
+    d_out = poly_B.shape[-1]
+    lead = tuple(weights.shape[:-2])
+    A = einsum("...qs,qsdr->...qdr", weights, poly_A)  # (..., q, in/q, r)
+    B = einsum("...qs,qsrd->...rqd", weights, poly_B)  # (..., r, q, out/q)
+    return A.reshape(lead + (n_splits * d_in, r)), B.reshape(lead + (r, n_splits * d_out))
+
+
+# PEFT's LoRA scales by lora_alpha / r; alpha 1 gives exactly the Poly update's 1/r, applied in
+# the same order (x @ A @ B, then / r), so the exported factors are the collapsed ones unchanged.
+LORA_ALPHA = 1
+
+
+def lora_weights(A: Any, B: Any) -> tuple[Any, Any]:
+    """Collapsed factors -> PEFT LoRA tensors (used with lora_alpha = LORA_ALPHA).
+
+    A (in, r), B (r, out) -> lora_A.weight (r, in), lora_B.weight (out, r).
+    """
+    return A.T, B.T
+
+
+def dense_delta(A: Any, B: Any, r: int) -> Any:
+    """Collapsed factors -> the (out, in) update to add to a Linear's weight: (A @ B / r).T."""
+    return (B.T @ A.T) / r  # (out, r) @ (r, in)
+
+
+def collapse_adapter(adapter: Any, spec: Any, dtype: Any = None) -> Iterator[tuple[Any, Any, Any]]:
+    """(PolyAdapter, task spec) -> (module, A (in, r), B (r, out)) per adapted module, in file order.
+
+    Computed in float64 unless `dtype` says otherwise; callers round once to their output dtype.
+    """
+    import numpy as np
+
+    dtype = np.float64 if dtype is None else dtype
+    for module in adapter.modules:
+        weights = adapter.spec_weights(module.name, spec).astype(dtype)  # (q, s)
+        A, B = collapse_factors(adapter.poly_A(module.name, dtype), adapter.poly_B(module.name, dtype), weights)
+        yield module, A, B
