@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,17 @@ class AdapterModule:
     out_features: int
 
 
+def _load_failure(exc: Exception) -> str:
+    """The reason in torch.load's error, without its advice to retry with weights_only=False."""
+    text = str(exc).strip()
+    if "Weights only load failed" not in text:
+        return f"{exc.__class__.__name__}: {text.splitlines()[0]}" if text else exc.__class__.__name__
+    body = text.split("Check the documentation")[0].splitlines()[1:]  # line 0 is the generic advice
+    detail = " ".join(line.strip() for line in body if line.strip() and not line.startswith("Please file an issue"))
+    detail = detail.split(". ")[0].rstrip(".")
+    return f"not a plain state dict of tensors ({detail})" if detail else "not a plain state dict of tensors"
+
+
 class _BinTensors:
     """adapter_model.bin through torch.load(weights_only=True): the same read API as SafetensorsFile."""
 
@@ -48,9 +60,11 @@ class _BinTensors:
 
         self.path = path
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns about pickle protocols on stderr
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for a bad or unsafe pickle
-            raise AdapterError(f"cannot load with weights_only=True ({exc.__class__.__name__}: {str(exc).splitlines()[0]})", path) from None
+            raise AdapterError(f"refused by torch.load(weights_only=True): {_load_failure(exc)}", path) from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise AdapterError("expected a dict of tensors", path)
         self._arrays = {k: v.detach().to(torch.float32).numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
@@ -226,14 +240,16 @@ def _validate(adapter: PolyAdapter, tensors: Any, file: Path) -> None:
         a, b, lg = (tensors.shape(kinds[k]) for k in ("A", "B", "logits"))
         if len(a) != 4 or len(b) != 4 or len(lg) != 2:
             raise AdapterError(f"module {module!r}: poly_lora_A {list(a)}, poly_lora_B {list(b)}, module_logits {list(lg)} have the wrong number of dimensions (4, 4, 2)", file)
-        want_a = (q, s, a[2], r)
-        want_b = (q, s, r, b[3])
-        if a != want_a:
-            raise AdapterError(f"module {module!r}: poly_lora_A has shape {list(a)}, config says (n_splits={q}, n_skills={s}, in/n_splits, r={r})", file)
-        if b != want_b:
-            raise AdapterError(f"module {module!r}: poly_lora_B has shape {list(b)}, config says (n_splits={q}, n_skills={s}, r={r}, out/n_splits)", file)
-        if lg != (t, q * s):
-            raise AdapterError(f"module {module!r}: module_logits has shape {list(lg)}, config says (n_tasks={t}, n_splits*n_skills={q * s})", file)
+        for label, shape, dims in (
+            ("poly_lora_A", a, (("n_splits", q), ("n_skills", s), ("in/n_splits", None), ("r", r))),
+            ("poly_lora_B", b, (("n_splits", q), ("n_skills", s), ("r", r), ("out/n_splits", None))),
+            ("module_logits", lg, (("n_tasks", t), ("n_splits*n_skills", q * s))),
+        ):
+            bad = [f"{name}={want} in the config but {got} in the tensor"
+                   for (name, want), got in zip(dims, shape) if want is not None and got != want]
+            if bad:
+                says = ", ".join(name if want is None else f"{name}={want}" for name, want in dims)
+                raise AdapterError(f"module {module!r}: {label} has shape {list(shape)}, config says ({says}): {'; '.join(bad)}", file)
         for kind, key in kinds.items():
             arr = tensors.float_array(key, np.float32)
             if not np.isfinite(arr).all():

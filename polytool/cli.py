@@ -5,6 +5,8 @@ for torch or transformers. Commands that need them import the library lazily in 
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from . import __version__
@@ -25,6 +27,32 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 
 # --- inspect ---
+
+
+@main.command()
+@click.argument("adapter_dir", type=click.Path(path_type=Path))
+@json_option
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.png",
+              help="Also write a tasks x skills heatmap PNG (needs polytool[plot]).")
+@force_option
+@handle_errors
+def inspect(adapter_dir: Path, as_json: bool, plot_file: Path | None, force: bool) -> None:
+    """Show a Poly/MHR adapter: configuration, modules, parameters, routing (no torch needed).
+
+    ADAPTER_DIR holds adapter_config.json and adapter_model.safetensors (or one subfolder that
+    does). The JSON schema is documented in docs/inspect.md.
+    """
+    from .adapter import load_adapter
+    from .inspect import build_report, render_report
+    from .output import info
+
+    report = build_report(load_adapter(adapter_dir))
+    if plot_file is not None:
+        from .plot import write_heatmap
+
+        info(f"wrote {write_heatmap(report, plot_file, force=force)}")
+    result(report, as_json, render_report)
+
 
 # --- collapse ---
 

@@ -79,3 +79,73 @@ def parse_task_spec(text: str | int, n_tasks: int, allow_all: bool = False) -> T
 def spec_label(spec: TaskSpec) -> str:
     """Short stable name for a spec, used in file names and provenance: 'task-3', 'uniform', 'mean'."""
     return f"task-{spec}" if isinstance(spec, int) else str(spec)
+
+
+# ---- routing statistics ---------------------------------------------------------------------
+# Ponti et al. 2022 ("Combining Modular Skills in Multitask Learning", arXiv 2202.13914) describe
+# a layer's learned routing by its task-skill allocation Z = sigmoid(logits), one (n_tasks,
+# n_skills) matrix per layer and, for MHR, per split. docs/inspect.md states each definition.
+
+
+def allocation(logits: np.ndarray, n_splits: int, n_skills: int) -> np.ndarray:
+    """(n_tasks, n_splits * n_skills) logits -> (n_tasks, n_splits, n_skills) allocation sigmoid(logits)."""
+    n_tasks = logits.shape[0]
+    return sigmoid(np.asarray(logits, dtype=np.float64)).reshape(n_tasks, n_splits, n_skills)  # (t, q, s)
+
+
+def _xlogx(p: np.ndarray) -> np.ndarray:
+    """p * log(p), with 0 * log(0) = 0."""
+    safe = np.where(p > 0, p, 1.0)
+    return np.where(p > 0, p * np.log(safe), 0.0)
+
+
+def rounded(alloc: np.ndarray) -> np.ndarray:
+    """The allocation rounded to 0/1 (an entry >= 0.5 counts as 1)."""
+    return np.floor(alloc + 0.5)
+
+
+def discreteness(alloc: np.ndarray) -> np.ndarray:
+    """(t, q, s) allocation -> (q,): mean Bernoulli entropy of the entries / log 2.
+
+    0 when every entry is 0 or 1 (fully discrete), 1 when every entry is 1/2.
+    """
+    bits = -(_xlogx(alloc) + _xlogx(1.0 - alloc)) / np.log(2.0)  # (t, q, s)
+    return bits.mean(axis=(0, 2))
+
+
+def sparsity(alloc: np.ndarray) -> np.ndarray:
+    """(t, q, s) allocation -> (q,): fraction of zero entries in the rounded allocation."""
+    return 1.0 - rounded(alloc).mean(axis=(0, 2))
+
+
+def skill_usage(alloc: np.ndarray) -> np.ndarray:
+    """(t, q, s) allocation -> (q,): entropy of the normalised column sums / log n_skills.
+
+    1 when every skill receives the same total allocation over tasks; 0 when one skill takes all
+    (or nothing is allocated). With a single skill it is 1 by definition.
+    """
+    n_skills = alloc.shape[-1]
+    cols = alloc.sum(axis=0)  # (q, s): each skill's total over tasks
+    total = cols.sum(axis=-1, keepdims=True)  # (q, 1)
+    share = np.divide(cols, total, out=np.zeros_like(cols), where=total > 0)
+    if n_skills == 1:
+        return np.ones(alloc.shape[1])
+    return -_xlogx(share).sum(axis=-1) / np.log(n_skills)
+
+
+def unused_skills(alloc: np.ndarray) -> list[list[int]]:
+    """(t, q, s) allocation -> per split, the skills whose rounded allocation is 0 for every task."""
+    used = rounded(alloc).max(axis=0)  # (q, s)
+    return [np.flatnonzero(row == 0).tolist() for row in used]
+
+
+def effective_skills(dist: np.ndarray) -> np.ndarray:
+    """(..., n_skills) distributions -> (...,): exp of their entropy (1 = one skill, n = uniform)."""
+    return np.exp(-_xlogx(dist).sum(axis=-1))
+
+
+def cosine_similarity(x: np.ndarray) -> np.ndarray:
+    """(n, d) rows -> (n, n) cosine similarities (a zero row is 0 against everything)."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)  # (n, 1)
+    unit = np.divide(x, norms, out=np.zeros_like(x, dtype=np.float64), where=norms > 0)
+    return unit @ unit.T
