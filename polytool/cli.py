@@ -55,5 +55,76 @@ def inspect(adapter_dir: Path, as_json: bool, plot_file: Path | None, force: boo
 
 
 # --- collapse ---
+DTYPE_CHOICES = {"auto": None, "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+@main.command()
+@click.argument("adapter_dir", type=click.Path(path_type=Path))
+@click.option("--task", "task", required=True,
+              help="Task id, 'uniform' (MHR-mu), 'mean' (mean routing over tasks), or 'all' (one LoRA per task).")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Output directory (written atomically).")
+@click.option("--to", "kind", type=click.Choice(["lora", "dense"]), default="lora", show_default=True,
+              help="A plain PEFT LoRA directory, or a merged dense model directory.")
+@click.option("--base", "base_dir", type=click.Path(path_type=Path),
+              help="Base model directory (default: the adapter's base_model_name_or_path, local or cached).")
+@click.option("--dtype", type=click.Choice(list(DTYPE_CHOICES)), default="auto", show_default=True,
+              help="Output dtype (auto: float32 for a LoRA, the base's dtype for dense).")
+@click.option("--max-shard-size", help="Dense: repack the shards to at most this size, e.g. 5GB (default: the base's layout).")
+@click.option("--untie", is_flag=True, help="Dense: write a target tied to the embeddings (lm_head) as its own weight.")
+@force_option
+@json_option
+@handle_errors
+def collapse(adapter_dir: Path, task: str, out: Path, kind: str, base_dir: Path | None, dtype: str,
+             max_shard_size: str | None, untie: bool, force: bool, as_json: bool) -> None:
+    """Collapse one task of a Poly/MHR adapter into a plain LoRA, or merge it into dense weights.
+
+    The JSON keys are documented in docs/collapse.md. No torch is imported.
+    """
+    import os
+
+    # Before numpy loads: the merge's (rows, r) @ (r, in) products are memory-bound, and BLAS helper
+    # threads spinning against the kernel's writeback made a 2-core merge up to 8x slower; one is steady.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    from .adapter import load_adapter
+    from .basemodel import resolve_base_dir
+    from .checkpoint import check_output
+    from .routing import parse_task_spec, spec_label
+
+    adapter = load_adapter(adapter_dir)
+    spec = parse_task_spec(task, adapter.n_tasks, allow_all=True)
+    if kind == "lora":
+        from .errors import PolytoolError
+        from .export import base_uses_conv1d, export_lora
+
+        if max_shard_size or untie:
+            raise PolytoolError("--max-shard-size and --untie apply to --to dense only")
+        check_output(out, force, inputs=[adapter.directory] + ([base_dir] if base_dir else []))
+        conv1d = base_uses_conv1d(adapter, base_dir)
+        data = export_lora(adapter, spec, out, DTYPE_CHOICES[dtype] or "F32", conv1d, force)
+        data.update(dtype=dtype if dtype != "auto" else "float32")
+    else:
+        from .merge import check_dense_spec, merge_dense, parse_size
+        from .output import progress
+
+        check_dense_spec(spec)
+        size = None if max_shard_size is None else parse_size(max_shard_size)
+        base = resolve_base_dir(base_dir, adapter.base_model_name_or_path, adapter.config.get("revision"))
+        data = merge_dense(adapter, spec, base, out, DTYPE_CHOICES[dtype], untie, size, force, progress)
+    result({"out": str(out), "kind": kind, "task": spec if isinstance(spec, int) else spec_label(spec),
+            "adapter": str(adapter.directory), **data}, as_json, _render_collapse)
+
+
+def _render_collapse(data: dict) -> str:
+    what = {"lora": "LoRA", "dense": "dense model"}[data["kind"]]
+    lines = [f"wrote {what} for task {data['task']} to {data['out']} ({len(data['files'])} files, {data['bytes'] / 1e6:.1f} MB)"]
+    if data["kind"] == "dense":
+        lines.append(f"  {data['tensors_merged']} tensors merged, {data['tensors_copied']} copied byte for byte, "
+                     f"{data['tensors_converted']} converted; {data['dtype']}; base {data['base']}")
+        if data["untied"]:
+            lines.append(f"  untied: {', '.join(data['untied'])} (config.json tie_word_embeddings false)")
+    else:
+        lines.append(f"  {data['tensors']} tensors, {data['dtype']}; load with PeftModel.from_pretrained(base, {data['out']!r})")
+    return "\n".join(lines)
+
 
 # --- verify ---

@@ -1,0 +1,314 @@
+"""Dense merge: stream a safetensors base checkpoint, add each adapted module's collapsed delta, write.
+
+Tensor by tensor in the base's own shard layout (or repacked with `max_shard_size`): untouched
+tensors are copied byte for byte inside the kernel (a shard with nothing to merge is copied as a
+file); adapted ones are read in blocks of rows, merged in float32 or wider (float64 when the output
+is float32) and rounded once to the output dtype. Peak memory is one block, not the model.
+`plan_merge` validates everything (targets, shapes, tied weights) before `write_merge` writes.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from math import prod
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from .adapter import PolyAdapter
+from .basemodel import INDEX_NAME, SINGLE_NAME, BaseCheckpoint, Target, match_targets, open_base
+from .checkpoint import (DTYPES, FLOAT_DTYPES, SafetensorsFile, SafetensorsWriter, TensorSpec, atomic_output_dir,
+                         bf16_to_f32, cast_float, check_output, encode_header, write_json)
+from .collapse import collapse_factors, dense_delta
+from .errors import CheckpointError, PolytoolError
+from .export import check_collapsible
+from .routing import TaskSpec
+
+BLOCK_BYTES = 1 << 20  # float32 bytes of one block of rows merged at once
+TORCH_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+Progress = Callable[[Iterable, int, str], Iterable]
+
+
+@dataclass(frozen=True)
+class Op:
+    """One output tensor: written as `out`, read from `source` in base shard `shard`, merged with `target`."""
+
+    out: TensorSpec
+    shard: str
+    source: str
+    source_dtype: str
+    target: Target | None
+
+    @property
+    def kind(self) -> str:
+        return "merged" if self.target else ("copied" if self.out.dtype == self.source_dtype else "converted")
+
+
+@dataclass
+class OutShard:
+    name: str
+    metadata: dict[str, str]
+    ops: list[Op] = field(default_factory=list)
+
+
+@dataclass
+class MergePlan:
+    """Everything a dense merge will write, validated."""
+
+    base: BaseCheckpoint
+    spec: TaskSpec
+    targets: list[Target]
+    shards: list[OutShard]
+    index: dict | None  # the index file's content; None for one model.safetensors
+    config: dict | None  # an edited config.json; None copies it unchanged
+    others: list[str]  # other entries of the base directory, copied along
+
+    @property
+    def n_tensors(self) -> int:
+        return sum(len(s.ops) for s in self.shards)
+
+    def nbytes(self) -> int:
+        """Bytes the output will take (shards + everything copied along)."""
+        total = sum(len(encode_header([op.out for op in s.ops], s.metadata)) + sum(op.out.nbytes for op in s.ops) for s in self.shards)
+        for name in self.others:
+            path = self.base.directory / name
+            total += sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+        return total
+
+
+def parse_size(text: str | int) -> int:
+    """'100MB', '2GB', '500MiB', or a number of bytes -> bytes (decimal units, as transformers)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(text).upper())
+    if not match or float(match.group(1)) <= 0:
+        raise PolytoolError(f"invalid size {text!r}: expected e.g. 500MB, 2GB, 1GiB or a number of bytes")
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2) or ""])
+
+
+def _ops(base: BaseCheckpoint, targets: list[Target], dtype: str | None) -> list[Op]:
+    """Every output tensor in base order; an untied weight follows the embedding it is copied from."""
+    merged = {t.key: t for t in targets if t.key == t.source}
+    untied: dict[str, list[Target]] = {}
+    for t in targets:
+        if t.key != t.source:
+            untied.setdefault(t.source, []).append(t)
+    ops = []
+    for key, info in base.tensors.items():
+        out_dtype = dtype if dtype and info.dtype in FLOAT_DTYPES else info.dtype
+        ops.append(Op(TensorSpec(key, out_dtype, info.shape), info.shard, key, info.dtype, merged.get(key)))
+        for t in untied.get(key, []):
+            ops.append(Op(TensorSpec(t.key, out_dtype, info.shape), info.shard, key, info.dtype, t))
+    return ops
+
+
+def _layout(base: BaseCheckpoint, ops: list[Op], max_shard_size: int | None) -> list[OutShard]:
+    """Keep the base's shards, or pack tensors in order into shards of at most `max_shard_size` bytes."""
+    def metadata(shard: str | None) -> dict[str, str]:
+        return {**(base.shard_metadata.get(shard, {}) if shard else {}), "format": "pt"}
+
+    if max_shard_size is None:
+        shards = {name: OutShard(name, metadata(name)) for name in base.shards}
+        for op in ops:
+            shards[op.shard].ops.append(op)
+        return list(shards.values())
+    groups: list[list[Op]] = [[]]
+    size = 0
+    for op in ops:
+        if groups[-1] and size + op.out.nbytes > max_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(op)
+        size += op.out.nbytes
+    if len(groups) == 1:
+        return [OutShard(SINGLE_NAME, metadata(None), groups[0])]
+    n = len(groups)
+    return [OutShard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", metadata(None), g) for i, g in enumerate(groups)]
+
+
+def _index(base: BaseCheckpoint, shards: list[OutShard], repacked: bool) -> dict | None:
+    if (base.index_metadata is None and not repacked) or (repacked and len(shards) == 1):
+        return None
+    new_total = sum(op.out.nbytes for s in shards for op in s.ops)
+    metadata = dict(base.index_metadata or {})
+    old = metadata.get("total_size")
+    if isinstance(old, int) and not repacked:  # keep the base's figure, moved by what changed
+        new_total = old + new_total - sum(prod(i.shape) * DTYPES[i.dtype][1] for i in base.tensors.values())
+    metadata["total_size"] = new_total
+    return {"metadata": metadata, "weight_map": {op.out.name: s.name for s in shards for op in s.ops}}
+
+
+def _config(base: BaseCheckpoint, targets: list[Target], dtype: str | None) -> dict | None:
+    config = dict(base.config)
+    if any(t.tied_to for t in targets):
+        config["tie_word_embeddings"] = False
+        if isinstance(config.get("text_config"), dict) and "tie_word_embeddings" in config["text_config"]:
+            config["text_config"] = {**config["text_config"], "tie_word_embeddings": False}
+    if dtype and dtype != base.dtype:
+        for key in ("dtype", "torch_dtype"):
+            if key in config:
+                config[key] = TORCH_NAMES[dtype]
+    return None if config == base.config else config
+
+
+def check_dense_spec(spec: TaskSpec) -> None:
+    if spec == "all":
+        raise PolytoolError("--task all writes one LoRA per task; a dense merge takes one task (an id, uniform or mean)")
+
+
+def plan_merge(adapter: PolyAdapter, spec: TaskSpec, base: BaseCheckpoint, dtype: str | None = None,
+               untie: bool = False, max_shard_size: int | None = None) -> MergePlan:
+    """Validate and lay out a dense merge of task spec `spec` into `base` (nothing is written)."""
+    check_dense_spec(spec)
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise PolytoolError(f"output dtype {dtype!r} is not allowed: {', '.join(FLOAT_DTYPES)}")
+    check_collapsible(adapter)
+    targets = match_targets(base, adapter.modules, untie)
+    ops = _ops(base, targets, dtype)
+    shards = _layout(base, ops, max_shard_size)
+    return MergePlan(base, spec, targets, shards, _index(base, shards, max_shard_size is not None),
+                     _config(base, targets, dtype), base.other_entries())
+
+
+# ---- writing ---------------------------------------------------------------------------------
+
+
+def _factors(adapter: PolyAdapter, module: str, spec: TaskSpec) -> tuple[np.ndarray, np.ndarray]:
+    """This module's collapsed A (in, r), B (r, out), float64, through the one collapse formula."""
+    return collapse_factors(adapter.poly_A(module), adapter.poly_B(module), adapter.spec_weights(module, spec))
+
+
+def _read_rows(fd: int, offset: int, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Rows read with pread (not the mmap: pages read this way do not stay in our resident set)."""
+    storage = DTYPES[dtype][0]
+    out = np.empty(shape, dtype=storage)
+    view = memoryview(out.reshape(-1).view(np.uint8)) if out.size else memoryview(b"")
+    while view.nbytes:
+        n = os.preadv(fd, [view], offset)
+        if n == 0:
+            raise CheckpointError("unexpected end of file while reading a tensor")
+        view, offset = view[n:], offset + n
+    return out
+
+
+def _blocks(op: Op, src: SafetensorsFile, fd: int, adapter: PolyAdapter, spec: TaskSpec) -> Iterator[np.ndarray]:
+    """The output tensor of a merged or converted op, block of rows by block of rows."""
+    shape = src.shape(op.source) or (1,)
+    rows, row_len = shape[0], prod(shape[1:])
+    wide = np.float64 if "F64" in (op.source_dtype, op.out.dtype) or op.out.dtype == "F32" else np.float32
+    step = max(1, BLOCK_BYTES // max(1, 4 * row_len))
+    itemsize = DTYPES[op.source_dtype][1]
+    start = src.data_start + src.entries[op.source]["offsets"][0]
+    if op.target:
+        # (in, r), (r, out) in Fortran order: A.T, B.T and B[:, lo:hi].T are C-contiguous, which BLAS
+        # multiplies an order of magnitude faster than strided operands at r of 8 or so
+        A, B = (np.asfortranarray(f, dtype=wide) for f in _factors(adapter, op.target.module, spec))
+        r = adapter.r
+    for lo in range(0, rows, step):
+        hi = min(rows, lo + step)
+        raw = _read_rows(fd, start + lo * row_len * itemsize, op.source_dtype, (hi - lo,) + shape[1:])
+        x = bf16_to_f32(raw) if op.source_dtype == "BF16" else raw
+        x = x.astype(wide, copy=False)
+        if op.target:
+            if op.target.transposed:  # Conv1D stores (in, out): rows are input features
+                x += dense_delta(A[lo:hi], B, r).T  # (out, rows).T -> (rows, out)
+            else:
+                x += dense_delta(A, B[:, lo:hi], r)  # (rows, in)
+        yield cast_float(x, op.out.dtype)
+
+
+def _whole_file(plan: MergePlan, shard: OutShard) -> bool:
+    """A shard rewritten exactly as it is: copy the file."""
+    return (all(op.kind == "copied" and op.shard == shard.name for op in shard.ops)
+            and [op.source for op in shard.ops] == [k for k, i in plan.base.tensors.items() if i.shard == shard.name]
+            and plan.base.shard_metadata.get(shard.name, {}).get("format") == "pt")
+
+
+def _follows(st: SafetensorsFile, prev: Op, op: Op) -> bool:
+    """`op`'s source starts where `prev`'s ends, in the same file: one copy covers both."""
+    return prev.shard == op.shard and st.entries[op.source]["offsets"][0] == st.entries[prev.source]["offsets"][1]
+
+
+def _write_shard(plan: MergePlan, shard: OutShard, adapter: PolyAdapter, path: Path) -> Iterator[Op]:
+    """Write one output shard; runs of adjacent untouched tensors are copied in one call."""
+    sources: dict[str, tuple[SafetensorsFile, int]] = {}  # base shard -> (header, fd for pread)
+    try:
+        with SafetensorsWriter(path, [op.out for op in shard.ops], shard.metadata) as writer:
+            run: list[Op] = []
+            for op in shard.ops:
+                if op.shard not in sources:
+                    st = SafetensorsFile(plan.base.directory / op.shard)
+                    sources[op.shard] = (st, os.open(st.path, os.O_RDONLY))
+                st, fd = sources[op.shard]
+                if run and not (op.kind == "copied" and _follows(st, run[-1], op)):
+                    writer.copy([o.source for o in run], sources[run[0].shard][0])
+                    yield from run
+                    run = []
+                if op.kind == "copied":
+                    run.append(op)
+                else:
+                    writer.write(op.out.name, _blocks(op, st, fd, adapter, plan.spec))
+                    yield op
+            if run:
+                writer.copy([o.source for o in run], sources[run[0].shard][0])
+                yield from run
+    finally:
+        for st, fd in sources.values():
+            os.close(fd)
+            st.close()
+
+
+def _steps(plan: MergePlan, adapter: PolyAdapter, directory: Path) -> Iterator[Op]:
+    """Write every shard; yields each op once its tensor is written."""
+    for shard in plan.shards:
+        if _whole_file(plan, shard):
+            shutil.copyfile(plan.base.directory / shard.name, directory / shard.name)
+            yield from shard.ops
+        else:
+            yield from _write_shard(plan, shard, adapter, directory / shard.name)
+
+
+def write_merge(plan: MergePlan, adapter: PolyAdapter, directory: Path, progress: Progress | None = None) -> dict:
+    """Write the planned model into the existing empty `directory`; returns what was written."""
+    counts = {"merged": 0, "copied": 0, "converted": 0}
+    steps = _steps(plan, adapter, directory)
+    for op in progress(steps, plan.n_tensors, "merging") if progress else steps:
+        counts[op.kind] += 1
+    if plan.index is not None:
+        write_json(directory / INDEX_NAME, plan.index)
+    for name in plan.others:
+        src, dst = plan.base.directory / name, directory / name
+        if name == "config.json" and plan.config is not None:
+            write_json(dst, plan.config)
+        elif src.is_dir():
+            shutil.copytree(src, dst)
+        else:
+            shutil.copy2(src, dst)
+    files = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+    return {"files": files, "tensors_merged": counts["merged"], "tensors_copied": counts["copied"],
+            "tensors_converted": counts["converted"], "bytes": sum((directory / f).stat().st_size for f in files)}
+
+
+def _check_space(plan: MergePlan, out: Path) -> None:
+    parent = out.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    need, free = plan.nbytes(), shutil.disk_usage(parent).free
+    if need > free:
+        raise PolytoolError(f"not enough disk space for {out}: the merged model needs {need / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
+
+
+def merge_dense(adapter: PolyAdapter, spec: TaskSpec, base_dir: Path, out: Path, dtype: str | None = None,
+                untie: bool = False, max_shard_size: int | None = None, force: bool = False,
+                progress: Progress | None = None) -> dict:
+    """Merge task spec `spec` into the base at `base_dir`, writing a complete model directory at `out` atomically."""
+    base = open_base(base_dir)
+    check_output(out, force, inputs=[adapter.directory, base.directory])
+    plan = plan_merge(adapter, spec, base, dtype, untie, max_shard_size)
+    _check_space(plan, out)
+    with atomic_output_dir(out, force) as tmp:
+        written = write_merge(plan, adapter, tmp, progress)
+    return {**written, "base": str(base.directory), "dtype": TORCH_NAMES.get(dtype or base.dtype),
+            "untied": sorted(t.key for t in plan.targets if t.tied_to)}
