@@ -128,3 +128,43 @@ def _render_collapse(data: dict) -> str:
 
 
 # --- verify ---
+
+
+@main.command()
+@click.argument("adapter_dir", type=click.Path(path_type=Path))
+@click.option("--base", "base_dir", required=True, type=click.Path(path_type=Path),
+              help="The base model directory (transformers format).")
+@click.option("--against", "against", multiple=True, type=click.Path(path_type=Path),
+              help="A collapsed artifact to check: LoRA dir, `collapse --task all` dir or dense model dir (repeatable). "
+                   "Without it: a self-check of the in-memory collapse.")
+@click.option("--task", help="Task id, uniform or mean: the only task to self-check, or the task of artifacts "
+                             "without provenance (overrides the recorded one).")
+@click.option("--atol", type=float, help="Absolute tolerance (default: by the dtype the artifact stores, docs/ci.md).")
+@click.option("--rtol", type=float, help="Tolerance relative to each output's scale max|b| (default: by that dtype).")
+@click.option("--inputs", "n_inputs", type=int, default=4, show_default=True, help="Number of random sequences.")
+@click.option("--seq-len", type=int, help="Random sequence length (default 32); with --prompts, truncate to it.")
+@click.option("--prompts", type=click.Path(path_type=Path), help="Text file, one prompt per line (base's tokenizer).")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+              help="auto: device_map='auto' through accelerate, for bases larger than one device.")
+@click.option("--allow-noop", is_flag=True, help="Accept tasks where the adapter does not change the base's output.")
+@json_option
+@handle_errors
+def verify(adapter_dir: Path, base_dir: Path, against: tuple[Path, ...], task: str | None, atol: float | None,
+           rtol: float | None, n_inputs: int, seq_len: int | None, prompts: Path | None, device: str,
+           allow_noop: bool, as_json: bool) -> None:
+    """Prove collapsed artifacts compute what the live routed Poly model computes.
+
+    Exit 0 when every check passes, 1 when any output differs beyond tolerance (or a task is a
+    no-op), 2 for bad input. The report goes to stdout; docs/ci.md documents it.
+    """
+    from .errors import VerificationError
+    from .verify import render_report, verify as run_verify
+
+    report = run_verify(adapter_dir, base_dir, against, task, atol, rtol, n_inputs, seq_len, prompts, device,
+                        allow_noop)
+    result(report, as_json, render_report)
+    if not report["passed"]:
+        failed = [c for c in report["checks"] if not c["passed"]]
+        first = failed[0]
+        raise VerificationError(f"{len(failed)} of {len(report['checks'])} checks failed "
+                                f"(first: task {first['task']}, {first['kind']} {first['artifact']})")
