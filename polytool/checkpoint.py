@@ -44,6 +44,8 @@ DTYPES: dict[str, tuple[np.dtype, int]] = {
     "F8_E5M2": (np.dtype("u1"), 1),
 }
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+# safetensors dtype -> torch / config.json name
+TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:

@@ -72,17 +72,23 @@ def lora_config(adapter: PolyAdapter, fan_in_fan_out: bool) -> dict:
     }
 
 
-def provenance(adapter: PolyAdapter, spec: TaskSpec) -> dict[str, str]:
-    """safetensors metadata: format pt, and where these factors came from."""
-    routing = {m.name: adapter.spec_weights(m.name, spec).tolist() for m in adapter.modules}  # (q, s) each
-    return {
+# provenance keys in an artifact's safetensors metadata (LoRA file, every dense shard)
+SHA_KEY, TASK_KEY = "polytool.source_sha256", "polytool.task"
+
+
+def provenance(adapter: PolyAdapter, spec: TaskSpec, routing: bool = True) -> dict[str, str]:
+    """safetensors metadata: format pt, and where these factors came from (routing: per-module weights)."""
+    meta = {
         "format": "pt",
         "polytool.version": __version__,
-        "polytool.source_sha256": adapter.sha256,
-        "polytool.task": str(spec),
+        SHA_KEY: adapter.sha256,
+        TASK_KEY: str(spec),
         "polytool.n_tasks": str(adapter.n_tasks),
-        "polytool.routing": json.dumps(routing, separators=(",", ":")),
     }
+    if routing:
+        weights = {m.name: adapter.spec_weights(m.name, spec).tolist() for m in adapter.modules}  # (q, s) each
+        meta["polytool.routing"] = json.dumps(weights, separators=(",", ":"))
+    return meta
 
 
 def model_card(adapter: PolyAdapter, spec: TaskSpec) -> str:

@@ -19,14 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import FLOAT_DTYPES, SafetensorsFile
+from .checkpoint import FLOAT_DTYPES, TORCH_NAMES, SafetensorsFile
 from .errors import AdapterError, PolytoolError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 SUFFIX_A, SUFFIX_B = ".lora_A.weight", ".lora_B.weight"
-TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 # Config keys that do not change the eval forward of the saved tensors (metadata, targeting, init).
 IGNORED_KEYS = frozenset({

@@ -20,15 +20,14 @@ import numpy as np
 
 from .adapter import PolyAdapter
 from .basemodel import INDEX_NAME, SINGLE_NAME, BaseCheckpoint, Target, match_targets, open_base
-from .checkpoint import (DTYPES, FLOAT_DTYPES, SafetensorsFile, SafetensorsWriter, TensorSpec, atomic_output_dir,
+from .checkpoint import (DTYPES, FLOAT_DTYPES, TORCH_NAMES, SafetensorsFile, SafetensorsWriter, TensorSpec, atomic_output_dir,
                          bf16_to_f32, cast_float, check_output, encode_header, write_json)
 from .collapse import collapse_factors, dense_delta
 from .errors import CheckpointError, PolytoolError
-from .export import check_collapsible
+from .export import check_collapsible, provenance
 from .routing import TaskSpec
 
 BLOCK_BYTES = 1 << 20  # float32 bytes of one block of rows merged at once
-TORCH_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 Progress = Callable[[Iterable, int, str], Iterable]
 
@@ -104,10 +103,13 @@ def _ops(base: BaseCheckpoint, targets: list[Target], dtype: str | None) -> list
     return ops
 
 
-def _layout(base: BaseCheckpoint, ops: list[Op], max_shard_size: int | None) -> list[OutShard]:
-    """Keep the base's shards, or pack tensors in order into shards of at most `max_shard_size` bytes."""
+def _layout(base: BaseCheckpoint, ops: list[Op], max_shard_size: int | None, stamp: dict[str, str]) -> list[OutShard]:
+    """Keep the base's shards, or pack tensors in order into shards of at most `max_shard_size` bytes.
+
+    Every shard gets format pt and `stamp` (polytool's provenance) in its metadata.
+    """
     def metadata(shard: str | None) -> dict[str, str]:
-        return {**(base.shard_metadata.get(shard, {}) if shard else {}), "format": "pt"}
+        return {**(base.shard_metadata.get(shard, {}) if shard else {}), **stamp, "format": "pt"}
 
     if max_shard_size is None:
         shards = {name: OutShard(name, metadata(name)) for name in base.shards}
@@ -167,7 +169,7 @@ def plan_merge(adapter: PolyAdapter, spec: TaskSpec, base: BaseCheckpoint, dtype
     check_collapsible(adapter)
     targets = match_targets(base, adapter.modules, untie)
     ops = _ops(base, targets, dtype)
-    shards = _layout(base, ops, max_shard_size)
+    shards = _layout(base, ops, max_shard_size, provenance(adapter, spec, routing=False))
     return MergePlan(base, spec, targets, shards, _index(base, shards, max_shard_size is not None),
                      _config(base, targets, dtype), base.other_entries())
 

@@ -31,8 +31,9 @@ from typing import Any, Iterator
 from .adapter import PolyAdapter, load_adapter
 from .collapse import LORA_ALPHA, collapse_adapter, dense_delta, lora_weights
 from .errors import AdapterError, CheckpointError, PolytoolError
-from .export import TASKS_INDEX, check_collapsible
-from .lora import TORCH_NAMES, LoraArtifact, attach_lora, read_lora
+from .export import SHA_KEY, TASK_KEY, TASKS_INDEX, check_collapsible
+from .checkpoint import TORCH_NAMES
+from .lora import LoraArtifact, attach_lora, read_lora
 from .routing import TaskSpec, parse_task_spec
 
 SEED = 0
@@ -40,7 +41,6 @@ DEFAULT_INPUTS, DEFAULT_SEQ_LEN = 4, 32
 # stored dtype -> (atol, rtol); docs/ci.md records the measurements behind the half-precision rows.
 TOLERANCES = {"float64": (1e-5, 1e-5), "float32": (1e-5, 1e-5), "bfloat16": (1e-4, 1e-2), "float16": (1e-5, 3e-3)}
 DEVICES = ("cpu", "cuda", "auto")
-SHA_KEY, TASK_KEY = "polytool.source_sha256", "polytool.task"  # provenance in safetensors metadata
 
 
 @dataclass

@@ -104,13 +104,23 @@ def test_good_artifacts_pass(request, which):
     assert check["top1_agreement"] == 1.0
 
 
+def strip_provenance(src: Path, dst: Path) -> Path:
+    """A copy of a dense artifact whose shards carry only {"format": "pt"}: as if made elsewhere."""
+    shutil.copytree(src, dst)
+    for shard in dst.glob("*.safetensors"):
+        save_file(load_file(shard), shard, metadata={"format": "pt"})
+    return dst
+
+
 def test_dense_provenance_is_read_from_shard_metadata(llama):
     sha = load_adapter(llama["adapter"]).sha256
-    keep = lambda t: None  # noqa: E731  (metadata only)
-    good = edit_tensor(llama["dense1"], llama["out"] / "dense-prov", "model.safetensors", W_KEY, keep,
-                       **{"polytool.source_sha256": sha, "polytool.task": "1"})
-    code, report = verify_json(llama["adapter"], llama["base"], "--against", good)
+    from polytool.checkpoint import SafetensorsFile
+
+    with SafetensorsFile(llama["dense1"] / "model.safetensors") as st:  # collapse stamped it
+        assert st.metadata["polytool.source_sha256"] == sha and st.metadata["polytool.task"] == "1"
+    code, report = verify_json(llama["adapter"], llama["base"], "--against", llama["dense1"])
     assert code == 0 and report["checks"][0]["task"] == 1
+    keep = lambda t: None  # noqa: E731  (metadata only)
     other = edit_tensor(llama["dense1"], llama["out"] / "dense-other", "model.safetensors", W_KEY, keep,
                         **{"polytool.source_sha256": "0" * 64, "polytool.task": "1"})
     got = run("verify", llama["adapter"], "--base", llama["base"], "--against", other)
@@ -281,7 +291,7 @@ def test_bad_inputs_exit_2(llama, tmp_path):
         (("--base", b, "--against", corrupt), "truncated"),
         (("--base", b, "--task", "7"), "task 7 is out of range: this adapter has tasks 0..2"),
         (("--base", b, "--task", "seven"), "invalid task 'seven'"),
-        (("--base", b, "--against", llama["dense1"]), "has no polytool provenance"),
+        (("--base", b, "--against", strip_provenance(llama["dense1"], tmp_path / "bare")), "has no polytool provenance"),
         (("--base", b, "--against", tmp_path), "not a collapsed artifact"),
         (("--base", b, "--against", a), "not 'LORA'"),
         (("--base", b, "--against", llama["all"], "--task", "uniform"), "holds no LoRA for task uniform"),
