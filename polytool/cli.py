@@ -123,7 +123,8 @@ def _render_collapse(data: dict) -> str:
         if data["untied"]:
             lines.append(f"  untied: {', '.join(data['untied'])} (config.json tie_word_embeddings false)")
     else:
-        lines.append(f"  {data['tensors']} tensors, {data['dtype']}; load with PeftModel.from_pretrained(base, {data['out']!r})")
+        where = f"{data['out']}/task-<id>" if data["task"] == "all" else data["out"]
+        lines.append(f"  {data['tensors']} tensors, {data['dtype']}; load with PeftModel.from_pretrained(base, {where!r})")
     return "\n".join(lines)
 
 
@@ -132,8 +133,8 @@ def _render_collapse(data: dict) -> str:
 
 @main.command()
 @click.argument("adapter_dir", type=click.Path(path_type=Path))
-@click.option("--base", "base_dir", required=True, type=click.Path(path_type=Path),
-              help="The base model directory (transformers format).")
+@click.option("--base", "base_dir", type=click.Path(path_type=Path),
+              help="Base model directory (default: the adapter's base_model_name_or_path, local or cached).")
 @click.option("--against", "against", multiple=True, type=click.Path(path_type=Path),
               help="A collapsed artifact to check: LoRA dir, `collapse --task all` dir or dense model dir (repeatable). "
                    "Without it: a self-check of the in-memory collapse.")
@@ -149,7 +150,7 @@ def _render_collapse(data: dict) -> str:
 @click.option("--allow-noop", is_flag=True, help="Accept tasks where the adapter does not change the base's output.")
 @json_option
 @handle_errors
-def verify(adapter_dir: Path, base_dir: Path, against: tuple[Path, ...], task: str | None, atol: float | None,
+def verify(adapter_dir: Path, base_dir: Path | None, against: tuple[Path, ...], task: str | None, atol: float | None,
            rtol: float | None, n_inputs: int, seq_len: int | None, prompts: Path | None, device: str,
            allow_noop: bool, as_json: bool) -> None:
     """Prove collapsed artifacts compute what the live routed Poly model computes.

@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .adapter import PolyAdapter, load_adapter
+from .basemodel import resolve_base_dir
+from .checkpoint import TORCH_NAMES
 from .collapse import LORA_ALPHA, collapse_adapter, dense_delta, lora_weights
 from .errors import AdapterError, CheckpointError, PolytoolError
 from .export import SHA_KEY, TASK_KEY, TASKS_INDEX, check_collapsible
-from .checkpoint import TORCH_NAMES
 from .lora import LoraArtifact, attach_lora, read_lora
 from .routing import TaskSpec, parse_task_spec
 
@@ -492,7 +493,7 @@ def run_checks(adapter: PolyAdapter, base_dir: Path, family: str, targets: list[
     return sorted(base_out), checks
 
 
-def verify(adapter_dir: str | Path, base_dir: str | Path, against: tuple = (), task: str | None = None,
+def verify(adapter_dir: str | Path, base_dir: str | Path | None, against: tuple = (), task: str | None = None,
            atol: float | None = None, rtol: float | None = None, n_inputs: int = DEFAULT_INPUTS,
            seq_len: int | None = None, prompts: str | Path | None = None, device: str = "cpu",
            allow_noop: bool = False) -> dict:
@@ -503,7 +504,7 @@ def verify(adapter_dir: str | Path, base_dir: str | Path, against: tuple = (), t
     adapter = load_adapter(adapter_dir)
     check_collapsible(adapter)
     spec = None if task is None else parse_task_spec(task, adapter.n_tasks)
-    base_dir = Path(base_dir)
+    base_dir = resolve_base_dir(base_dir, adapter.base_model_name_or_path, adapter.config.get("revision"))
     config = base_config(base_dir)
     family = model_family(config)
     if against:

@@ -69,7 +69,8 @@ def llama_bf16(make_peft_adapter, tmp_path_factory):
 
 
 def verify_json(adapter, base, *extra) -> tuple[int, dict]:
-    got = run("verify", adapter, "--base", base, "--json", *extra)
+    base_args = () if base is None else ("--base", base)
+    got = run("verify", adapter, *base_args, "--json", *extra)
     return got.exit_code, json.loads(got.stdout)
 
 
@@ -371,3 +372,9 @@ def test_json_agrees_with_human_output(llama):
         assert check["artifact"] in line and f"task {check['task']} " in line
         assert set(check) >= {"task", "artifact", "kind", "max_abs_err", "max_rel_err", "top1_agreement", "atol",
                               "rtol", "passed"}
+
+
+def test_base_defaults_to_the_adapters_recorded_base(llama):
+    code, report = verify_json(llama["adapter"], None, "--task", "0")  # no --base: base_model_name_or_path
+    assert code == 0 and Path(report["base"]) == llama["base"]
+    assert [c["kind"] for c in report["checks"]] == ["lora", "dense"]
