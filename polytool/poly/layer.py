@@ -1,9 +1,11 @@
 """Poly layers: a base linear map plus routed low-rank skills, x -> base(x) + x @ A_mix @ B_mix / r.
 
-A_mix, B_mix come from `collapse.collapse_factors` (the one collapse formula): per batch row from
-stochastic weights in training, per task once from the eval weights at eval (cached until a
-parameter changes), then gathered by task id. Parameters live in ParameterDict / ModuleDict keyed by
-adapter name, as in PEFT (`poly_lora_A.default`, `poly_router.default.module_logits`).
+A_mix, B_mix come from `collapse.collapse_factors` (the one collapse formula). Training: per batch
+row from stochastic weights, with PEFT's exact arithmetic. Eval: per task from the eval weights,
+cached until a parameter changes; each row's factors (a broadcast view when all rows share a task,
+else a gathered copy) go into two batched matmuls, and the update is added in place when autograd
+records nothing (docs/performance.md has the measurements). Parameters live in ParameterDict / ModuleDict
+keyed by adapter name, as in PEFT (`poly_lora_A.default`, `poly_router.default.module_logits`).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from torch import nn
 from ..collapse import collapse_factors
 from ..errors import PolytoolError
 from .config import PolyConfig, PolyValueError
-from .router import PolyRouter, TaskIds, task_id_tensor
+from .router import PolyRouter, TaskIds, TaskRoute
 
 
 class UnsupportedTargetError(PolytoolError, ValueError, TypeError):
@@ -100,44 +102,70 @@ class PolyLayer(nn.Module):
         return super().train(mode)
 
     def _task_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eval factors of every task, A (t, in, r) and B (t, r, out), recomputed when a parameter changed."""
-        params = self.adapter_parameters(adapter_name).values()
+        """Eval factors of every task, A.T (t, r, in) and B / r (t, r, out): the update is x @ A @ (B / r).
+
+        A comes transposed: x @ A runs about 2x faster on CPU (r 8) when A is r-major in memory.
+        Computed afresh, with grad, when grad is needed (grad mode on and an adapter tensor trainable);
+        otherwise cached until a parameter changes. The cache is built outside inference mode, so it
+        serves every mode.
+        """
+        poly_A, poly_B = self.poly_lora_A[adapter_name], self.poly_lora_B[adapter_name]
+        router, r = self.poly_router[adapter_name], self.r[adapter_name]
+        params = (poly_A, poly_B, router.module_logits)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            self._cache.pop(adapter_name, None)  # a step may follow, and fused optimizers keep _version
+            A, B = collapse_factors(poly_A, poly_B, router.task_weights())  # (t, in, r), (t, r, out)
+            return A.mT, B / r
         key = tuple((p._version, p.data_ptr(), p.device, p.dtype) for p in params)
         cached = self._cache.get(adapter_name)
-        if cached is not None and cached[0] == key:
-            return cached[1], cached[2]
-        with torch.no_grad():
-            weights = self.poly_router[adapter_name].task_weights()  # (t, q, s)
-            A, B = collapse_factors(self.poly_lora_A[adapter_name], self.poly_lora_B[adapter_name], weights)
-        self._cache[adapter_name] = (key, A, B)
-        return A, B
+        if cached is None or cached[0] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                A, B = collapse_factors(poly_A, poly_B, router.task_weights())  # (t, in, r), (t, r, out)
+                cached = self._cache[adapter_name] = (key, A.mT.contiguous(), B / r)
+        return cached[1], cached[2]
 
-    def _row_factors(self, adapter_name: str, task_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row factors A (b, in, r), B (b, r, out) for (b,) task ids."""
-        router = self.poly_router[adapter_name]
+    def _train_update(self, adapter_name: str, out: torch.Tensor, x: torch.Tensor, route: TaskRoute) -> torch.Tensor:
+        """out (b, L, out) + x (b, L, in) @ A @ B / r with stochastic per-row factors: PEFT's exact math."""
         poly_A, poly_B = self.poly_lora_A[adapter_name], self.poly_lora_B[adapter_name]
-        if self.training:
-            return collapse_factors(poly_A, poly_B, router(task_ids))  # stochastic (b, q, s) weights
-        router.check(task_ids)
-        rows = task_ids.to(poly_A.device)
-        if torch.is_grad_enabled() and any(p.requires_grad for p in (poly_A, poly_B, router.module_logits)):
-            self._cache.pop(adapter_name, None)  # a step may follow, and fused optimizers keep _version
-            A, B = collapse_factors(poly_A, poly_B, router.task_weights())  # (t, in, r), (t, r, out), with grad
+        rows = route.rows(x.shape[0], poly_A.device, self.name)  # (b,)
+        A, B = collapse_factors(poly_A, poly_B, self.poly_router[adapter_name](rows))  # (b, in, r), (b, r, out)
+        update = x.to(A.dtype).bmm(A).bmm(B) / self.r[adapter_name]  # (b, L, r) -> (b, L, out)
+        return out + update.to(out.dtype)
+
+    def _row_factors(self, adapter_name: str, route: TaskRoute, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A.T (b, r, in) and B / r (b, r, out) of each row's task: broadcast views when all rows share a
+        task, else a gathered copy. A route that keeps factors (generate) keeps them for its later steps,
+        unless they carry grad or a copy would outgrow the per-task cache (b > n_tasks)."""
+        kept, key = route.factors, (id(self), adapter_name, batch)
+        if kept is not None and key in kept:
+            return kept[key]
+        At, B = self._task_factors(adapter_name)  # (t, r, in), (t, r, out)
+        n_tasks = At.shape[0]
+        route.check(n_tasks)
+        rows = route.rows(batch, At.device, self.name)  # (b,)
+        if route.task is None:
+            At, B = At.index_select(0, rows), B.index_select(0, rows)  # (b, r, in), (b, r, out)
         else:
-            A, B = self._task_factors(adapter_name)
-        return A[rows], B[rows]
+            At, B = At[route.task].expand(batch, -1, -1), B[route.task].expand(batch, -1, -1)
+        if kept is not None and not B.requires_grad and (route.task is not None or batch <= n_tasks):
+            kept[key] = At, B
+        return At, B
+
+    def _eval_update(self, adapter_name: str, out: torch.Tensor, x: torch.Tensor, route: TaskRoute) -> torch.Tensor:
+        """out (b, L, out) + x (b, L, in) @ A @ (B / r) with each row's task factors."""
+        At, B = self._row_factors(adapter_name, route, x.shape[0])  # (b, r, in), (b, r, out)
+        # batched matmuls per row, not one 2-D matmul over all tokens: MKL runs these thin ones faster
+        xa = At.bmm(x.to(At.dtype).mT).mT  # (b, r, in) @ (b, in, L) -> (b, r, L) -> (b, L, r)
+        return _add_product(out, xa, B)  # (b, L, r) @ (b, r, out)
 
 
-def expand_task_ids(task_ids: torch.Tensor, batch: int, name: str) -> torch.Tensor:
-    """Task ids for `batch` rows: repeated k times each when batch = k * len(task_ids) (generate's expansion)."""
-    n = task_ids.numel()
-    if batch == n:
-        return task_ids
-    if batch % n:
-        raise PolyValueError(
-            f"module {name!r}: input batch size {batch} is not a multiple of the {n} task_ids given"
-        )
-    return task_ids.repeat_interleave(batch // n)
+def _add_product(out: torch.Tensor, xa: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """out + xa @ B for (b, L, out), (b, L, r), (b, r, out): in place unless autograd records the call."""
+    if out.dtype != xa.dtype:  # a half-precision base with the float32 adapter: add in float32, round once
+        return (out + xa.bmm(B)).to(out.dtype)
+    if torch.is_grad_enabled():
+        return torch.baddbmm(out, xa, B)
+    return out.baddbmm_(xa, B)
 
 
 class Linear(PolyLayer):
@@ -148,20 +176,20 @@ class Linear(PolyLayer):
         self.update_layer(adapter_name, config)
         self.train(base_layer.training)
 
-    def forward(self, x: torch.Tensor, *args: Any, task_ids: TaskIds | None = None, **kwargs: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: Any, task_ids: TaskIds | TaskRoute | None = None,
+                **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         adapter = self.active_adapter
         if self.disabled or adapter not in self.poly_lora_A:
             return result
         if task_ids is None:
             raise PolyValueError(f"module {self.name!r}: task_ids is missing: pass task_ids=... to forward or generate")
-        rows = x.unsqueeze(0) if x.dim() == 1 else x  # (b, ..., in)
-        task_ids = expand_task_ids(task_id_tensor(task_ids), rows.shape[0], self.name)
-        A, B = self._row_factors(adapter, task_ids)
-        flat = rows.reshape(rows.shape[0], -1, self.in_features).to(A.dtype)  # (b, L, in)
-        update = flat.bmm(A).bmm(B) / self.r[adapter]  # (b, L, r) -> (b, L, out)
-        update = update.reshape(x.shape[:-1] + (self.out_features,))  # (..., out)
-        return result + update.to(result.dtype)
+        route = task_ids if isinstance(task_ids, TaskRoute) else TaskRoute(task_ids)
+        batch = x.shape[0] if x.dim() > 1 else 1
+        flat = x.reshape(batch, -1, self.in_features)  # (b, L, in)
+        out = result.reshape(batch, -1, self.out_features)  # (b, L, out), a view of result
+        update = self._train_update if self.training else self._eval_update
+        return update(adapter, out, flat, route).reshape(result.shape)  # (..., out)
 
     def __repr__(self) -> str:
         return "poly." + super().__repr__()

@@ -22,7 +22,7 @@ from ..adapter import load_adapter as read_adapter
 from ..errors import AdapterError
 from .config import CONFIG_NAME, PolyConfig, PolyValueError, default_target_modules
 from .layer import Linear, PolyLayer
-from .router import TaskIds, task_id_tensor
+from .router import TaskIds, TaskRoute
 
 
 def _matches(spec: Union[str, list, None], name: str) -> bool:
@@ -174,15 +174,16 @@ class PolyModel(nn.Module):
 
     # ---- task ids and calls -----------------------------------------------------------------
     @contextmanager
-    def _manage_pre_hooks(self, task_ids: TaskIds | None) -> Iterator[None]:
-        """Within the block every Poly layer receives `task_ids` (an int, a list or a tensor)."""
+    def _manage_pre_hooks(self, task_ids: TaskIds | None, keep_factors: bool = False) -> Iterator[None]:
+        """Within the block every Poly layer receives `task_ids` (an int, a list or a tensor), converted
+        and checked once per block as a TaskRoute (`keep_factors`: see TaskRoute)."""
         if task_ids is None:
             yield
             return
-        ids = task_id_tensor(task_ids)
+        route = TaskRoute(task_ids, keep_factors)
 
         def pre_hook(_module, args, kwargs):
-            kwargs["task_ids"] = ids
+            kwargs["task_ids"] = route
             return args, kwargs
 
         handles = [layer.register_forward_pre_hook(pre_hook, with_kwargs=True) for _, layer in self._poly_layers()]
@@ -201,8 +202,9 @@ class PolyModel(nn.Module):
             return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, task_ids: TaskIds | None = None, **kwargs: Any) -> Any:
-        """model.generate with task ids that follow beam / num_return_sequences expansion."""
-        with self._manage_pre_hooks(task_ids):
+        """model.generate with task ids that follow beam / num_return_sequences expansion; each layer
+        mixes and gathers its factors once for all the steps (the parameters are fixed meanwhile)."""
+        with self._manage_pre_hooks(task_ids, keep_factors=True):
             return self.model.generate(*args, **kwargs)
 
     # ---- files ------------------------------------------------------------------------------

@@ -29,6 +29,46 @@ def task_id_tensor(task_ids: TaskIds | None) -> torch.Tensor:
     return ids.reshape(-1).long().cpu()
 
 
+def check_range(low: int, high: int, n_tasks: int) -> None:
+    """ValueError unless task ids from `low` to `high` all lie in [0, n_tasks)."""
+    if low < 0 or high >= n_tasks:
+        bad = low if low < 0 else high
+        raise PolyValueError(f"task id {bad} is out of range: this adapter has tasks 0..{n_tasks - 1}")
+
+
+class TaskRoute:
+    """The task ids of one call, converted and summarised once and then shared by every Poly layer.
+
+    `task` is the one task id when all ids are equal (layers then broadcast its factors), else None.
+    Row ids per (batch size, device) are memoised: a model call converts, checks and expands once.
+    With `keep_factors` (generate: parameters stay fixed for the call) `factors` is where layers keep
+    their per-row factors from step to step, so a decode step neither re-checks nor re-gathers them.
+    """
+
+    def __init__(self, task_ids: TaskIds | None, keep_factors: bool = False):
+        self.ids = task_id_tensor(task_ids)  # (n,) int64, CPU
+        low, high = torch.aminmax(self.ids)
+        self.low, self.high = int(low), int(high)
+        self.task = self.low if self.low == self.high else None
+        self._rows: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self.factors: dict[tuple, tuple[torch.Tensor, torch.Tensor]] | None = {} if keep_factors else None
+
+    def check(self, n_tasks: int) -> None:
+        check_range(self.low, self.high, n_tasks)
+
+    def rows(self, batch: int, device: torch.device, name: str = "") -> torch.Tensor:
+        """(batch,) task ids on `device`: each id repeated k times when batch = k * n (generate's expansion)."""
+        rows = self._rows.get((batch, device))
+        if rows is None:
+            n = self.ids.numel()
+            if batch % n:
+                raise PolyValueError(
+                    f"module {name!r}: input batch size {batch} is not a multiple of the {n} task_ids given"
+                )
+            rows = self._rows[batch, device] = self.ids.repeat_interleave(batch // n).to(device)
+        return rows
+
+
 class PolyRouter(nn.Module):
     """Mixing weights of one adapted layer."""
 
@@ -45,10 +85,8 @@ class PolyRouter(nn.Module):
         """ValueError unless every id is in [0, n_tasks)."""
         if task_ids is None:
             raise PolyValueError("task_ids is missing: pass task_ids=... (an int, a list or a tensor of task ids)")
-        low, high = int(task_ids.min()), int(task_ids.max())
-        if low < 0 or high >= self.n_tasks:
-            bad = low if low < 0 else high
-            raise PolyValueError(f"task id {bad} is out of range: this adapter has tasks 0..{self.n_tasks - 1}")
+        low, high = torch.aminmax(task_ids)
+        check_range(int(low), int(high), self.n_tasks)
 
     def forward(self, task_ids: torch.Tensor) -> torch.Tensor:
         """(b,) task ids -> (b, n_splits, n_skills) weights; stochastic in training mode."""
