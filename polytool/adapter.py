@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import FLOAT_DTYPES, SafetensorsFile
+from .checkpoint import FLOAT_DTYPES, SafetensorsFile, parse_json
 from .errors import AdapterError, PolytoolError
 from .routing import TaskSpec, eval_weights, spec_weights
 
@@ -30,6 +30,8 @@ BIN_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 SUFFIXES = {"A": ".poly_lora_A", "B": ".poly_lora_B", "logits": ".poly_router.module_logits"}
 INT_FIELDS = ("r", "n_tasks", "n_skills", "n_splits")
+STR_FIELDS = ("base_model_name_or_path", "revision", "task_type")  # a string or null
+NAMES_FIELDS = ("target_modules", "exclude_modules", "modules_to_save")  # a name, a list of names, or null
 
 
 @dataclass(frozen=True)
@@ -152,9 +154,13 @@ class PolyAdapter:
 
 
 def _find_config(path: Path, adapter_name: str | None) -> Path:
-    if not path.exists():
+    try:
+        exists, is_dir = path.exists(), path.is_dir()
+    except (OSError, ValueError) as exc:  # e.g. a name too long for the file system
+        raise AdapterError(f"cannot access ({getattr(exc, 'strerror', None) or exc})", path) from None
+    if not exists:
         raise AdapterError("no such adapter directory", path)
-    if not path.is_dir():
+    if not is_dir:
         raise AdapterError("is a file, expected an adapter directory (holding adapter_config.json)", path)
     if adapter_name:
         sub = path / adapter_name
@@ -177,7 +183,7 @@ def _read_config(file: Path) -> dict:
     except (OSError, UnicodeDecodeError) as exc:
         raise AdapterError(f"cannot read ({exc.__class__.__name__})", file) from None
     try:
-        config = json.loads(text)
+        config = parse_json(text)
     except json.JSONDecodeError as exc:
         raise AdapterError(f"invalid JSON: {exc}", file) from None
     if not isinstance(config, dict):
@@ -191,7 +197,20 @@ def _read_config(file: Path) -> dict:
             raise AdapterError(f"{field} must be an integer >= 1, got {value!r}", file)
     if config.get("poly_type", "poly") != "poly":
         raise AdapterError(f"poly_type {config['poly_type']!r} is not supported (only 'poly')", file)
+    for field in STR_FIELDS:
+        if not isinstance(config.get(field), (str, type(None))):
+            raise AdapterError(f"{field} must be a string or null, got {_short(config[field])}", file)
+    for field in NAMES_FIELDS:
+        value = config.get(field)
+        if not (value is None or isinstance(value, str)
+                or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
+            raise AdapterError(f"{field} must be a module name, a list of names or null, got {_short(value)}", file)
     return config
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _open_weights(directory: Path) -> tuple[Any, Path]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from .checkpoint import SafetensorsFile, read_index
+from .checkpoint import SafetensorsFile, parse_json, read_index
 from .errors import CheckpointError
 
 SINGLE_NAME = "model.safetensors"
@@ -80,7 +80,8 @@ class BaseCheckpoint:
     def _read_shard(self, shard: str) -> None:
         path = self.directory / shard
         if not path.is_file():
-            raise CheckpointError(f"shard {shard} named by the index is missing", self.directory)
+            what = "is not a regular file" if path.exists() else "is missing"
+            raise CheckpointError(f"shard {shard} named by the index {what}", self.directory)
         with SafetensorsFile(path) as st:
             self.shard_metadata[shard] = dict(st.metadata)
             for key in st.keys():
@@ -119,11 +120,13 @@ def read_config(directory: Path) -> dict:
     if not path.is_file():
         raise CheckpointError("no config.json: not a transformers model directory", directory)
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = parse_json(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"cannot read ({exc.__class__.__name__}: {exc})", path) from None
     if not isinstance(config, dict):
         raise CheckpointError("not a JSON object", path)
+    if not isinstance(config.get("tie_word_embeddings", True), (bool, type(None))):
+        raise CheckpointError(f"tie_word_embeddings must be true or false, got {config['tie_word_embeddings']!r}", path)
     return config
 
 
@@ -137,7 +140,7 @@ def _missing_weights(directory: Path) -> CheckpointError:
 def open_base(directory: str | Path) -> BaseCheckpoint:
     """Open and validate a base model directory (headers only)."""
     directory = Path(directory)
-    if not directory.is_dir():
+    if not is_directory(directory):
         raise CheckpointError("no such base model directory", directory)
     return BaseCheckpoint(directory)
 
@@ -170,18 +173,29 @@ def cached_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
     return found[0] if len(found) == 1 and not ref.is_file() else None
 
 
+def is_directory(path: Path) -> bool:
+    """Path.is_dir, False (not an exception) for names the file system refuses (too long, a NUL byte)."""
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):
+        return False
+
+
 def resolve_base_dir(base: str | Path | None, name_or_path: str | None, revision: str | None = None) -> Path:
     """--base if given, else the adapter's base_model_name_or_path as a local directory or cached snapshot."""
     if base is not None:
         base = Path(base)
-        if not base.is_dir():
+        if not is_directory(base):
             raise CheckpointError("no such base model directory", base)
         return base
     if not name_or_path:
         raise CheckpointError("the adapter does not name its base model (base_model_name_or_path): pass --base DIR")
-    if Path(name_or_path).expanduser().is_dir():
+    if is_directory(Path(name_or_path).expanduser()):
         return Path(name_or_path).expanduser()
-    snapshot = cached_snapshot(name_or_path, revision)
+    try:
+        snapshot = cached_snapshot(name_or_path, revision)
+    except (OSError, ValueError):  # a name no file system takes (too long, a NUL byte): not cached
+        snapshot = None
     if snapshot is None:
         raise CheckpointError(f"base model {name_or_path!r} is neither a local directory nor in the Hugging Face cache "
                               f"({hub_cache()}); nothing is downloaded: pass --base DIR")

@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import shutil
 import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
-from typing import Iterable, Iterator, Union
+from typing import Any, Iterable, Iterator, Union
 
 import numpy as np
 
@@ -46,6 +47,14 @@ DTYPES: dict[str, tuple[np.dtype, int]] = {
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 # safetensors dtype -> torch / config.json name
 TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def parse_json(text: str | bytes) -> Any:
+    """json.loads, with nesting too deep for Python's parser raised as a JSONDecodeError, not a RecursionError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", text if isinstance(text, str) else "", 0) from None
 
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
@@ -81,7 +90,7 @@ class SafetensorsFile:
         except OSError as exc:
             raise CheckpointError(f"cannot read: {exc.strerror or exc}", self.path) from None
         try:
-            header = json.loads(raw.decode("utf-8"))
+            header = parse_json(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise self._error(f"corrupt safetensors header ({exc.__class__.__name__}: {exc})") from None
         if not isinstance(header, dict):
@@ -103,7 +112,7 @@ class SafetensorsFile:
             if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
                 raise self._error(f"corrupt safetensors header: entry {name!r} lacks dtype/shape/data_offsets")
             dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-            if dtype not in DTYPES:
+            if not isinstance(dtype, str) or dtype not in DTYPES:
                 raise self._error(f"tensor {name!r} has unknown dtype {dtype!r}")
             if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
                 raise self._error(f"tensor {name!r} has an invalid shape {shape!r}")
@@ -382,7 +391,7 @@ def read_index(path: str | Path) -> tuple[dict, dict[str, str]]:
     """A shard index file -> (metadata, weight_map {tensor: shard file name})."""
     path = Path(path)
     try:
-        index = json.loads(path.read_text(encoding="utf-8"))
+        index = parse_json(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"cannot read the shard index ({exc.__class__.__name__}: {exc})", path) from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -398,16 +407,23 @@ def read_index(path: str | Path) -> tuple[dict, dict[str, str]]:
 
 
 def check_output(out: str | Path, force: bool, inputs: Iterable[str | Path] = ()) -> None:
-    """Refuse an output that exists (unless `force`) or that is, holds or lies inside an input."""
+    """Refuse an output that exists (unless `force`), that is, holds or lies inside an input, or
+    whose nearest existing parent is not a directory."""
     out = Path(out)
-    resolved = out.resolve()
-    for inp in inputs:
-        src = Path(inp).resolve()
-        if resolved == src or src in resolved.parents or resolved in src.parents:
-            raise PolytoolError(f"output {out} overlaps the input {inp}: inputs are never written")
-    if out.exists() or out.is_symlink():
-        if not force:
-            raise OutputExistsError("already exists; pass --force to replace it", out)
+    try:
+        resolved = out.resolve()
+        for inp in inputs:
+            src = Path(inp).resolve()
+            if resolved == src or src in resolved.parents or resolved in src.parents:
+                raise PolytoolError(f"output {out} overlaps the input {inp}: inputs are never written")
+        parent = next(p for p in out.absolute().parents if p.exists() or p.is_symlink())
+        if not parent.is_dir():
+            raise PolytoolError(f"cannot create the output: {parent} is not a directory", out)
+        exists = out.exists() or out.is_symlink()
+    except (OSError, RuntimeError) as exc:  # a name too long, a symlink loop, no permission, ...
+        raise PolytoolError(f"invalid output path ({getattr(exc, 'strerror', None) or exc})", out) from None
+    if exists and not force:
+        raise OutputExistsError("already exists; pass --force to replace it", out)
 
 
 def fsync_tree(root: Path) -> None:
@@ -437,31 +453,84 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+# ---- atomic output directories ----------------------------------------------------------------
+TMP_TAG, OLD_TAG = "polytool-tmp", "polytool-old"
+NAME_MAX = 255  # bytes in one file name (Linux, macOS)
+
+
+def _sibling(out: Path, tag: str, pid: int) -> Path:
+    """`.OUT.<tag>-<pid>` beside `out`, OUT shortened to fit a file name: the work and backup directories."""
+    stem = out.name
+    while len(os.fsencode(f".{stem}.{tag}-{pid}")) > NAME_MAX:
+        stem = stem[:-1]
+    return out.parent / f".{stem}.{tag}-{pid}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _clear_leftovers(out: Path) -> None:
+    """Remove what a killed run left beside `out` (its pid is gone): a temporary directory always, a
+    backup of the previous output only once `out` exists again (otherwise it is the only copy: kept)."""
+    for entry in out.parent.iterdir():
+        match = re.fullmatch(rf"\.(.*)\.({TMP_TAG}|{OLD_TAG})-(\d+)", entry.name)
+        if not match or entry != _sibling(out, match[2], int(match[3])) or _alive(int(match[3])):
+            continue
+        if match[2] == TMP_TAG or out.exists():
+            _remove(entry)
+
+
+def _write_error(out: Path, exc: OSError) -> PolytoolError:
+    where = f" ({exc.filename})" if exc.filename else ""
+    return PolytoolError(f"failed while writing the output: {exc.strerror or exc}{where}", out)
+
+
 @contextmanager
 def atomic_output_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory beside `out`; on success fsync it and rename it to `out`.
 
     An existing `out` is replaced (with `force`) only after the new one is complete; on any
-    error the temporary directory is removed and `out` is left as it was.
+    error the temporary directory is removed and `out` is left as it was. Leftovers of killed
+    runs are removed first. An OSError (disk full, file too large, ...) becomes a PolytoolError.
     """
     out = Path(out)
     check_output(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.polytool-tmp-{os.getpid()}"
-    _remove(tmp)
-    tmp.mkdir()
+    tmp = _sibling(out, TMP_TAG, os.getpid())
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _clear_leftovers(out)
+        _remove(tmp)
+        tmp.mkdir()
+    except OSError as exc:
+        raise _write_error(out, exc) from None
     try:
         yield tmp
         fsync_tree(tmp)
         if out.exists() or out.is_symlink():
-            old = out.parent / f".{out.name}.polytool-old-{os.getpid()}"
+            old = _sibling(out, OLD_TAG, os.getpid())
             _remove(old)
             os.rename(out, old)
-            os.rename(tmp, out)
+            try:
+                os.rename(tmp, out)
+            except OSError:
+                os.rename(old, out)  # put the previous output back
+                raise
             _remove(old)
         else:
             os.rename(tmp, out)
         _fsync_dir(out.parent)
-    except BaseException:
-        _remove(tmp)
+    except BaseException as exc:
+        try:
+            _remove(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise _write_error(out, exc) from None
         raise

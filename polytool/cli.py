@@ -5,6 +5,7 @@ for torch or transformers. Commands that need them import the library lazily in 
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -24,6 +25,9 @@ def main(ctx: click.Context, debug: bool) -> None:
     """Inspect, collapse and verify Poly / MHR (multi-task routed LoRA) adapters."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    for stream in (sys.stdout, sys.stderr):  # a path that is not valid UTF-8 prints escaped, not as a crash
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
 
 
 # --- inspect ---
@@ -46,9 +50,15 @@ def inspect(adapter_dir: Path, as_json: bool, plot_file: Path | None, force: boo
     from .inspect import build_report, render_report
     from .output import info
 
-    report = build_report(load_adapter(adapter_dir))
+    adapter = load_adapter(adapter_dir)
+    report = build_report(adapter)
     if plot_file is not None:
+        from .checkpoint import check_output
         from .plot import write_heatmap
+
+        # never into the adapter (its files may be links into a cache: those are protected too)
+        check_output(plot_file, True, inputs=[adapter.directory, adapter.weights_file,
+                                              adapter.directory / "adapter_config.json"])
 
         info(f"wrote {write_heatmap(report, plot_file, force=force)}")
     result(report, as_json, render_report)
@@ -94,11 +104,12 @@ def collapse(adapter_dir: Path, task: str, out: Path, kind: str, base_dir: Path 
     spec = parse_task_spec(task, adapter.n_tasks, allow_all=True)
     if kind == "lora":
         from .errors import PolytoolError
-        from .export import base_uses_conv1d, export_lora
+        from .export import base_uses_conv1d, export_lora, lora_base
 
         if max_shard_size or untie:
             raise PolytoolError("--max-shard-size and --untie apply to --to dense only")
-        check_output(out, force, inputs=[adapter.directory] + ([base_dir] if base_dir else []))
+        base = lora_base(adapter, base_dir)  # read for its checks even without --base: never written
+        check_output(out, force, inputs=[adapter.directory] + ([base] if base else []))
         conv1d = base_uses_conv1d(adapter, base_dir)
         data = export_lora(adapter, spec, out, DTYPE_CHOICES[dtype] or "F32", conv1d, force)
         data.update(dtype=dtype if dtype != "auto" else "float32")

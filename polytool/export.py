@@ -14,7 +14,8 @@ from pathlib import Path
 
 from . import __version__
 from .adapter import PREFIX, PolyAdapter
-from .basemodel import CONV1D_MODEL_TYPES, match_targets, open_base, read_config, resolve_base_dir
+from .basemodel import (CONV1D_MODEL_TYPES, INDEX_NAME, SINGLE_NAME, match_targets, open_base, read_config,
+                        resolve_base_dir)
 from .checkpoint import TensorSpec, SafetensorsWriter, atomic_output_dir, cast_float, check_output, write_json
 from .collapse import LORA_ALPHA, collapse_adapter, lora_weights
 from .errors import AdapterError, CheckpointError, PolytoolError
@@ -34,19 +35,29 @@ def check_collapsible(adapter: PolyAdapter) -> None:
         raise AdapterError(f"carries modules_to_save tensors ({extra[0]!r}, ...): collapsing those is not supported", adapter.weights_file)
 
 
-def base_uses_conv1d(adapter: PolyAdapter, base_dir: Path | None) -> bool:
-    """Whether the base stores its targets as Conv1D (fan_in_fan_out). With --base (or a base found
-    locally), the adapter's modules are also checked against the base's weights."""
+def lora_base(adapter: PolyAdapter, base_dir: Path | None) -> Path | None:
+    """The base a LoRA export reads for its checks (an input, never written): --base, or the adapter's
+    base_model_name_or_path when it is found locally; None when there is none at hand."""
     try:
-        directory = resolve_base_dir(base_dir, adapter.base_model_name_or_path, adapter.config.get("revision"))
+        return resolve_base_dir(base_dir, adapter.base_model_name_or_path, adapter.config.get("revision"))
     except CheckpointError:
         if base_dir is not None:
             raise
+        return None
+
+
+def base_uses_conv1d(adapter: PolyAdapter, base_dir: Path | None) -> bool:
+    """Whether the base stores its targets as Conv1D (fan_in_fan_out). With --base (or a base found
+    locally), the adapter's modules are also checked against the base's weights."""
+    directory = lora_base(adapter, base_dir)
+    if directory is None:
         return False  # no base at hand: a Linear model (PEFT corrects Conv1D targets itself, with a warning)
     try:
         base = open_base(directory)
-    except CheckpointError:  # e.g. .bin weights: the config alone tells the model type
-        return read_config(directory).get("model_type") in CONV1D_MODEL_TYPES
+    except CheckpointError:
+        if base_dir is not None and any((directory / name).is_file() for name in (SINGLE_NAME, INDEX_NAME)):
+            raise  # --base names a broken safetensors checkpoint
+        return read_config(directory).get("model_type") in CONV1D_MODEL_TYPES  # e.g. .bin weights: the config tells
     match_targets(base, adapter.modules, untie=True)  # shapes checked; tying does not matter to a LoRA
     return base.conv1d
 
@@ -132,7 +143,8 @@ def write_lora(adapter: PolyAdapter, spec: TaskSpec, directory: Path, dtype: str
             writer.write(f"{PREFIX}{module.name}.lora_A.weight", cast_float(lora_A, dtype))
             writer.write(f"{PREFIX}{module.name}.lora_B.weight", cast_float(lora_B, dtype))
     write_json(directory / "adapter_config.json", lora_config(adapter, fan_in_fan_out))
-    (directory / "README.md").write_text(model_card(adapter, spec), encoding="utf-8")
+    # backslashreplace: a path that is not valid UTF-8 is shown escaped, not refused
+    (directory / "README.md").write_text(model_card(adapter, spec), encoding="utf-8", errors="backslashreplace")
     files = ["adapter_config.json", "adapter_model.safetensors", "README.md"]
     return {"files": files, "tensors": len(specs), "bytes": sum((directory / f).stat().st_size for f in files)}
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import FLOAT_DTYPES, TORCH_NAMES, SafetensorsFile
+from .checkpoint import FLOAT_DTYPES, TORCH_NAMES, SafetensorsFile, parse_json
 from .errors import AdapterError, PolytoolError
 
 CONFIG_NAME = "adapter_config.json"
@@ -56,7 +56,7 @@ class LoraArtifact:
 
 def _read_config(file: Path) -> dict:
     try:
-        config = json.loads(file.read_text(encoding="utf-8"))
+        config = parse_json(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AdapterError(f"cannot read the LoRA config ({exc.__class__.__name__}: {exc})", file) from None
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":

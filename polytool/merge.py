@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
@@ -65,6 +66,7 @@ class MergePlan:
     index: dict | None  # the index file's content; None for one model.safetensors
     config: dict | None  # an edited config.json; None copies it unchanged
     others: list[str]  # other entries of the base directory, copied along
+    others_bytes: int  # their size (symbolic links followed)
 
     @property
     def n_tensors(self) -> int:
@@ -73,10 +75,7 @@ class MergePlan:
     def nbytes(self) -> int:
         """Bytes the output will take (shards + everything copied along)."""
         total = sum(len(encode_header([op.out for op in s.ops], s.metadata)) + sum(op.out.nbytes for op in s.ops) for s in self.shards)
-        for name in self.others:
-            path = self.base.directory / name
-            total += sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
-        return total
+        return total + self.others_bytes
 
 
 def parse_size(text: str | int) -> int:
@@ -133,12 +132,11 @@ def _layout(base: BaseCheckpoint, ops: list[Op], max_shard_size: int | None, sta
 def _index(base: BaseCheckpoint, shards: list[OutShard], repacked: bool) -> dict | None:
     if (base.index_metadata is None and not repacked) or (repacked and len(shards) == 1):
         return None
-    new_total = sum(op.out.nbytes for s in shards for op in s.ops)
+    # what transformers writes, recomputed: a base's wrong figure is not carried over
     metadata = dict(base.index_metadata or {})
-    old = metadata.get("total_size")
-    if isinstance(old, int) and not repacked:  # keep the base's figure, moved by what changed
-        new_total = old + new_total - sum(prod(i.shape) * DTYPES[i.dtype][1] for i in base.tensors.values())
-    metadata["total_size"] = new_total
+    metadata["total_size"] = sum(op.out.nbytes for s in shards for op in s.ops)
+    if "total_parameters" in metadata:
+        metadata["total_parameters"] = sum(prod(op.out.shape) for s in shards for op in s.ops)
     return {"metadata": metadata, "weight_map": {op.out.name: s.name for s in shards for op in s.ops}}
 
 
@@ -153,6 +151,34 @@ def _config(base: BaseCheckpoint, targets: list[Target], dtype: str | None) -> d
             if key in config:
                 config[key] = TORCH_NAMES[dtype]
     return None if config == base.config else config
+
+
+def _entry_bytes(path: Path, top: Path, ancestors: frozenset) -> int:
+    """Size of a file or directory to copy along, following symbolic links as the copy will; refuses
+    broken links, link loops and what is neither file nor directory (a pipe, socket or device)."""
+    name = path.relative_to(top)
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise CheckpointError(f"{name} is a broken symbolic link, which cannot be copied along: remove or fix it", top) from None
+    except OSError as exc:  # a link loop, no permission
+        raise CheckpointError(f"{name} cannot be copied along: {exc.strerror}", top) from None
+    if stat.S_ISREG(info.st_mode):
+        return info.st_size
+    if not stat.S_ISDIR(info.st_mode):
+        raise CheckpointError(f"{name} is not a regular file or directory (a pipe, socket or device): "
+                              "it cannot be copied along: remove it", top)
+    if (info.st_dev, info.st_ino) in ancestors:
+        raise CheckpointError(f"{name} is a symbolic link to a directory that contains it (a loop): remove it", top)
+    inside = ancestors | {(info.st_dev, info.st_ino)}
+    return sum(_entry_bytes(child, top, inside) for child in sorted(path.iterdir()))
+
+
+def _others(base: BaseCheckpoint) -> tuple[list[str], int]:
+    """The base's other entries (config, tokenizer, ...) and their size, checked to be copyable."""
+    names = base.other_entries()
+    top = os.stat(base.directory)
+    return names, sum(_entry_bytes(base.directory / n, base.directory, frozenset({(top.st_dev, top.st_ino)})) for n in names)
 
 
 def check_dense_spec(spec: TaskSpec) -> None:
@@ -171,7 +197,7 @@ def plan_merge(adapter: PolyAdapter, spec: TaskSpec, base: BaseCheckpoint, dtype
     ops = _ops(base, targets, dtype)
     shards = _layout(base, ops, max_shard_size, provenance(adapter, spec, routing=False))
     return MergePlan(base, spec, targets, shards, _index(base, shards, max_shard_size is not None),
-                     _config(base, targets, dtype), base.other_entries())
+                     _config(base, targets, dtype), *_others(base))
 
 
 # ---- writing ---------------------------------------------------------------------------------
@@ -212,13 +238,34 @@ def _blocks(op: Op, src: SafetensorsFile, fd: int, adapter: PolyAdapter, spec: T
         hi = min(rows, lo + step)
         raw = _read_rows(fd, start + lo * row_len * itemsize, op.source_dtype, (hi - lo,) + shape[1:])
         x = bf16_to_f32(raw) if op.source_dtype == "BF16" else raw
-        x = x.astype(wide, copy=False)
-        if op.target:
-            if op.target.transposed:  # Conv1D stores (in, out): rows are input features
-                x += dense_delta(A[lo:hi], B, r).T  # (out, rows).T -> (rows, out)
-            else:
-                x += dense_delta(A, B[:, lo:hi], r)  # (rows, in)
-        yield cast_float(x, op.out.dtype)
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, in one line
+            x = x.astype(wide, copy=False)
+            if op.target:
+                if op.target.transposed:  # Conv1D stores (in, out): rows are input features
+                    x += dense_delta(A[lo:hi], B, r).T  # (out, rows).T -> (rows, out)
+                else:
+                    x += dense_delta(A, B[:, lo:hi], r)  # (rows, in)
+            out = cast_float(x, op.out.dtype)
+        if not _finite(out, op.out.dtype).all():
+            source = _read_rows(fd, start + lo * row_len * itemsize, op.source_dtype, (hi - lo,) + shape[1:])
+            _check_non_finite(op, source, out, src.path)
+        yield out
+
+
+def _finite(values: np.ndarray, dtype: str) -> np.ndarray:
+    """Elementwise: not NaN or Inf (BF16 as uint16 bit patterns: exponent bits all ones means NaN or Inf)."""
+    return (values & 0x7F80) != 0x7F80 if dtype == "BF16" else np.isfinite(values)
+
+
+def _check_non_finite(op: Op, source: np.ndarray, out: np.ndarray, shard: Path) -> None:
+    """Refuse a block holding NaN/Inf that polytool made (an overflow) or that an adapted base weight holds.
+    NaN/Inf a converted tensor already held (e.g. a -inf mask buffer) are kept as the base has them."""
+    if (_finite(source, op.source_dtype) & ~_finite(out, op.out.dtype)).any():
+        what = "merging the task into it" if op.target else "converting it"
+        raise PolytoolError(f"tensor {op.out.name!r}: {what} overflows {TORCH_NAMES[op.out.dtype]} "
+                            "(values beyond its range): write a wider dtype with --dtype float32")
+    if op.target:
+        raise CheckpointError(f"weight {op.source!r} holds NaN or Inf: the base checkpoint is broken", shard)
 
 
 def _whole_file(plan: MergePlan, shard: OutShard) -> bool:

@@ -67,5 +67,11 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
+        except OSError as exc:  # the system refused something polytool did not foresee: still one line
+            if debug:
+                raise
+            where = f": {exc.filename}" if exc.filename else ""
+            click.echo(f"error: {exc.strerror or exc}{where} (rerun with --debug for a traceback)", err=True)
+            ctx.exit(EXIT_INPUT)
 
     return wrapper

@@ -20,7 +20,6 @@ is the artifact's own rounding: tolerances go by the dtype the artifact stores i
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 from contextlib import contextmanager
@@ -29,8 +28,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .adapter import PolyAdapter, load_adapter
-from .basemodel import resolve_base_dir
-from .checkpoint import TORCH_NAMES
+from .basemodel import is_directory, resolve_base_dir
+from .checkpoint import TORCH_NAMES, parse_json
 from .collapse import LORA_ALPHA, collapse_adapter, dense_delta, lora_weights
 from .errors import AdapterError, CheckpointError, PolytoolError
 from .export import SHA_KEY, TASK_KEY, TASKS_INDEX, check_collapsible
@@ -79,6 +78,16 @@ def _why(exc: Exception) -> str:
     return f"{exc.__class__.__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
 
 
+def utf8_path(path: Path) -> Path:
+    """`path`, if it is valid UTF-8: the safetensors library (under torch and transformers) opens no other."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise PolytoolError("the path is not valid UTF-8, and the safetensors library that loads it for torch "
+                            "opens only UTF-8 paths: rename it", path) from None
+    return path
+
+
 def model_family(config) -> str:
     """'causal' (*ForCausalLM, *LMHeadModel), 'seq2seq' (T5-like) or 'encoder' (anything else)."""
     archs = config.architectures or []
@@ -108,17 +117,20 @@ def load_model(directory: Path, family: str, device: str):
     import transformers as tf
 
     auto = {"causal": tf.AutoModelForCausalLM, "seq2seq": tf.AutoModelForSeq2SeqLM, "encoder": tf.AutoModel}[family]
-    kwargs: dict[str, Any] = {"dtype": torch.float32, "output_loading_info": True}
+    # mismatched shapes are reported in `info` (refused below, in one line), not raised after a logged table
+    kwargs: dict[str, Any] = {"dtype": torch.float32, "output_loading_info": True, "ignore_mismatched_sizes": True}
     if device == "auto":
         kwargs["device_map"] = "auto"
-    bars = tf.utils.logging.is_progress_bar_enabled()
+    bars, verbosity = tf.utils.logging.is_progress_bar_enabled(), tf.utils.logging.get_verbosity()
     if not sys.stderr.isatty():
         tf.utils.logging.disable_progress_bar()  # progress bars only on a terminal
+    tf.utils.logging.set_verbosity_error()  # its load report is multi-line; what matters is raised below
     try:
         model, info = auto.from_pretrained(directory, **kwargs)
     except Exception as exc:  # transformers raises many types for a bad checkpoint
         raise CheckpointError(f"cannot load the model ({_why(exc)})", directory) from None
     finally:
+        tf.utils.logging.set_verbosity(verbosity)
         if bars:
             tf.utils.logging.enable_progress_bar()
     missing = sorted(info.get("missing_keys") or []) + [str(m[0]) for m in info.get("mismatched_keys") or []]
@@ -397,17 +409,20 @@ def _dense_target(path: Path, adapter: PolyAdapter, base_dir: Path, override: Ta
     for shard in dense.shards:
         metadata.update({k: v for k, v in dense.shard_metadata[shard].items() if k.startswith("polytool.")})
     spec, notes = _task_of(path, metadata, adapter, override)
-    return Target(spec, "dense", str(path), stored_dtype(path), path=path, notes=notes)
+    return Target(spec, "dense", str(path), stored_dtype(path), path=utf8_path(path), notes=notes)
 
 
 def _task_dirs(path: Path, adapter: PolyAdapter, override: TaskSpec | None) -> list[Target]:
     """A `collapse --task all` directory: one LoRA per task, listed in its index file."""
     index_file = path / TASKS_INDEX
     try:
-        index = json.loads(index_file.read_text(encoding="utf-8"))
+        index = parse_json(index_file.read_text(encoding="utf-8"))
         tasks = {int(k): str(v) for k, v in index["tasks"].items()}
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise AdapterError(f"cannot read the task index ({_why(exc)})", index_file) from None
+    outside = [sub for sub in tasks.values() if Path(sub).name != sub or sub in ("", ".", "..")]
+    if outside:
+        raise AdapterError(f"the task index names {outside[0]!r}, not a subdirectory of its own", index_file)
     _check_source(index_file, index.get("source_sha256"), adapter)
     if override is not None:
         if override not in tasks:
@@ -424,7 +439,7 @@ def _task_dirs(path: Path, adapter: PolyAdapter, override: TaskSpec | None) -> l
 
 def artifact_targets(path: Path, adapter: PolyAdapter, base_dir: Path, override: TaskSpec | None) -> list[Target]:
     """Recognise an artifact by its contents: a task-all dir, a LoRA dir or a dense model dir."""
-    if not path.is_dir():
+    if not is_directory(path):
         raise PolytoolError("no such artifact directory", path)
     if (path / TASKS_INDEX).is_file():
         return _task_dirs(path, adapter, override)
@@ -470,6 +485,14 @@ def make_check(target: Target, final: dict, modules: dict, agree: float | None, 
             "passed": final_ok and not bad and (allow_noop or not noop), "reason": reason, "notes": target.notes}
 
 
+def _check_finite(outputs: dict[str, list], base_dir: Path) -> None:
+    """The reference itself must be finite: NaN or Inf there (a broken base weight) would fail every check."""
+    bad = next((name for name, values in outputs.items() if not all(bool(t.isfinite().all()) for t in values)), None)
+    if bad is not None:
+        raise CheckpointError(f"the model's own outputs contain NaN or Inf on these inputs (first: {bad}): its "
+                              "weights are broken (or overflow in float32), so no comparison can be made", base_dir)
+
+
 def run_checks(adapter: PolyAdapter, base_dir: Path, family: str, targets: list[Target], batches: list,
                device: str, tolerance: tuple, allow_noop: bool) -> tuple[list[str], list[dict]]:
     """Load the live model once; per task spec, compare it with the base and with each target."""
@@ -479,10 +502,12 @@ def run_checks(adapter: PolyAdapter, base_dir: Path, family: str, targets: list[
     base_dtype = stored_dtype(base_dir, live.model.config)
     with live.disable_adapter():
         base_out, _ = forward(live, family, batches, {})
+    _check_finite(base_out, base_dir)
     checks = []
     for spec in dict.fromkeys(t.spec for t in targets):  # unique, in order
         with routed(live, spec) as task_id:
             live_out, live_modules = forward(live, family, batches, polys, task_ids=task_id)
+        _check_finite({**live_modules, **live_out}, base_dir)
         effect = errors(live_out, base_out)
         for target in (t for t in targets if t.spec == spec):
             with applied(target, live, layers, adapter, family, device, base_dtype) as (model, capture):
@@ -505,6 +530,8 @@ def verify(adapter_dir: str | Path, base_dir: str | Path | None, against: tuple 
     check_collapsible(adapter)
     spec = None if task is None else parse_task_spec(task, adapter.n_tasks)
     base_dir = resolve_base_dir(base_dir, adapter.base_model_name_or_path, adapter.config.get("revision"))
+    for path in (adapter.weights_file, base_dir):  # torch and transformers open them
+        utf8_path(path)
     config = base_config(base_dir)
     family = model_family(config)
     if against:

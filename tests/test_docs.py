@@ -1,0 +1,80 @@
+"""The docs stay true: docs/cli.md is what docs/gen_cli.py generates from the Click commands, and
+docs/troubleshooting.md lists every error message polytool raises (and nothing it no longer raises)."""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TROUBLESHOOTING = ROOT / "docs" / "troubleshooting.md"
+BASE_ERRORS = {"PolytoolError", "VerificationError"}
+MIN_CHUNK = 12  # literal characters enough to identify a message
+
+
+def test_cli_reference_is_up_to_date():
+    spec = importlib.util.spec_from_file_location("gen_cli", ROOT / "docs" / "gen_cli.py")
+    gen_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen_cli)
+    text = gen_cli.render()
+    assert "## `polytool collapse`" in text and "`--max-shard-size`" in text
+    assert (ROOT / "docs" / "cli.md").read_text(encoding="utf-8") == text, "docs/cli.md is out of date: run python docs/gen_cli.py"
+
+
+def _template(node: ast.expr) -> str:
+    """A message expression as text, each computed part as <...>."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr):
+        return "".join(v.value if isinstance(v, ast.Constant) else "<>" for v in node.values)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        return _template(node.left) + _template(node.right)
+    return "<>"
+
+
+def raised_messages() -> dict[str, str]:
+    """{template: 'file:line'} of every error polytool constructs: PolytoolError and its subclasses
+    (found in the sources), VerificationError, and SafetensorsFile's `self._error(...)`."""
+    trees = {f: ast.parse(f.read_text()) for f in sorted((ROOT / "polytool").rglob("*.py"))}
+    errors = set(BASE_ERRORS) | {"_error"}
+    grew = True
+    while grew:  # subclasses of subclasses
+        found = {n.name for t in trees.values() for n in ast.walk(t) if isinstance(n, ast.ClassDef)
+                 and any(ast.unparse(b).split(".")[-1] in errors for b in n.bases)}
+        grew = not found <= errors
+        errors |= found
+    messages = {}
+    for file, tree in trees.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and node.args and ast.unparse(node.func).split(".")[-1] in errors:
+                messages[_template(node.args[0])] = f"{file.relative_to(ROOT)}:{node.lineno}"
+    return messages
+
+
+def documented() -> list[str]:
+    """The messages in the troubleshooting tables: the first cell's code span of each row."""
+    rows = re.findall(r"^\| (`+)(.+?)\1 \|", TROUBLESHOOTING.read_text(encoding="utf-8"), re.M)
+    return [message for _, message in rows]
+
+
+def _pattern(template: str) -> re.Pattern:
+    """A message template as a regex: every <placeholder> (source or docs) matches anything."""
+    return re.compile(".*".join(re.escape(part) for part in re.split(r"<[^>]*>", template)), re.S)
+
+
+def _literal(template: str) -> int:
+    return len("".join(re.split(r"<[^>]*>", template)).strip())
+
+
+def test_every_error_message_is_documented():
+    docs = documented()
+    missing = {where: t for t, where in raised_messages().items()
+               if _literal(t) >= MIN_CHUNK and not any(_pattern(t).fullmatch(d) for d in docs)}
+    assert not missing, f"add these messages to docs/troubleshooting.md (cause and fix): {missing}"
+
+
+def test_every_documented_message_is_still_raised():
+    sources = [_pattern(t) for t in raised_messages()]
+    stale = [d for d in documented() if not any(p.fullmatch(d) for p in sources)]
+    assert not stale, f"docs/troubleshooting.md lists messages polytool no longer raises: {stale}"
