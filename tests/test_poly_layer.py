@@ -1,4 +1,4 @@
-"""The Poly layer's eval paths against PEFT: 2-D (one task) and gathered (mixed) matmuls, grad, half precision."""
+"""The Poly layer's eval paths against PEFT: broadcast (one task) and gathered (mixed tasks) factors, grad, half precision."""
 from __future__ import annotations
 
 import pytest
@@ -39,7 +39,7 @@ def test_rows_sharing_tasks_equal_peft_and_the_one_task_path(adapter_dir):
     with torch.no_grad():
         got = logits(ours, SHARED)
         assert rel(got, logits(theirs, SHARED)) <= 1e-5
-        for task in (0, 1, 2):  # all rows one task: the 2-D path, row by row the same numbers
+        for task in (0, 1, 2):  # all rows one task: the broadcast path, row by row the same numbers
             rows = SHARED == task
             alone = logits(ours, task, IDS[rows])
             assert rel(alone, got[rows]) <= 1e-6
