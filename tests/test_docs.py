@@ -1,11 +1,19 @@
-"""The docs stay true: docs/cli.md is what docs/gen_cli.py generates from the Click commands, and
-docs/troubleshooting.md lists every error message polytool raises (and nothing it no longer raises)."""
+"""The docs stay true: docs/cli.md is what docs/gen_cli.py generates from the Click commands,
+docs/troubleshooting.md lists every error message polytool raises (and nothing it no longer raises),
+the inspect example is the command's real output, and the CI gate script runs on the fixtures."""
 from __future__ import annotations
 
 import ast
 import importlib.util
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+from click.testing import CliRunner
+
+from polytool.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 TROUBLESHOOTING = ROOT / "docs" / "troubleshooting.md"
@@ -78,3 +86,28 @@ def test_every_documented_message_is_still_raised():
     sources = [_pattern(t) for t in raised_messages()]
     stale = [d for d in documented() if not any(p.fullmatch(d) for p in sources)]
     assert not stale, f"docs/troubleshooting.md lists messages polytool no longer raises: {stale}"
+
+
+def fenced_after(doc: str, marker: str) -> str:
+    """The body of the first fenced block in docs/`doc` that contains `marker`."""
+    blocks = re.findall(r"^```[a-z]*\n(.*?)^```$", (ROOT / "docs" / doc).read_text(encoding="utf-8"), re.M | re.S)
+    return next(b for b in blocks if marker in b)
+
+
+def test_inspect_example_is_the_real_output(monkeypatch):
+    monkeypatch.chdir(ROOT)  # the example shows the relative path
+    command, _, shown = fenced_after("inspect.md", "$ polytool inspect fixtures/mhr").partition("\n")
+    res = CliRunner().invoke(main, ["inspect", "fixtures/mhr"])
+    assert command == "$ polytool inspect fixtures/mhr" and res.exit_code == 0 and shown == res.stdout
+    other = CliRunner().invoke(main, ["inspect", "fixtures/poly"]).stdout
+    assert other.splitlines()[1:] != shown.splitlines()[1:]  # another adapter's report differs: the check can fail
+
+
+def test_ci_gate_script_runs_on_the_fixtures(tmp_path):
+    script = fenced_after("ci.md", "#!/usr/bin/env bash").replace("out/", f"{tmp_path}/out/")
+    script = script.replace("> verify.json", f"> {tmp_path}/verify.json")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert '"passed": true' in (tmp_path / "verify.json").read_text()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["dense-3", "loras"]
