@@ -116,3 +116,18 @@ def make_peft_adapter(tmp_path_factory, make_base):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def matrix_case(tmp_path_factory):
+    """matrix_case(name) -> tests/matrix.py CaseFiles (base and adapter directories), built once per session."""
+    import matrix
+
+    cache: dict = {}
+
+    def make(name: str):
+        if name not in cache:
+            cache[name] = matrix.build_case(name, tmp_path_factory.mktemp(f"matrix-{name}"))
+        return cache[name]
+
+    return make
