@@ -131,3 +131,28 @@ def matrix_case(tmp_path_factory):
         return cache[name]
 
     return make
+
+
+# ---- the compatibility matrix's record (docs/gen_compat.py renders docs/compatibility.md from it) ----
+COMPAT_RECORDS: list[dict] = []
+
+
+@pytest.fixture(scope="session")
+def compat_record():
+    """compat_record(case, check, max_rel_err=None): note that `check` passed on matrix case `case`
+    (call it after the test's assertions). With POLYTOOL_COMPAT_JSON=FILE the records are written there."""
+
+    def record(case: str, check: str, max_rel_err: float | None = None) -> None:
+        COMPAT_RECORDS.append({"case": case, "check": check,
+                               "max_rel_err": None if max_rel_err is None else float(max_rel_err)})
+
+    return record
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import json
+    import os
+
+    out = os.environ.get("POLYTOOL_COMPAT_JSON")
+    if out:
+        Path(out).write_text(json.dumps(COMPAT_RECORDS, indent=1), encoding="utf-8")
