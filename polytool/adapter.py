@@ -31,6 +31,8 @@ PREFIX = "base_model.model."
 SUFFIXES = {"A": ".poly_lora_A", "B": ".poly_lora_B", "logits": ".poly_router.module_logits"}
 INT_FIELDS = ("r", "n_tasks", "n_skills", "n_splits")
 STR_FIELDS = ("base_model_name_or_path", "revision", "task_type")  # a string or null
+# PEFT saves these layers whole beside the adapter when they are targeted or resized (save_embedding_layers)
+EMBEDDING_NAMES = ("embed_tokens", "lm_head", "wte", "word_embeddings", "shared", "embed_in", "embed_out")
 NAMES_FIELDS = ("target_modules", "exclude_modules", "modules_to_save")  # a name, a list of names, or null
 
 
@@ -104,6 +106,10 @@ class PolyAdapter:
         self.base_model_name_or_path = config.get("base_model_name_or_path")
         self.task_type = config.get("task_type")
         self.modules: list[AdapterModule] = []
+        # beside the Poly tensors: {module path: {parameter name: key}} of modules_to_save copies (heads), and
+        # {module path: key} of embedding weights PEFT saves whole (a tied lm_head target's base weight)
+        self.saved_modules: dict[str, dict[str, str]] = {}
+        self.saved_embeddings: dict[str, str] = {}
         self._sha256: str | None = None
 
     # ---- tensors -------------------------------------------------------------------------
@@ -129,6 +135,13 @@ class PolyAdapter:
     def spec_weights(self, module: str, spec: TaskSpec) -> np.ndarray:
         """(n_splits, n_skills) mixing weights for a task id, "uniform" or "mean"."""
         return spec_weights(self.logits(module), self.n_splits, self.n_skills, spec)
+
+    def tensor(self, key: str, dtype: Any = np.float32) -> np.ndarray:
+        """Any tensor of the adapter file by its key (e.g. a saved module's weight)."""
+        return self._tensors.float_array(key, dtype)
+
+    def tensor_shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensors.shape(key))
 
     def tensor_names(self) -> list[str]:
         return self._tensors.keys()
@@ -237,16 +250,35 @@ def _split_key(key: str) -> tuple[str, str] | None:
 def _validate(adapter: PolyAdapter, tensors: Any, file: Path) -> None:
     cfg = adapter.config
     t, q, s, r = adapter.n_tasks, adapter.n_splits, adapter.n_skills, adapter.r
-    saved = [str(m) for m in (cfg.get("modules_to_save") or [])]
+    saved = cfg.get("modules_to_save") or []
+    saved = [saved] if isinstance(saved, str) else [str(m) for m in saved]
     found: dict[str, dict[str, str]] = {}
+    others: list[str] = []
     for key in tensors.keys():
         parsed = _split_key(key)
         if parsed is None:
-            if any(f".{m}." in f".{key}" for m in saved):
-                continue  # a modules_to_save copy: carried, not Poly
-            raise AdapterError(f"unexpected tensor {key!r} (not a Poly tensor base_model.model.<module>.poly_*)", file)
+            others.append(key)
+            continue
         module, kind = parsed
         found.setdefault(module, {})[kind] = key
+    for key in others:  # what PEFT saves beside the Poly tensors: modules_to_save copies, embedding layers
+        path, _, param = key[len(PREFIX):].rpartition(".") if key.startswith(PREFIX) else ("", "", "")
+        if path.endswith(".base_layer") and path[: -len(".base_layer")] in found and param == "weight":
+            adapter.saved_embeddings[path[: -len(".base_layer")]] = key  # a targeted (tied) embedding's weight
+        elif path.rpartition(".")[2] in EMBEDDING_NAMES and param == "weight" and path not in found:
+            adapter.saved_embeddings[path] = key  # an embedding layer saved whole (e.g. resized)
+        else:
+            owner = next((m for m in saved if f".{m}." in f".{path}."), None)
+            if owner is None or not path:
+                raise AdapterError(f"unexpected tensor {key!r} (neither a Poly tensor base_model.model.<module>.poly_*, "
+                                   "a modules_to_save module of the config, nor an embedding layer)", file)
+            start = f".{path}.".index(f".{owner}.")  # the saved module is the path up to and including `owner`
+            module = path[: start + len(owner)]
+            adapter.saved_modules.setdefault(module, {})[f"{path}.{param}"[len(module) + 1:]] = key
+        if tensors.dtype(key) not in FLOAT_DTYPES:
+            raise AdapterError(f"tensor {key!r} has dtype {tensors.dtype(key)}, expected floating point", file)
+        if not np.isfinite(tensors.float_array(key, np.float32)).all():
+            raise AdapterError(f"tensor {key!r} contains NaN or Inf", file)
     if not found:
         raise AdapterError("holds no Poly tensors (poly_lora_A / poly_lora_B / poly_router.module_logits)", file)
     for module, kinds in found.items():

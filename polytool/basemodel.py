@@ -206,16 +206,21 @@ def resolve_base_dir(base: str | Path | None, name_or_path: str | None, revision
 
 
 def find_key(path: str, keys: Iterable[str]) -> str | None:
-    """The checkpoint key of module `path`: `<path>.weight`, else the unique key one leading component away."""
+    """The checkpoint key of module `path`'s weight (see find_tensor)."""
+    return find_tensor(path + ".weight", keys)
+
+
+def find_tensor(name: str, keys: Iterable[str]) -> str | None:
+    """The checkpoint key of tensor `name` (`<module path>.<param>`): exact, else the unique key one leading
+    component away (`bert.` added or `model.` dropped: a checkpoint saved from another head class)."""
     keys = keys if isinstance(keys, (set, dict)) else set(keys)
-    exact = path + ".weight"
-    if exact in keys:
-        return exact
-    rest = path.partition(".")[2]
-    found = {rest + ".weight"} if rest and rest + ".weight" in keys else set()
-    found |= {k for k in keys if k.endswith("." + exact) and "." not in k[: -len(exact) - 1]}
+    if name in keys:
+        return name
+    rest = name.partition(".")[2]
+    found = {rest} if rest and rest in keys else set()
+    found |= {k for k in keys if k.endswith("." + name) and "." not in k[: -len(name) - 1]}
     if len(found) > 1:
-        raise CheckpointError(f"module {path!r} matches several weights ({', '.join(sorted(found))})")
+        raise CheckpointError(f"{name!r} matches several tensors of the checkpoint ({', '.join(sorted(found))})")
     return found.pop() if found else None
 
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from . import __version__
 from .adapter import PREFIX, PolyAdapter
-from .basemodel import (CONV1D_MODEL_TYPES, INDEX_NAME, SINGLE_NAME, match_targets, open_base, read_config,
-                        resolve_base_dir)
-from .checkpoint import TensorSpec, SafetensorsWriter, atomic_output_dir, cast_float, check_output, write_json
+from .basemodel import (CONV1D_MODEL_TYPES, INDEX_NAME, SINGLE_NAME, BaseCheckpoint, find_tensor, match_targets,
+                        open_base, read_config, resolve_base_dir)
+from .checkpoint import SafetensorsFile, TensorSpec, SafetensorsWriter, atomic_output_dir, cast_float, check_output, write_json
 from .collapse import LORA_ALPHA, collapse_adapter, lora_weights
 from .errors import AdapterError, CheckpointError, PolytoolError
 from .routing import TaskSpec, spec_label
@@ -28,11 +30,42 @@ AUTO_CLASSES = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_2_SEQ_LM": "AutoModelF
                 "QUESTION_ANS": "AutoModelForQuestionAnswering"}
 
 
-def check_collapsible(adapter: PolyAdapter) -> None:
-    """Refuse adapters that carry more than Poly layers (modules_to_save copies have no collapse)."""
-    extra = [k for k in adapter.tensor_names() if not k.endswith((".poly_lora_A", ".poly_lora_B", ".poly_router.module_logits"))]
-    if extra:
-        raise AdapterError(f"carries modules_to_save tensors ({extra[0]!r}, ...): collapsing those is not supported", adapter.weights_file)
+def check_collapsible(adapter: PolyAdapter, base: BaseCheckpoint | None = None) -> None:
+    """Embedding layers PEFT saved whole (a tied lm_head target's weight) must equal the base's: they are
+    carried only as a check. Without a base at hand they cannot be checked and are taken as the base's."""
+    if base is None:
+        return
+    for module, key in adapter.saved_embeddings.items():
+        name = key[len(PREFIX):].replace(".base_layer.weight", ".weight")
+        found = find_tensor(name, base.tensors)
+        if found is None and module in {m.name for m in adapter.modules}:
+            found = next((t.source for t in match_targets(base, [m for m in adapter.modules if m.name == module],
+                                                          untie=True)), None)
+        if found is None:
+            raise CheckpointError(f"the adapter saves embedding weight {key!r}, which the base has no tensor for: "
+                                  "wrong base model?", base.directory)
+        with SafetensorsFile(base.directory / base.tensors[found].shard) as st:
+            same = st.shape(found) == adapter.tensor_shape(key) and np.array_equal(
+                st.float_array(found, np.float32), adapter.tensor(key, np.float32))
+        if not same:
+            raise AdapterError(f"the adapter carries a changed copy of {found} (saved as {key!r}: embeddings trained "
+                               "or resized): collapsing it is not supported", adapter.weights_file)
+
+
+def saved_module_keys(adapter: PolyAdapter, base: BaseCheckpoint) -> dict[str, str]:
+    """{base checkpoint key: adapter key} of every modules_to_save tensor (a trained head), shapes checked."""
+    pairs = {}
+    for module, params in adapter.saved_modules.items():
+        for param, key in params.items():
+            found = find_tensor(f"{module}.{param}", base.tensors)
+            if found is None:
+                raise CheckpointError(f"has no tensor for {module}.{param}, which the adapter trains (modules_to_save): "
+                                      "save the base with the head class the adapter was trained with", base.directory)
+            if base.tensors[found].shape != adapter.tensor_shape(key):
+                raise CheckpointError(f"{found} has shape {list(base.tensors[found].shape)}, the adapter's trained "
+                                      f"copy {list(adapter.tensor_shape(key))}: wrong base model?", base.directory)
+            pairs[found] = key
+    return pairs
 
 
 def lora_base(adapter: PolyAdapter, base_dir: Path | None) -> Path | None:
@@ -59,6 +92,9 @@ def base_uses_conv1d(adapter: PolyAdapter, base_dir: Path | None) -> bool:
             raise  # --base names a broken safetensors checkpoint
         return read_config(directory).get("model_type") in CONV1D_MODEL_TYPES  # e.g. .bin weights: the config tells
     match_targets(base, adapter.modules, untie=True)  # shapes checked; tying does not matter to a LoRA
+    check_collapsible(adapter, base)
+    if adapter.saved_modules:
+        saved_module_keys(adapter, base)  # the trained heads fit the base's
     return base.conv1d
 
 
@@ -78,7 +114,7 @@ def lora_config(adapter: PolyAdapter, fan_in_fan_out: bool) -> dict:
         "fan_in_fan_out": fan_in_fan_out,
         "target_modules": adapter.config.get("target_modules"),
         "exclude_modules": adapter.config.get("exclude_modules"),
-        "modules_to_save": None,
+        "modules_to_save": adapter.config.get("modules_to_save") if adapter.saved_modules else None,
         "inference_mode": True,
     }
 
@@ -137,11 +173,15 @@ def write_lora(adapter: PolyAdapter, spec: TaskSpec, directory: Path, dtype: str
     for m in adapter.modules:
         specs += [TensorSpec(f"{PREFIX}{m.name}.lora_A.weight", dtype, (adapter.r, m.in_features)),
                   TensorSpec(f"{PREFIX}{m.name}.lora_B.weight", dtype, (m.out_features, adapter.r))]
+    saved = [key for params in adapter.saved_modules.values() for key in params.values()]
+    specs += [TensorSpec(key, dtype, adapter.tensor_shape(key)) for key in saved]
     with SafetensorsWriter(directory / "adapter_model.safetensors", specs, provenance(adapter, spec)) as writer:
         for module, A, B in collapse_adapter(adapter, spec):  # in module order, float64
             lora_A, lora_B = lora_weights(A, B)  # (r, in), (out, r)
             writer.write(f"{PREFIX}{module.name}.lora_A.weight", cast_float(lora_A, dtype))
             writer.write(f"{PREFIX}{module.name}.lora_B.weight", cast_float(lora_B, dtype))
+        for key in saved:  # trained heads (modules_to_save), under the keys PEFT saves them with
+            writer.write(key, cast_float(adapter.tensor(key, np.float64), dtype))
     write_json(directory / "adapter_config.json", lora_config(adapter, fan_in_fan_out))
     # backslashreplace: a path that is not valid UTF-8 is shown escaped, not refused
     (directory / "README.md").write_text(model_card(adapter, spec), encoding="utf-8", errors="backslashreplace")

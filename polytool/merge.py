@@ -25,7 +25,7 @@ from .checkpoint import (DTYPES, FLOAT_DTYPES, TORCH_NAMES, SafetensorsFile, Saf
                          bf16_to_f32, cast_float, check_output, encode_header, write_json)
 from .collapse import collapse_factors, dense_delta
 from .errors import CheckpointError, PolytoolError
-from .export import check_collapsible, provenance
+from .export import check_collapsible, provenance, saved_module_keys
 from .routing import TaskSpec
 
 BLOCK_BYTES = 1 << 20  # float32 bytes of one block of rows merged at once
@@ -42,9 +42,12 @@ class Op:
     source: str
     source_dtype: str
     target: Target | None
+    replace: str | None = None  # the adapter's key of a trained copy written instead (modules_to_save)
 
     @property
     def kind(self) -> str:
+        if self.replace:
+            return "replaced"
         return "merged" if self.target else ("copied" if self.out.dtype == self.source_dtype else "converted")
 
 
@@ -86,8 +89,9 @@ def parse_size(text: str | int) -> int:
     return int(float(match.group(1)) * SIZE_UNITS[match.group(2) or ""])
 
 
-def _ops(base: BaseCheckpoint, targets: list[Target], dtype: str | None) -> list[Op]:
-    """Every output tensor in base order; an untied weight follows the embedding it is copied from."""
+def _ops(base: BaseCheckpoint, targets: list[Target], dtype: str | None, replaced: dict[str, str]) -> list[Op]:
+    """Every output tensor in base order; an untied weight follows the embedding it is copied from;
+    `replaced` {base key: adapter key}: tensors the adapter trained whole (heads), written in place."""
     merged = {t.key: t for t in targets if t.key == t.source}
     untied: dict[str, list[Target]] = {}
     for t in targets:
@@ -96,7 +100,8 @@ def _ops(base: BaseCheckpoint, targets: list[Target], dtype: str | None) -> list
     ops = []
     for key, info in base.tensors.items():
         out_dtype = dtype if dtype and info.dtype in FLOAT_DTYPES else info.dtype
-        ops.append(Op(TensorSpec(key, out_dtype, info.shape), info.shard, key, info.dtype, merged.get(key)))
+        ops.append(Op(TensorSpec(key, out_dtype, info.shape), info.shard, key, info.dtype, merged.get(key),
+                      replaced.get(key)))
         for t in untied.get(key, []):
             ops.append(Op(TensorSpec(t.key, out_dtype, info.shape), info.shard, key, info.dtype, t))
     return ops
@@ -192,9 +197,12 @@ def plan_merge(adapter: PolyAdapter, spec: TaskSpec, base: BaseCheckpoint, dtype
     check_dense_spec(spec)
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise PolytoolError(f"output dtype {dtype!r} is not allowed: {', '.join(FLOAT_DTYPES)}")
-    check_collapsible(adapter)
     targets = match_targets(base, adapter.modules, untie)
-    ops = _ops(base, targets, dtype)
+    check_collapsible(adapter, base)
+    replaced = saved_module_keys(adapter, base)
+    if set(replaced) & {t.source for t in targets}:
+        raise PolytoolError("a module is both adapted by Poly and trained whole (modules_to_save): not supported")
+    ops = _ops(base, targets, dtype, replaced)
     shards = _layout(base, ops, max_shard_size, provenance(adapter, spec, routing=False))
     return MergePlan(base, spec, targets, shards, _index(base, shards, max_shard_size is not None),
                      _config(base, targets, dtype), *_others(base))
@@ -229,6 +237,9 @@ def _blocks(op: Op, src: SafetensorsFile, fd: int, adapter: PolyAdapter, spec: T
     step = max(1, BLOCK_BYTES // max(1, 4 * row_len))
     itemsize = DTYPES[op.source_dtype][1]
     start = src.data_start + src.entries[op.source]["offsets"][0]
+    if op.replace:  # a trained head: small, written whole
+        yield cast_float(adapter.tensor(op.replace, wide), op.out.dtype)
+        return
     if op.target:
         # (in, r), (r, out) in Fortran order: A.T, B.T and B[:, lo:hi].T are C-contiguous, which BLAS
         # multiplies an order of magnitude faster than strided operands at r of 8 or so
@@ -321,7 +332,7 @@ def _steps(plan: MergePlan, adapter: PolyAdapter, directory: Path) -> Iterator[O
 
 def write_merge(plan: MergePlan, adapter: PolyAdapter, directory: Path, progress: Progress | None = None) -> dict:
     """Write the planned model into the existing empty `directory`; returns what was written."""
-    counts = {"merged": 0, "copied": 0, "converted": 0}
+    counts = {"merged": 0, "copied": 0, "converted": 0, "replaced": 0}
     steps = _steps(plan, adapter, directory)
     for op in progress(steps, plan.n_tensors, "merging") if progress else steps:
         counts[op.kind] += 1
@@ -337,7 +348,7 @@ def write_merge(plan: MergePlan, adapter: PolyAdapter, directory: Path, progress
             shutil.copy2(src, dst)
     files = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
     return {"files": files, "tensors_merged": counts["merged"], "tensors_copied": counts["copied"],
-            "tensors_converted": counts["converted"], "bytes": sum((directory / f).stat().st_size for f in files)}
+            "tensors_converted": counts["converted"], "tensors_replaced": counts["replaced"], "bytes": sum((directory / f).stat().st_size for f in files)}
 
 
 def _check_space(plan: MergePlan, out: Path) -> None:

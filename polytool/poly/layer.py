@@ -65,7 +65,7 @@ class PolyLayer(nn.Module):
         self.poly_router = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.disabled = False
-        self._cache: dict[str, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
+        self._cache: dict[str, tuple[tuple, torch.Tensor, torch.Tensor, tuple]] = {}
 
     def update_layer(self, adapter_name: str, config: PolyConfig) -> None:
         """Add adapter `adapter_name`, initialised as PEFT does, in float32 on the base layer's device."""
@@ -89,6 +89,25 @@ class PolyLayer(nn.Module):
         if self.active_adapter is None:
             self.active_adapter = adapter_name
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight: model code reads it (T5's feed-forward checks `self.wo.weight.dtype`)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def __getattr__(self, name: str) -> Any:
+        """Attributes model code reads on the layer it wrapped fall through to the base layer, as in PEFT."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self._modules.get("base_layer")
+            if base is None:  # not initialised yet: no recursion
+                raise
+            return getattr(base, name)
+
     def adapter_parameters(self, adapter_name: str) -> dict[str, nn.Parameter]:
         """The adapter's tensors by saved-key suffix (poly_lora_A, poly_lora_B, poly_router.module_logits)."""
         return {
@@ -106,7 +125,7 @@ class PolyLayer(nn.Module):
 
         A comes transposed: x @ A runs about 2x faster on CPU (r 8) when A is r-major in memory.
         Computed afresh, with grad, when grad is needed (grad mode on and an adapter tensor trainable);
-        otherwise cached until a parameter changes. The cache is built outside inference mode, so it
+        otherwise cached until a parameter changes (in place, through `.data`, or replaced). The cache is built outside inference mode, so it
         serves every mode.
         """
         poly_A, poly_B = self.poly_lora_A[adapter_name], self.poly_lora_B[adapter_name]
@@ -118,10 +137,12 @@ class PolyLayer(nn.Module):
             return A.mT, B / r
         key = tuple((p._version, p.data_ptr(), p.device, p.dtype) for p in params)
         cached = self._cache.get(adapter_name)
-        if cached is None or cached[0] != key:
+        # `.data` edits bump no version counter: the cache also keeps copies of the tensors it was made from
+        if cached is None or cached[0] != key or not all(torch.equal(p, c) for p, c in zip(params, cached[3])):
             with torch.inference_mode(False), torch.no_grad():
                 A, B = collapse_factors(poly_A, poly_B, router.task_weights())  # (t, in, r), (t, r, out)
-                cached = self._cache[adapter_name] = (key, A.mT.contiguous(), B / r)
+                copies = tuple(p.detach().clone() for p in params)
+                cached = self._cache[adapter_name] = (key, A.mT.contiguous(), B / r, copies)
         return cached[1], cached[2]
 
     def _train_update(self, adapter_name: str, out: torch.Tensor, x: torch.Tensor, route: TaskRoute) -> torch.Tensor:

@@ -17,12 +17,15 @@ from typing import Any, Iterator, Union
 import torch
 from torch import nn
 
-from ..adapter import PREFIX, SAFETENSORS_NAME
+from ..adapter import EMBEDDING_NAMES, PREFIX, SAFETENSORS_NAME
 from ..adapter import load_adapter as read_adapter
 from ..errors import AdapterError
 from .config import CONFIG_NAME, PolyConfig, PolyValueError, default_target_modules
 from .layer import Linear, PolyLayer
 from .router import TaskIds, TaskRoute
+
+
+PEFT_EMBEDDING_TARGETS = ("embed_tokens", "lm_head")  # peft.utils.constants.EMBEDDING_LAYER_NAMES
 
 
 def _matches(spec: Union[str, list, None], name: str) -> bool:
@@ -150,6 +153,11 @@ class PolyModel(nn.Module):
     def _modules_to_save(self, config: PolyConfig) -> list[tuple[str, nn.Module]]:
         return [(n, m) for n, m in self.model.named_modules() if n and _matches(config.modules_to_save, n)]
 
+    def _embedding_targets(self, adapter_name: str) -> list[tuple[str, PolyLayer]]:
+        """Poly layers of `adapter_name` on an embedding layer (lm_head, embed_tokens): PEFT saves their base weight."""
+        return [(path, layer) for path, layer in self._poly_layers()
+                if adapter_name in layer.poly_lora_A and path.rpartition(".")[2] in PEFT_EMBEDDING_TARGETS]
+
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the bare base model inside the block (modules_to_save stay as trained)."""
@@ -186,7 +194,14 @@ class PolyModel(nn.Module):
             kwargs["task_ids"] = route
             return args, kwargs
 
+        def batch_hook(_module, args, kwargs):
+            for key in ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds"):
+                route.note_batch(kwargs.get(key))
+            route.note_batch(args[0] if args else None)
+
         handles = [layer.register_forward_pre_hook(pre_hook, with_kwargs=True) for _, layer in self._poly_layers()]
+        callers = [self.model] + ([self.model.get_encoder()] if hasattr(self.model, "get_encoder") else [])
+        handles += [m.register_forward_pre_hook(batch_hook, with_kwargs=True) for m in callers]
         try:
             yield
         finally:
@@ -218,6 +233,8 @@ class PolyModel(nn.Module):
         for path, module in self._modules_to_save(self.peft_config[adapter_name]):
             for key, tensor in module.state_dict().items():
                 state[f"{PREFIX}{path}.{key}"] = tensor
+        for path, layer in self._embedding_targets(adapter_name):  # PEFT's save_embedding_layers="auto"
+            state[f"{PREFIX}{path}.base_layer.weight"] = layer.base_layer.weight
         return {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}  # clone: no shared storage
 
     def save_pretrained(self, save_directory: Union[str, Path]) -> None:
@@ -241,9 +258,17 @@ class PolyModel(nn.Module):
                 expected.update({f"{PREFIX}{path}.{s}": p for s, p in layer.adapter_parameters(adapter_name).items()})
         for path, module in self._modules_to_save(self.peft_config[adapter_name]):
             expected.update({f"{PREFIX}{path}.{k}": t for k, t in module.state_dict(keep_vars=True).items()})
+        optional = {}  # embedding weights PEFT saves whole: loaded where present, as PEFT loads them
+        for path, module in self.model.named_modules():
+            if path.rpartition(".")[2] in EMBEDDING_NAMES:
+                layer = module.base_layer if isinstance(module, PolyLayer) else module
+                key = f"{PREFIX}{path}.base_layer.weight" if isinstance(module, PolyLayer) else f"{PREFIX}{path}.weight"
+                if key in tensors and isinstance(getattr(layer, "weight", None), torch.Tensor):
+                    optional[key] = layer.weight
         missing = sorted(set(expected) - set(tensors))
         if missing:
             raise AdapterError(f"no tensor {missing[0]!r} ({len(missing)} missing): made for another model?", file)
+        expected.update(optional)
         extra = sorted(set(tensors) - set(expected))
         if extra:
             raise AdapterError(f"tensor {extra[0]!r} ({len(extra)} unused) matches no module of this model", file)

@@ -52,6 +52,12 @@ class TaskRoute:
         self.task = self.low if self.low == self.high else None
         self._rows: dict[tuple[int, torch.device], torch.Tensor] = {}
         self.factors: dict[tuple, tuple[torch.Tensor, torch.Tensor]] | None = {} if keep_factors else None
+        self.batches: set[int] = set()  # batch sizes the model (and its encoder) were called with
+
+    def note_batch(self, inputs: object) -> None:
+        """Record the batch size of a model call's input ids / embeddings (a tensor whose dim 0 is the batch)."""
+        if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2:
+            self.batches.add(inputs.shape[0])
 
     def check(self, n_tasks: int) -> None:
         check_range(self.low, self.high, n_tasks)
@@ -61,6 +67,12 @@ class TaskRoute:
         rows = self._rows.get((batch, device))
         if rows is None:
             n = self.ids.numel()
+            if self.task is None and self.batches and batch not in self.batches:
+                raise PolyValueError(
+                    f"module {name!r}: its input's first dimension is {batch}, but the model was called with batch "
+                    f"{' or '.join(map(str, sorted(self.batches)))}: this layer sees sequence-first or flattened "
+                    "tokens, so per-row task ids cannot be routed; give every row the same task id"
+                )
             if batch % n:
                 raise PolyValueError(
                     f"module {name!r}: input batch size {batch} is not a multiple of the {n} task_ids given"
