@@ -181,13 +181,21 @@ def is_directory(path: Path) -> bool:
         return False
 
 
+def require_dir(path: Path, what: str) -> Path:
+    """`path` if it is a directory; else CheckpointError saying it is a file, or missing."""
+    if is_directory(path):
+        return path
+    try:
+        exists = path.exists()
+    except (OSError, ValueError):
+        exists = False
+    raise CheckpointError(f"is a file, expected a {what}" if exists else f"no such {what}", path)
+
+
 def resolve_base_dir(base: str | Path | None, name_or_path: str | None, revision: str | None = None) -> Path:
     """--base if given, else the adapter's base_model_name_or_path as a local directory or cached snapshot."""
     if base is not None:
-        base = Path(base)
-        if not is_directory(base):
-            raise CheckpointError("no such base model directory", base)
-        return base
+        return require_dir(Path(base), "base model directory")
     if not name_or_path:
         raise CheckpointError("the adapter does not name its base model (base_model_name_or_path): pass --base DIR")
     if is_directory(Path(name_or_path).expanduser()):

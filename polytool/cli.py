@@ -38,9 +38,12 @@ def main(ctx: click.Context, debug: bool) -> None:
 @json_option
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.png",
               help="Also write a tasks x skills heatmap PNG (needs polytool[plot]).")
+@click.option("--base", "base_dir", type=click.Path(path_type=Path),
+              help="Base model directory, to compare saved embeddings and name Conv1D layers "
+                   "(default: the adapter's base_model_name_or_path when found locally).")
 @force_option
 @handle_errors
-def inspect(adapter_dir: Path, as_json: bool, plot_file: Path | None, force: bool) -> None:
+def inspect(adapter_dir: Path, as_json: bool, plot_file: Path | None, base_dir: Path | None, force: bool) -> None:
     """Show a Poly/MHR adapter: configuration, modules, parameters, routing (no torch needed).
 
     ADAPTER_DIR holds adapter_config.json and adapter_model.safetensors (or one subfolder that
@@ -51,7 +54,7 @@ def inspect(adapter_dir: Path, as_json: bool, plot_file: Path | None, force: boo
     from .output import info
 
     adapter = load_adapter(adapter_dir)
-    report = build_report(adapter)
+    report = build_report(adapter, base_dir)
     if plot_file is not None:
         from .checkpoint import check_output
         from .plot import write_heatmap
@@ -110,9 +113,15 @@ def collapse(adapter_dir: Path, task: str, out: Path, kind: str, base_dir: Path 
             raise PolytoolError("--max-shard-size and --untie apply to --to dense only")
         base = lora_base(adapter, base_dir)  # read for its checks even without --base: never written
         check_output(out, force, inputs=[adapter.directory] + ([base] if base else []))
+        if base is None:
+            from .output import warn
+
+            warn(f"no base at hand ({adapter.base_model_name_or_path or 'none recorded'} is not found locally): module "
+                 "names and shapes, trained heads and saved embeddings were not checked against it, and the targets "
+                 "are taken as Linear (fan_in_fan_out false; GPT-2's Conv1D needs it true): pass --base DIR to check")
         conv1d = base_uses_conv1d(adapter, base_dir)
         data = export_lora(adapter, spec, out, DTYPE_CHOICES[dtype] or "F32", conv1d, force)
-        data.update(dtype=dtype if dtype != "auto" else "float32")
+        data.update(dtype=dtype if dtype != "auto" else "float32", n_tasks=adapter.n_tasks)
     else:
         from .merge import check_dense_spec, merge_dense, parse_size
         from .output import progress
@@ -127,10 +136,18 @@ def collapse(adapter_dir: Path, task: str, out: Path, kind: str, base_dir: Path 
 
 def _render_collapse(data: dict) -> str:
     what = {"lora": "LoRA", "dense": "dense model"}[data["kind"]]
-    lines = [f"wrote {what} for task {data['task']} to {data['out']} ({len(data['files'])} files, {data['bytes'] / 1e6:.1f} MB)"]
+    from .output import human_size
+
+    size = f"({len(data['files'])} files, {human_size(data['bytes'])})"
+    if data["kind"] == "lora" and data["task"] == "all":
+        n = data["n_tasks"]
+        lines = [f"wrote {n} LoRAs (task-0 .. task-{n - 1}) to {data['out']} {size}"]
+    else:
+        lines = [f"wrote {what} for task {data['task']} to {data['out']} {size}"]
     if data["kind"] == "dense":
+        replaced = f", {data['tensors_replaced']} trained (modules_to_save) written" if data["tensors_replaced"] else ""
         lines.append(f"  {data['tensors_merged']} tensors merged, {data['tensors_copied']} copied byte for byte, "
-                     f"{data['tensors_converted']} converted; {data['dtype']}; base {data['base']}")
+                     f"{data['tensors_converted']} converted{replaced}; {data['dtype']}; base {data['base']}")
         if data["untied"]:
             lines.append(f"  untied: {', '.join(data['untied'])} (config.json tie_word_embeddings false)")
     else:

@@ -6,6 +6,7 @@ normalisation) and the routing statistics of Ponti et al. 2022.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,8 +52,70 @@ def _tasks(weights: np.ndarray) -> list[dict[str, Any]]:
     ]
 
 
-def build_report(adapter: PolyAdapter) -> dict[str, Any]:
-    """Everything `polytool inspect` shows, as JSON-able data (schema: docs/inspect.md)."""
+def _short_names(names: list[str]) -> dict[str, str]:
+    """Each module path -> its shortest trailing name that still tells apart modules of different roles
+    (BERT: `attention.output.dense` vs `output.dense`); layer indices do not count."""
+    roles = {n: [c for c in n.split(".") if not c.isdigit()] for n in names}
+    for k in range(1, max((len(r) for r in roles.values()), default=1) + 1):
+        short = {n: ".".join(r[-k:]) for n, r in roles.items()}
+        owners: dict[str, set] = {}
+        for n, r in roles.items():
+            owners.setdefault(short[n], set()).add(tuple(r))
+        if all(len(o) == 1 for o in owners.values()):
+            return short
+    return {n: n for n in names}
+
+
+def _base_facts(adapter: PolyAdapter, base_dir: Path | None) -> tuple[Any, str | None]:
+    """(the base checkpoint or None, why it is not at hand); --base must work, a recorded base may be absent."""
+    from .basemodel import open_base, resolve_base_dir
+    from .errors import CheckpointError
+
+    try:
+        directory = resolve_base_dir(base_dir, adapter.base_model_name_or_path, adapter.config.get("revision"))
+        return open_base(directory), None
+    except CheckpointError as exc:
+        if base_dir is not None:
+            raise
+        return None, exc.message
+
+
+def _extras(adapter: PolyAdapter, base: Any) -> dict[str, Any]:
+    """The tensors beside the Poly layers: modules_to_save copies and embedding layers saved whole."""
+    from .basemodel import find_tensor
+    from .checkpoint import SafetensorsFile
+
+    def tensor(key: str) -> dict[str, Any]:
+        shape = adapter.tensor_shape(key)
+        return {"key": key, "shape": list(shape), "parameters": int(np.prod(shape))}
+
+    saved = [{"module": module, "tensors": [dict(tensor(key), name=param) for param, key in params.items()]}
+             for module, params in adapter.saved_modules.items()]
+    embeddings = []
+    for module, key in adapter.saved_embeddings.items():
+        entry = dict(tensor(key), module=module, equals_base=None)
+        found = None if base is None else find_tensor(key[len("base_model.model."):].replace(".base_layer.", "."),
+                                                      base.tensors)
+        if found is None and base is not None and base.tie_word_embeddings:
+            found = next((k for k, i in base.tensors.items() if k.endswith("embed_tokens.weight")
+                          and list(i.shape) == entry["shape"]), None)
+        if found is not None:
+            with SafetensorsFile(base.directory / base.tensors[found].shard) as st:
+                entry["equals_base"] = bool(list(st.shape(found)) == entry["shape"] and np.array_equal(
+                    st.float_array(found, np.float32), adapter.tensor(key, np.float32)))
+            entry["base_key"] = found
+        embeddings.append(entry)
+    return {"saved_modules": saved, "saved_embeddings": embeddings}
+
+
+def build_report(adapter: PolyAdapter, base_dir: Path | None = None) -> dict[str, Any]:
+    """Everything `polytool inspect` shows, as JSON-able data (schema: docs/inspect.md). The base (--base,
+    or the adapter's recorded one when found locally) tells Conv1D layers apart and checks saved embeddings."""
+    from .basemodel import CONV1D_MODEL_TYPES
+
+    base, no_base = _base_facts(adapter, base_dir)
+    conv1d = base is not None and base.model_type in CONV1D_MODEL_TYPES
+    short = _short_names([m.name for m in adapter.modules])
     weights = np.stack([adapter.mixing_weights(m.name) for m in adapter.modules], axis=1)  # (t, m, q, s)
     n_tasks = weights.shape[0]
     similarity = routing.cosine_similarity(weights.reshape(n_tasks, -1))  # (t, m*q*s) -> (t, t)
@@ -67,8 +130,11 @@ def build_report(adapter: PolyAdapter) -> dict[str, Any]:
         "target_modules": adapter.target_modules,
         "base_model_name_or_path": adapter.base_model_name_or_path,
         "task_type": adapter.task_type,
-        "modules": [{"name": m.name, "in_features": m.in_features, "out_features": m.out_features}
-                    for m in adapter.modules],
+        "base": None if base is None else str(base.directory),
+        "base_not_at_hand": no_base,
+        "modules": [{"name": m.name, "short_name": short[m.name], "layer": "Conv1D" if conv1d else "Linear",
+                     "in_features": m.in_features, "out_features": m.out_features} for m in adapter.modules],
+        **_extras(adapter, base),
         "parameters": adapter.parameter_counts(),
         "routing": {
             "weights": weights.tolist(),
@@ -86,13 +152,30 @@ MAX_SIMILARITY_TASKS = 12  # more tasks show each task's nearest neighbour inste
 
 
 def _shape_groups(modules: list[dict]) -> list[str]:
-    """'q_proj  1024 -> 1024  x8' per (leaf name, in, out), in order of first appearance."""
+    """'q_proj  1024 -> 1024  x8' per (short name, in, out), in order of first appearance."""
     counts: dict[tuple[str, int, int], int] = {}
     for m in modules:
-        key = (m["name"].rsplit(".", 1)[-1], m["in_features"], m["out_features"])
+        key = (m["short_name"], m["in_features"], m["out_features"])
         counts[key] = counts.get(key, 0) + 1
     width = max(len(leaf) for leaf, _, _ in counts)
     return [f"{leaf:<{width}}  {i} -> {o}  x{n}" for (leaf, i, o), n in counts.items()]
+
+
+def _render_extras(rep: dict) -> list[str]:
+    """The tensors beside the Poly layers, if any."""
+    lines = []
+    for m in rep["saved_modules"]:
+        params = sum(t["parameters"] for t in m["tensors"])
+        names = ", ".join(f"{t['name']} {t['shape']}" for t in m["tensors"])
+        lines.append(f"  trained     {m['module']} (modules_to_save, {params:,} parameters): {names}")
+    for e in rep["saved_embeddings"]:
+        same = {True: "equal to the base's", False: "DIFFERS from the base's", None: "not compared: base not at hand"}
+        lines.append(f"  embedding   {e['module']} {e['shape']} saved whole by PEFT ({same[e['equals_base']]})")
+    return lines
+
+
+def _layer_kind(modules: list[dict]) -> str:
+    return "/".join(dict.fromkeys(m["layer"] for m in modules)) or "Linear"
 
 
 def _render_header(rep: dict) -> list[str]:
@@ -106,9 +189,10 @@ def _render_header(rep: dict) -> list[str]:
         f"n_splits={rep['n_splits']}{mhr}",
         f"  targets     {targets}",
         f"  base model  {rep['base_model_name_or_path'] or '(not recorded)'}",
-        f"  modules     {len(rep['modules'])} adapted Linear layers (name  in -> out  count):",
+        f"  modules     {len(rep['modules'])} adapted {_layer_kind(rep['modules'])} layers (name  in -> out  count):",
     ]
     lines += [f"                {g}" for g in _shape_groups(rep["modules"])]
+    lines += _render_extras(rep)
     lines.append(f"  parameters  Poly adapter {params['poly']:,}   one collapsed task LoRA {params['lora_per_task']:,}")
     return lines
 

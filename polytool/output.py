@@ -1,7 +1,9 @@
 """One place that renders command results and maps errors to exit codes.
 
 Data goes to stdout (human text, or one JSON object with --json); progress, warnings and errors go
-to stderr. Exit codes: 0 ok, 1 a verification found a mismatch, 2 a usage or input error.
+to stderr. Exit codes: 0 ok, 1 a verification found a mismatch, 2 a usage or input error, 3 an internal error
+(a bug in polytool: never 1, which a CI job reads as "mismatch"). With --json, stdout carries one JSON
+object even on an error: {"error": message, "exit_code": N, "kind": "input" | "internal"}.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import click
 
 from .errors import PolytoolError, VerificationError
 
-EXIT_OK, EXIT_MISMATCH, EXIT_INPUT = 0, 1, 2
+EXIT_OK, EXIT_MISMATCH, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 T = TypeVar("T")
 
 
@@ -43,13 +45,29 @@ def progress(items: Iterable[T], total: int | None, label: str) -> Iterator[T]:
         yield from bar
 
 
+def human_size(n: int) -> str:
+    """Bytes as text: KB under 0.1 MB, else MB or GB."""
+    if n < 100_000:
+        return f"{n / 1e3:.1f} KB"
+    return f"{n / 1e6:.1f} MB" if n < 10**10 else f"{n / 1e9:.2f} GB"
+
+
+def _fail(ctx: click.Context, as_json: bool, prefix: str, message: str, code: int, kind: str) -> None:
+    """One line on stderr; with --json also the error object on stdout; then exit `code`."""
+    click.echo(f"{prefix}{message}", err=True)
+    if as_json:
+        click.echo(json.dumps({"error": message, "exit_code": code, "kind": kind}))
+    ctx.exit(code)
+
+
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn library exceptions into short messages and exit codes (tracebacks only with --debug)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         ctx = click.get_current_context()
-        debug = bool((ctx.find_root().obj or {}).get("debug"))
+        debug = bool(kwargs.pop("debug", False)) or bool((ctx.find_root().obj or {}).get("debug"))
+        as_json = bool(kwargs.get("as_json"))
         try:
             return fn(*args, **kwargs)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
@@ -57,8 +75,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except PolytoolError as exc:
             if debug:
                 raise
-            click.echo(f"error: {exc}", err=True)
-            ctx.exit(EXIT_INPUT)
+            _fail(ctx, as_json, "error: ", str(exc), EXIT_INPUT, "input")
         except VerificationError as exc:
             if debug:
                 raise
@@ -71,7 +88,14 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             if debug:
                 raise
             where = f": {exc.filename}" if exc.filename else ""
-            click.echo(f"error: {exc.strerror or exc}{where} (rerun with --debug for a traceback)", err=True)
-            ctx.exit(EXIT_INPUT)
+            _fail(ctx, as_json, "error: ", f"{exc.strerror or exc}{where} (rerun with --debug for a traceback)",
+                  EXIT_INPUT, "input")
+        except Exception as exc:  # a bug: never exit 1, which means "mismatch"
+            if debug:
+                raise
+            first = (str(exc).strip().splitlines() or [""])[0]
+            _fail(ctx, as_json, "internal error: ", f"{type(exc).__name__}: {first} (rerun with --debug for the "
+                  "traceback)", EXIT_INTERNAL, "internal")
 
-    return wrapper
+    # --debug after the subcommand too (`polytool verify DIR --debug`), as well as before it
+    return click.option("--debug", is_flag=True, help="Show tracebacks for errors.")(wrapper)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .adapter import PolyAdapter, load_adapter
-from .basemodel import is_directory, resolve_base_dir
+from .basemodel import is_directory, require_dir, resolve_base_dir
 from .checkpoint import TORCH_NAMES, parse_json
 from .collapse import LORA_ALPHA, collapse_adapter, dense_delta, lora_weights
 from .errors import AdapterError, CheckpointError, PolytoolError
@@ -63,8 +63,7 @@ def base_config(base_dir: Path):
     """The base's transformers config; CheckpointError when the directory is not a model."""
     from transformers import AutoConfig
 
-    if not base_dir.is_dir():
-        raise CheckpointError("no such base model directory", base_dir)
+    require_dir(base_dir, "base model directory")
     if not (base_dir / "config.json").is_file():
         raise CheckpointError("no config.json here: not a transformers model directory", base_dir)
     try:

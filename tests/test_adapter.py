@@ -162,8 +162,9 @@ def test_bad_input(case, good_adapter, tmp_path):
     res = inspect(path)
     assert res.exit_code == 2, res.output
     assert isinstance(res.exception, SystemExit)  # no crash
-    assert res.stdout == "" and "Traceback" not in res.output
+    assert "Traceback" not in res.output
     line = res.stderr.rstrip("\n")
+    assert json.loads(res.stdout) == {"error": line.removeprefix("error: "), "exit_code": 2, "kind": "input"}
     assert "\n" not in line and line.startswith("error: "), line
     assert message in line, line
     assert tree_hash(tmp_path) == before

@@ -107,7 +107,7 @@ def check_report(rep: dict, adapter: Path) -> None:
     assert rep["poly_type"] == cfg.get("poly_type", "poly")
     assert rep["target_modules"] == sorted(cfg["target_modules"])
     assert rep["weights_file"] == "adapter_model.safetensors" and Path(rep["adapter_dir"]) == adapter
-    assert rep["modules"] == exp["modules"]
+    assert [{k: m[k] for k in ("name", "in_features", "out_features")} for m in rep["modules"]] == exp["modules"]
     assert rep["parameters"] == exp["parameters"]
     ro = rep["routing"]
     close = dict(rtol=0, atol=1e-9)
@@ -203,7 +203,7 @@ def test_json_matches_hand_written_adapter(hand_adapter):
     assert fc1["splits"][0]["sparsity"] == pytest.approx(5 / 9)
     assert fc1["splits"][0]["discreteness"] < 0.01  # sigmoid(+-8) is nearly 0/1
     assert {"module": "net.fc1", "split": 0, "skills": [2]} in rep["routing"]["statistics"]["unused_skills"]
-    assert rep["modules"][0] == {"name": "net.fc1", "in_features": 8, "out_features": 12}
+    assert rep["modules"][0] == {"name": "net.fc1", "short_name": "fc1", "layer": "Linear", "in_features": 8, "out_features": 12}
 
 
 def test_single_task_single_skill(tmp_path):

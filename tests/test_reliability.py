@@ -258,7 +258,7 @@ def test_bad_base_in_a_real_process(adapter, sharded_base, tmp_path):
 def test_base_that_is_a_file(adapter, sharded_base, tmp_path):
     for command in COMMANDS:
         refused(run(*COMMANDS[command](adapter, sharded_base / "config.json", tmp_path / "out")),
-                "config.json: no such base model directory", tmp_path / "out")
+                "config.json: is a file, expected a base model directory", tmp_path / "out")
 
 
 def test_total_size_is_recomputed(adapter, sharded_base, tmp_path):
