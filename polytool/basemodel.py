@@ -139,10 +139,7 @@ def _missing_weights(directory: Path) -> CheckpointError:
 
 def open_base(directory: str | Path) -> BaseCheckpoint:
     """Open and validate a base model directory (headers only)."""
-    directory = Path(directory)
-    if not is_directory(directory):
-        raise CheckpointError("no such base model directory", directory)
-    return BaseCheckpoint(directory)
+    return BaseCheckpoint(require_dir(Path(directory), "base model directory"))
 
 
 # ---- locating the base -----------------------------------------------------------------------
