@@ -164,7 +164,9 @@ def make_check(target: Any, final: Errors, modules: Errors, effect: Errors, tole
         reason = (f"weight {weights['first_bad']} is not what it should be (the base's, plus the routed update "
                   f"where merged, rounded once to {target.dtype}): {detail}")
     elif bad:
-        reason = f"module {bad[0]} is the first to differ beyond tolerance (max_rel_err {rel(*modules[bad[0]]):.2e})"
+        worst = rel(*modules[bad[0]])
+        shown = "NaN or Inf" if math.isinf(worst) else f"max_rel_err {worst:.2e}"
+        reason = f"module {bad[0]} is the first to differ beyond tolerance ({shown})"
     elif final_bad:
         reason = "outputs differ beyond tolerance" + (" (NaN or Inf)" if any(
             math.isinf(final[n][0]) for n in final_bad) else "")
