@@ -186,7 +186,8 @@ def require_dir(path: Path, what: str) -> Path:
         exists = path.exists()
     except (OSError, ValueError):
         exists = False
-    raise CheckpointError(f"is a file, expected a {what}" if exists else f"no such {what}", path)
+    article = "an" if what[0] in "aeiou" else "a"
+    raise CheckpointError(f"is a file, expected {article} {what}" if exists else f"no such {what}", path)
 
 
 def resolve_base_dir(base: str | Path | None, name_or_path: str | None, revision: str | None = None) -> Path:

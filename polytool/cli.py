@@ -176,11 +176,16 @@ def _render_collapse(data: dict) -> str:
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
               help="auto: device_map='auto' through accelerate, for bases larger than one device.")
 @click.option("--allow-noop", is_flag=True, help="Accept tasks where the adapter does not change the base's output.")
+@click.option("--max-kl", type=float, help="Also fail when the KL divergence of an artifact's next-token distribution "
+                                           "from the routed one exceeds this at any position (language models).")
+@click.option("--reference", type=click.Choice(["polytool", "peft"]), default="polytool", show_default=True,
+              help="The routed model trusted: polytool's independent reference, or PEFT's own Poly model (and "
+                   "PEFT's loader for LoRA artifacts; needs PEFT).")
 @json_option
 @handle_errors
 def verify(adapter_dir: Path, base_dir: Path | None, against: tuple[Path, ...], task: str | None, atol: float | None,
            rtol: float | None, n_inputs: int, seq_len: int | None, prompts: Path | None, device: str,
-           allow_noop: bool, as_json: bool) -> None:
+           allow_noop: bool, max_kl: float | None, reference: str, as_json: bool) -> None:
     """Prove collapsed artifacts compute what the live routed Poly model computes.
 
     Exit 0 when every check passes, 1 when any output differs beyond tolerance (or a task is a
@@ -190,7 +195,7 @@ def verify(adapter_dir: Path, base_dir: Path | None, against: tuple[Path, ...], 
     from .verify import render_report, verify as run_verify
 
     report = run_verify(adapter_dir, base_dir, against, task, atol, rtol, n_inputs, seq_len, prompts, device,
-                        allow_noop)
+                        allow_noop, max_kl, reference)
     result(report, as_json, render_report)
     if not report["passed"]:
         failed = [c for c in report["checks"] if not c["passed"]]

@@ -59,6 +59,14 @@ def dense_delta(A: Any, B: Any, r: int) -> Any:
     return (B.T @ A.T) / r  # (out, r) @ (r, in)
 
 
+def stored_delta(A: Any, B: Any, r: int, transposed: bool, lo: int = 0, hi: int | None = None) -> Any:
+    """Rows lo:hi of the update in the layout the weight is stored in: (out, in) for a Linear, (in, out)
+    for GPT-2's Conv1D (`transposed`). Every writer of dense weights goes through here."""
+    if transposed:
+        return dense_delta(A[lo:hi], B, r).T  # (out, rows).T -> (rows, out)
+    return dense_delta(A, B[:, lo:hi], r)  # (rows, in)
+
+
 def collapse_adapter(adapter: Any, spec: Any, dtype: Any = None) -> Iterator[tuple[Any, Any, Any]]:
     """(PolyAdapter, task spec) -> (module, A (in, r), B (r, out)) per adapted module, in file order.
 

@@ -23,7 +23,7 @@ from .adapter import PolyAdapter
 from .basemodel import INDEX_NAME, SINGLE_NAME, BaseCheckpoint, Target, match_targets, open_base
 from .checkpoint import (DTYPES, FLOAT_DTYPES, TORCH_NAMES, SafetensorsFile, SafetensorsWriter, TensorSpec, atomic_output_dir,
                          bf16_to_f32, cast_float, check_output, encode_header, write_json)
-from .collapse import collapse_factors, dense_delta
+from .collapse import collapse_factors, stored_delta
 from .errors import CheckpointError, PolytoolError
 from .export import check_collapsible, provenance, saved_module_keys
 from .routing import TaskSpec
@@ -252,10 +252,7 @@ def _blocks(op: Op, src: SafetensorsFile, fd: int, adapter: PolyAdapter, spec: T
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, in one line
             x = x.astype(wide, copy=False)
             if op.target:
-                if op.target.transposed:  # Conv1D stores (in, out): rows are input features
-                    x += dense_delta(A[lo:hi], B, r).T  # (out, rows).T -> (rows, out)
-                else:
-                    x += dense_delta(A, B[:, lo:hi], r)  # (rows, in)
+                x += stored_delta(A, B, r, op.target.transposed, lo, hi)  # (rows, in), or (rows, out) for Conv1D
             out = cast_float(x, op.out.dtype)
         if not _finite(out, op.out.dtype).all():
             source = _read_rows(fd, start + lo * row_len * itemsize, op.source_dtype, (hi - lo,) + shape[1:])

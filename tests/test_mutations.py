@@ -90,8 +90,9 @@ MUTANTS = [
         Patch("polytool.routing", "spec_weights", "return weights[int(spec)]",
               "return weights[(int(spec) + 1) % weights.shape[0]]"),), ("lora", "dense", "self")),
     Mutant("conv1d-untransposed", "a Conv1D's delta laid out as a Linear's (reshaped, not transposed) in the dense merge", (
-        Patch("polytool.merge", "_blocks", "dense_delta(A[lo:hi], B, r).T", "dense_delta(A, B, r).reshape(shape)[lo:hi]"),),
-        ("dense",), case="gpt2"),
+        Patch("polytool.collapse", "stored_delta", "return dense_delta(A[lo:hi], B, r).T",
+              "return dense_delta(A, B, r).reshape(A.shape[0], B.shape[1])[lo:hi]"),),
+        ("dense", "self"), case="gpt2"),
 ]
 
 

@@ -347,7 +347,7 @@ def artifacts(tmp_path_factory, adapter, sharded_base) -> dict[str, Path]:
 
 ARTIFACT_CASES = {
     "an empty directory": ("empty", lambda d: None, "not a collapsed artifact"),
-    "a file": ("lora/adapter_config.json", lambda d: None, "no such artifact directory"),
+    "a file": ("lora/adapter_config.json", lambda d: None, "is a file, expected an artifact directory"),
     "LoRA config not JSON": ("lora", write("adapter_config.json", "{"), "cannot read the LoRA config (JSONDecodeError"),
     "LoRA weights truncated": ("lora", lambda d: (d / "adapter_model.safetensors").write_bytes(b"\x10" + b"\0" * 20),
                                "not a safetensors file or truncated"),

@@ -3,6 +3,8 @@ fails (exit 1, naming the task and the artifact) or is refused (exit 2); the LoR
 PEFT's LoRA; one wrong element in any module is caught."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import shutil
 from pathlib import Path
@@ -17,6 +19,7 @@ from polytool import verify as V
 from polytool.adapter import load_adapter
 from polytool.cli import main
 from polytool.lora import attach_lora, read_lora
+from polytool.verify.models import linear_layers
 
 B_KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
 W_KEY = "model.layers.1.mlp.down_proj.weight"
@@ -155,15 +158,14 @@ def test_lora_applier_matches_peft(llama, tmp_path):
     for lora_dir in (llama["lora1"], rslora, llama["all"] / "task-0"):
         peft_out = PeftModel.from_pretrained(torch_base(llama["base"]), lora_dir).eval()(input_ids=ids).logits
         lora = read_lora(lora_dir)
-        layers = {name: base.get_submodule(name) for name in lora.weights}
-        handles = attach_lora(layers, lora.weights, lora.scaling)
+        handles = attach_lora(linear_layers(base), lora)
         with torch.no_grad():
             ours = base(ids).logits
         for handle in handles:
             handle.remove()
         torch.testing.assert_close(ours, peft_out, rtol=1e-5, atol=1e-6)
         outputs.append(ours)
-    assert read_lora(rslora).scaling == pytest.approx(3 / 3 ** 0.5)
+    assert read_lora(rslora).scaling("model.layers.0.self_attn.q_proj") == pytest.approx(3 / 3 ** 0.5)
     for a, b in [(outputs[0], plain), (outputs[0], outputs[1]), (outputs[0], outputs[2])]:  # negative controls
         assert (a - b).abs().max() > 1e-3
     torch.testing.assert_close(base(ids).logits, plain)  # hooks removed: the plain base again
@@ -180,29 +182,23 @@ def test_lora_saved_by_peft_needs_task_and_passes(llama, tmp_path):
     assert code == 0 and report["checks"][0]["notes"] == []
 
 
-def test_live_reference_is_peft_poly(llama):
-    """verify's live model, routed by id and as `uniform`, against PEFT's Poly model on the same ids."""
-    from peft import PeftModel
+def test_reference_peft_gives_the_same_verdicts(llama):
+    """--reference peft: PEFT's Poly model as the reference and PEFT's loader for the LoRA artifacts."""
+    ours = verify_json(llama["adapter"], llama["base"], "--against", llama["lora1"], "--against", llama["all"])
+    theirs = verify_json(llama["adapter"], llama["base"], "--against", llama["lora1"], "--against", llama["all"],
+                         "--reference", "peft")
+    assert ours[0] == theirs[0] == 0
+    assert "PEFT" in theirs[1]["reference"] and "independent" in ours[1]["reference"]
+    for a, b in zip(ours[1]["checks"], theirs[1]["checks"]):
+        assert a["passed"] and b["passed"] and b["max_rel_err"] <= 1e-5
 
-    adapter = load_adapter(llama["adapter"])
-    live = V.load_live(llama["base"], adapter, "causal", "cpu")
-    batches, _ = V.random_inputs(V.base_config(llama["base"]), 3, 10)
-    peft = PeftModel.from_pretrained(torch_base(llama["base"]), llama["adapter"]).eval()
-    ids = batches[0]["input_ids"]
-    ours = {}
-    for spec in (1, 2, "uniform"):
-        with V.routed(live, spec) as task_id:
-            ours[spec] = V.forward(live, "causal", batches, {}, task_ids=task_id)[0]["logits"][0]
-        if spec == "uniform":
-            for name, p in peft.named_parameters():
-                if "module_logits" in name:
-                    p.data.zero_()
-        with torch.no_grad():
-            ref = peft(input_ids=ids, task_ids=torch.full((3,), 0 if spec == "uniform" else spec)).logits
-        torch.testing.assert_close(ours[spec], ref, rtol=1e-5, atol=1e-6)
-    assert (ours[1] - ours[2]).abs().max() > 1e-3 and (ours[1] - ours["uniform"]).abs().max() > 1e-3
-    with V.routed(live, 1) as task_id:  # the named spec's logits were restored
-        torch.testing.assert_close(V.forward(live, "causal", batches, {}, task_ids=task_id)[0]["logits"][0], ours[1])
+
+def test_reference_peft_without_peft_is_one_line(llama, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft now fails
+    got = run("verify", llama["adapter"], "--base", llama["base"], "--reference", "peft")
+    assert got.exit_code == 2 and got.stderr.strip() == "error: --reference peft needs PEFT, which is not installed: pip install peft"
 
 
 def torch_base(directory: Path):
@@ -233,7 +229,7 @@ def test_nudged_merged_weight_fails(request, which):
     art = request.getfixturevalue(which)
     bad = edit_tensor(art["dense1"], art["out"] / "nudged-dense", "model.safetensors", W_KEY, nudge)
     got = run("verify", art["adapter"], "--base", art["base"], "--against", bad, "--task", "1")
-    assert_fails(got, "task 1", bad, "module model.layers.1.mlp.down_proj is the first to differ")
+    assert_fails(got, "task 1", bad, "weight model.layers.1.mlp.down_proj.weight is not what it should be")
 
 
 def test_swapped_task_fails(llama):
@@ -258,11 +254,10 @@ def test_one_wrong_element_in_any_module_is_caught(make_peft_adapter, tmp_path):
     for name, (A, B) in lora.weights.items():
         B = B.copy()
         B[B.shape[0] // 2, 0] += 0.5
-        nudged = V.LoraArtifact(lora.directory, lora.config, lora.r, lora.lora_alpha, lora.scaling, lora.dtype,
-                                lora.metadata, {**lora.weights, name: (A, B)})
+        nudged = dataclasses.replace(lora, weights={**lora.weights, name: (A, B)})
         targets.append(V.Target(2, "lora", name, "float32", lora=nudged))
     batches, _ = V.random_inputs(V.base_config(base), V.DEFAULT_INPUTS, V.DEFAULT_SEQ_LEN)
-    _, checks = V.run_checks(adapter, base, "encoder", targets, batches, "cpu", (None, None), False)
+    _, checks = V.run_checks(adapter, base, "AutoModel", "encoder", targets, batches, "cpu", (None, None), False)
     assert len(checks) == len(adapter.modules) == 11
     assert all(not c["passed"] and c["first_failing_module"] == c["artifact"] for c in checks), checks
 

@@ -1,0 +1,267 @@
+"""verify: collapsed artifacts against the routed model, computed independently.
+
+One copy of the base, loaded in float32 with the class the adapter was trained for (task_type), serves
+every model of the run. For each task spec the same inputs go through:
+
+    reference  the routed Poly/MHR model of polytool/reference.py (a second implementation, float64
+               mixing, no code shared with what wrote the artifact), or PEFT's with --reference peft
+    base       the bare base: if the reference equals it, the check proves nothing (a no-op)
+    artifact   a LoRA applied as PEFT applies it (polytool/lora.py), a dense model directory, or, for
+               the self-check, the product path's collapse put in memory (LoRA hooks, merged weights)
+
+Compared: every floating output tensor and every adapted module's output, NaN-proof (compare.py); for
+dense artifacts also every tensor in weight space (weights.py); for half-precision dense artifacts the
+forward is judged against the error of the ideal rounding of the same weights, measured in the same run.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..adapter import PolyAdapter, load_adapter
+from ..basemodel import resolve_base_dir
+from ..collapse import LORA_ALPHA, collapse_adapter, lora_weights, stored_delta
+from ..errors import CheckpointError, PolytoolError
+from ..lora import LoraArtifact, attach_lora, swap_saved_modules
+from ..routing import TaskSpec, parse_task_spec
+from .artifacts import Target, artifact_targets
+from .compare import errors, forward, kl, make_check, non_finite, top1
+from .inputs import DEFAULT_INPUTS, DEFAULT_SEQ_LEN, prompt_inputs, random_inputs
+from .models import base_config, linear_layers, load_model, model_class, resolve_device, stored_dtype, utf8_path
+from .report import render_report
+
+__all__ = ["verify", "render_report", "run_checks", "Target", "TOLERANCES", "FLOOR_MULTIPLE"]
+
+# stored dtype -> (atol, rtol) against the float64 reference; docs/ci.md records the measurements. Dense
+# artifacts in half precision are judged against their own rounding floor (FLOOR_MULTIPLE) instead of the
+# half-precision row, which applies to half-precision LoRA factors.
+TOLERANCES = {"float64": (1e-5, 1e-5), "float32": (1e-5, 1e-5), "bfloat16": (1e-4, 1e-2), "float16": (1e-5, 3e-3)}
+HALF = ("bfloat16", "float16")
+FLOOR_MULTIPLE = 2.0
+REFERENCES = ("polytool", "peft")
+
+
+def _product_lora(adapter: PolyAdapter, spec: TaskSpec) -> LoraArtifact:
+    """The self-check's LoRA: what `collapse --to lora` computes, held in memory."""
+    import numpy as np
+
+    weights = {m.name: tuple(np.asarray(t, np.float32) for t in lora_weights(A, B))
+               for m, A, B in collapse_adapter(adapter, spec)}
+    config = {"peft_type": "LORA", "r": adapter.r, "lora_alpha": LORA_ALPHA, "target_modules": list(weights)}
+    return LoraArtifact(adapter.directory, config, "float32", {}, weights, {}, _saved(adapter))
+
+
+def _saved(adapter: PolyAdapter) -> dict:
+    """The adapter's trained heads (modules_to_save) by model tensor name."""
+    import numpy as np
+
+    return {f"{module}.{param}": adapter.tensor(key, np.float32)
+            for module, params in adapter.saved_modules.items() for param, key in params.items()}
+
+
+@contextmanager
+def _weights(layers: dict, new: dict) -> Iterator[None]:
+    """Inside the block each layer in `new` holds that weight (a new Parameter: a tied weight is changed
+    alone, as `--untie` writes it)."""
+    import torch
+
+    saved = []
+    try:
+        for name, weight in new.items():
+            layer = layers[name]
+            if layer.weight.is_meta:
+                raise PolytoolError(f"module {name!r} is offloaded (--device auto): the in-memory dense check cannot "
+                                    "change it; check a merged model with --against instead")
+            saved.append((layer, layer.weight))
+            layer.weight = torch.nn.Parameter(weight.to(layer.weight.device, layer.weight.dtype), requires_grad=False)
+        yield
+    finally:
+        for layer, weight in saved:
+            layer.weight = weight
+
+
+def _merged(layers: dict, deltas: Iterator[tuple[str, Any]], dtype: str) -> dict:
+    """{module: base weight + delta (float64), rounded once to `dtype`} for (module, delta in stored layout)."""
+    import torch
+
+    return {name: (layers[name].weight.detach().double() + torch.as_tensor(delta).to(layers[name].weight.device))
+            .to(getattr(torch, dtype)) for name, delta in deltas}
+
+
+def _is_conv1d(layer) -> bool:
+    import torch
+
+    return not isinstance(layer, torch.nn.Linear)
+
+
+def _product_dense(adapter: PolyAdapter, spec: TaskSpec, layers: dict, dtype: str) -> dict:
+    """The self-check's dense weights: what `collapse --to dense` computes, through the same formula."""
+    return _merged(layers, ((m.name, stored_delta(A, B, adapter.r, _is_conv1d(layers[m.name])))
+                            for m, A, B in collapse_adapter(adapter, spec)), dtype)
+
+
+def _ideal_dense(reference, adapter: PolyAdapter, spec: TaskSpec, layers: dict, dtype: str) -> dict:
+    """The ideal dense weights: the reference's float64 update added and rounded once to `dtype`."""
+    return _merged(layers, ((m.name, reference.delta(m.name, spec).T if _is_conv1d(layers[m.name])
+                             else reference.delta(m.name, spec)) for m in adapter.modules), dtype)
+
+
+class Run:
+    """One verify run: the base model (loaded once), its adapted layers, the reference, the inputs."""
+
+    def __init__(self, adapter: PolyAdapter, base_dir: Path, class_name: str, family: str, batches: list,
+                 device: str, reference: str):
+        from ..reference import ReferenceAdapter
+
+        self.adapter, self.base_dir, self.class_name, self.family = adapter, base_dir, class_name, family
+        self.batches, self.device, self.reference_kind = batches, device, reference
+        self.model = load_model(base_dir, class_name, device)
+        names = {n for n, _ in self.model.named_modules()}
+        absent = [m.name for m in adapter.modules if m.name not in names]
+        if absent:
+            raise CheckpointError(f"module {absent[0]!r} of the adapter is not in this base model (loaded as "
+                                  f"{class_name}): wrong base model?", base_dir)
+        self.layers = linear_layers(self.model)
+        self.capture = {m.name: self.layers[m.name] for m in adapter.modules}
+        self.base_dtype = stored_dtype(base_dir, self.model.config)
+        self.reference = ReferenceAdapter(adapter.directory)
+        self.peft = None
+        if reference == "peft":
+            from .peft_reference import peft_routed_model
+
+            self.peft = peft_routed_model(adapter, base_dir, class_name, device)
+
+    def run(self, model, capture: dict, **extra) -> tuple[dict, dict]:
+        return forward(model, self.family, self.batches, capture, **extra)
+
+    def routed(self, spec: TaskSpec) -> tuple[dict, dict]:
+        """The reference's outputs and adapted modules' outputs for `spec`."""
+        if self.peft is not None:
+            from .peft_reference import peft_forward
+
+            out, modules = peft_forward(self, spec)
+        else:
+            from ..reference import routed
+
+            with routed(self.model, self.reference, spec):
+                out, modules = self.run(self.model, self.capture)
+        bad = non_finite({**modules, **out})
+        if bad is not None:
+            raise PolytoolError(f"the routed model produces NaN or Inf on these inputs (first: {bad}), so no "
+                                f"comparison can be made: check the adapter and the base", self.adapter.directory)
+        return out, modules
+
+    @contextmanager
+    def applied(self, target: Target) -> Iterator[tuple[Any, dict]]:
+        """(model, {module name: module to capture}) that computes `target`."""
+        if target.path is not None:  # a dense model directory, loaded on its own
+            model = load_model(target.path, self.class_name, self.device)
+            yield model, {name: model.get_submodule(name) for name in self.capture}
+            return
+        with ExitStack() as stack:
+            if target.kind == "dense":
+                stack.enter_context(_weights(self.layers, _product_dense(self.adapter, target.spec, self.layers,
+                                                                         self.base_dtype)))
+                stack.enter_context(swap_saved_modules(self.model, _saved(self.adapter)))
+            else:
+                lora = target.lora if target.lora is not None else _product_lora(self.adapter, target.spec)
+                if target.lora is not None and self.peft is not None:
+                    from .peft_reference import peft_lora_model
+
+                    model = peft_lora_model(self, target.lora)
+                    yield model, {name: model.get_submodule("base_model.model." + name) for name in self.capture}
+                    return
+                for handle in attach_lora(self.layers, lora):
+                    stack.callback(handle.remove)
+                stack.enter_context(swap_saved_modules(self.model, lora.saved))
+            yield self.model, self.capture
+
+    def floor(self, spec: TaskSpec, dtype: str, live: tuple[dict, dict]) -> tuple[dict, dict]:
+        """Errors of the ideal rounding of the dense weights to `dtype` (outputs, modules)."""
+        ideal = _ideal_dense(self.reference, self.adapter, spec, self.layers, dtype)
+        with _weights(self.layers, ideal), swap_saved_modules(self.model, _saved(self.adapter)):
+            out, modules = self.run(self.model, self.capture)
+        return errors(out, live[0]), errors(modules, live[1])
+
+
+def run_checks(adapter: PolyAdapter, base_dir: Path, class_name: str, family: str, targets: list[Target],
+               batches: list, device: str, tolerance: tuple, allow_noop: bool, max_kl: float | None = None,
+               reference: str = "polytool") -> tuple[list[str], list[dict]]:
+    """Load the base once; per task spec, compare the reference with the base and with each target."""
+    run = Run(adapter, base_dir, class_name, family, batches, device, reference)
+    base_out, base_modules = run.run(run.model, run.capture)
+    bad = non_finite({**base_modules, **base_out})
+    if bad is not None:
+        raise CheckpointError(f"the model's own outputs contain NaN or Inf on these inputs (first: {bad}): its "
+                              "weights are broken (or overflow in float32), so no comparison can be made", base_dir)
+    checks = []
+    for spec in dict.fromkeys(t.spec for t in targets):  # unique, in order
+        live = run.routed(spec)
+        effect = errors(live[0], base_out)
+        for target in (t for t in targets if t.spec == spec):
+            with run.applied(target) as (model, capture):
+                out, modules = run.run(model, capture)
+            half_dense = target.kind == "dense" and target.dtype in HALF
+            defaults = TOLERANCES["float32" if half_dense else target.dtype]
+            tol = tuple(defaults[i] if tolerance[i] is None else tolerance[i] for i in (0, 1))
+            floor = run.floor(spec, target.dtype, live) if half_dense else None
+            checks.append(make_check(target, errors(out, live[0]), errors(modules, live[1]), effect, tol, allow_noop,
+                                     top1(out, live[0]), kl(out, live[0]), max_kl, floor, FLOOR_MULTIPLE))
+    return sorted(base_out), checks
+
+
+def _dense_weight_checks(targets: list[Target], adapter: PolyAdapter, base_dir: Path) -> None:
+    """Every dense artifact directory checked in weight space against the reference's update (weights.py)."""
+    from ..reference import ReferenceAdapter
+    from .weights import check_dense_weights
+
+    reference = None
+    for target in targets:
+        if target.path is not None:
+            reference = reference or ReferenceAdapter(adapter.directory)
+            target.weights = check_dense_weights(target.path, base_dir, adapter, reference, target.spec)
+
+
+def verify(adapter_dir: str | Path, base_dir: str | Path | None, against: tuple = (), task: str | None = None,
+           atol: float | None = None, rtol: float | None = None, n_inputs: int = DEFAULT_INPUTS,
+           seq_len: int | None = None, prompts: str | Path | None = None, device: str = "cpu",
+           allow_noop: bool = False, max_kl: float | None = None, reference: str = "polytool") -> dict:
+    """Run every check and return the report (a JSON-ready dict; `passed` says whether all passed)."""
+    for name, value in (("--atol", atol), ("--rtol", rtol), ("--max-kl", max_kl)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise PolytoolError(f"{name} {value}: expected a finite number >= 0")
+    if reference not in REFERENCES:
+        raise PolytoolError(f"--reference {reference!r}: expected one of {', '.join(REFERENCES)}")
+    adapter = load_adapter(adapter_dir)
+    spec = None if task is None else parse_task_spec(task, adapter.n_tasks)
+    base_dir = resolve_base_dir(base_dir, adapter.base_model_name_or_path, adapter.config.get("revision"))
+    for path in (adapter.weights_file, base_dir):  # torch and transformers open them
+        utf8_path(path)
+    config = base_config(base_dir)
+    class_name, family = model_class(adapter.task_type, config)
+    if against:
+        targets = [t for path in against for t in artifact_targets(Path(path), adapter, base_dir, spec)]
+        _dense_weight_checks(targets, adapter, base_dir)
+    else:  # self-check: every task (or the one --task names), collapsed in memory by the product code
+        base_dtype = stored_dtype(base_dir, config)
+        targets = [Target(s, kind, "<in memory>", "float32" if kind == "lora" else base_dtype)
+                   for s in (range(adapter.n_tasks) if spec is None else [spec]) for kind in ("lora", "dense")]
+    if prompts is not None:
+        batches, inputs = prompt_inputs(base_dir, Path(prompts), seq_len)
+    else:
+        batches, inputs = random_inputs(config, n_inputs, seq_len or DEFAULT_SEQ_LEN)
+    device = resolve_device(device)
+    outputs, checks = run_checks(adapter, base_dir, class_name, family, targets, batches, device, (atol, rtol),
+                                 allow_noop, max_kl, reference)
+    n_passed = sum(c["passed"] for c in checks)
+    tolerances = {d: tuple(TOLERANCES[d][i] if (atol, rtol)[i] is None else (atol, rtol)[i] for i in (0, 1))
+                  for d in TOLERANCES}
+    return {"passed": n_passed == len(checks), "adapter": str(adapter.directory), "adapter_sha256": adapter.sha256,
+            "base": str(base_dir), "model_class": class_name, "family": family, "compute_dtype": "float32",
+            "reference": "PEFT's PeftModel (--reference peft)" if reference == "peft" else
+            "polytool.reference (independent float64 routed model)", "device": device, "inputs": inputs,
+            "outputs": outputs, "modules": len(adapter.modules), "tolerances": tolerances,
+            "floor_dtypes": list(HALF), "floor_multiple": FLOOR_MULTIPLE, "max_kl": max_kl, "checks": checks,
+            "summary": {"checks": len(checks), "passed": n_passed, "failed": len(checks) - n_passed}}

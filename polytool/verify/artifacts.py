@@ -1,0 +1,126 @@
+"""Recognising what `verify --against` was given: a LoRA directory, a `collapse --task all` directory or
+a dense model directory, each checked to come from this adapter; one Target per thing to compare."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..adapter import PolyAdapter
+from ..basemodel import require_dir
+from ..checkpoint import parse_json
+from ..errors import AdapterError, CheckpointError, PolytoolError
+from ..export import SHA_KEY, TASK_KEY, TASKS_INDEX
+from ..lora import LoraArtifact, read_lora
+from ..routing import TaskSpec, parse_task_spec
+from .models import stored_dtype, utf8_path, why
+
+
+@dataclass
+class Target:
+    """One thing to compare with the routed model for one task spec."""
+
+    spec: TaskSpec
+    kind: str  # "lora" or "dense"
+    label: str  # the artifact's path, or "<in memory>" for the self-check
+    dtype: str  # the dtype the artifact stores its weights in
+    path: Path | None = None  # a dense model directory
+    lora: LoraArtifact | None = None
+    notes: list[str] = field(default_factory=list)
+    weights: dict[str, Any] | None = None  # a dense artifact's weight-space check (weights.py)
+
+
+def _check_source(where: Path, sha: Any, adapter: PolyAdapter) -> None:
+    """An artifact whose provenance names another adapter's sha256 does not belong here."""
+    if sha is not None and sha != adapter.sha256:
+        raise PolytoolError(f"was collapsed from another adapter (provenance sha256 {str(sha)[:12]}, this adapter's "
+                            f"{adapter.weights_file.name} has {adapter.sha256[:12]})", where)
+
+
+def _task_of(where: Path, metadata: dict, adapter: PolyAdapter,
+             override: TaskSpec | None) -> tuple[TaskSpec, list[str]]:
+    """The task an artifact holds: --task if given, else its provenance; checks it came from `adapter`."""
+    _check_source(where, metadata.get(SHA_KEY), adapter)
+    recorded = metadata.get(TASK_KEY)
+    if override is not None:
+        differs = recorded is not None and recorded != str(override)
+        return override, [f"checked as {override} (--task); its provenance says {recorded}"] if differs else []
+    if recorded is None:
+        raise PolytoolError("has no polytool provenance (made elsewhere?): pass --task to say which task it holds", where)
+    try:
+        return parse_task_spec(recorded, adapter.n_tasks), []
+    except PolytoolError as exc:
+        raise PolytoolError(f"provenance task: {exc.message}", where) from None
+
+
+def _lora_target(path: Path, adapter: PolyAdapter, override: TaskSpec | None) -> Target:
+    lora = read_lora(path)
+    spec, notes = _task_of(path, lora.metadata, adapter, override)
+    modules = {m.name: m for m in adapter.modules}
+    if set(lora.weights) != set(modules):
+        extra, missing = sorted(set(lora.weights) - set(modules)), sorted(set(modules) - set(lora.weights))
+        raise AdapterError(f"targets other modules than the adapter (extra: {extra[:2]}, missing: {missing[:2]})", path)
+    for name, (A, B) in lora.weights.items():
+        want = ((A.shape[0], modules[name].in_features), (modules[name].out_features, A.shape[0]))
+        if (A.shape, B.shape) != want:
+            raise AdapterError(f"module {name!r}: lora_A {list(A.shape)} / lora_B {list(B.shape)}, but the adapter "
+                               f"collapses to {list(want[0])} / {list(want[1])}", path)
+    return Target(spec, "lora", str(path), lora.dtype, lora=lora, notes=notes)
+
+
+def _dense_target(path: Path, adapter: PolyAdapter, base_dir: Path, override: TaskSpec | None) -> Target:
+    from ..basemodel import match_targets, open_base
+
+    dense, base = open_base(path), open_base(base_dir)
+    if dense.model_type != base.model_type:
+        raise CheckpointError(f"is a {dense.model_type!r} model, the base a {base.model_type!r} one", path)
+    for key, info in base.tensors.items():
+        got = dense.tensors.get(key)
+        if got is None or got.shape != info.shape:
+            shown = "missing" if got is None else f"of shape {list(got.shape)}"
+            raise CheckpointError(f"does not belong to this base: tensor {key!r} is {shown}, "
+                                  f"the base's is {list(info.shape)}", path)
+    match_targets(dense, adapter.modules, untie=True)  # every adapted weight present, of the right shape
+    metadata = {}
+    for shard in dense.shards:
+        metadata.update({k: v for k, v in dense.shard_metadata[shard].items() if k.startswith("polytool.")})
+    spec, notes = _task_of(path, metadata, adapter, override)
+    return Target(spec, "dense", str(path), stored_dtype(path), path=utf8_path(path), notes=notes)
+
+
+def _task_dirs(path: Path, adapter: PolyAdapter, override: TaskSpec | None) -> list[Target]:
+    """A `collapse --task all` directory: one LoRA per task, listed in its index file."""
+    index_file = path / TASKS_INDEX
+    try:
+        index = parse_json(index_file.read_text(encoding="utf-8"))
+        tasks = {int(k): str(v) for k, v in index["tasks"].items()}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise AdapterError(f"cannot read the task index ({why(exc)})", index_file) from None
+    outside = [sub for sub in tasks.values() if Path(sub).name != sub or sub in ("", ".", "..")]
+    if outside:
+        raise AdapterError(f"the task index names {outside[0]!r}, not a subdirectory of its own", index_file)
+    _check_source(index_file, index.get("source_sha256"), adapter)
+    if override is not None:
+        if override not in tasks:
+            raise PolytoolError(f"holds no LoRA for task {override} (it has tasks {sorted(tasks)})", path)
+        tasks = {override: tasks[override]}
+    targets = []
+    for task, sub in tasks.items():
+        target = _lora_target(path / sub, adapter, None)
+        if target.spec != task:
+            raise AdapterError(f"the index lists it as task {task}, its provenance says {target.spec}", path / sub)
+        targets.append(target)
+    return targets
+
+
+def artifact_targets(path: Path, adapter: PolyAdapter, base_dir: Path, override: TaskSpec | None) -> list[Target]:
+    """Recognise an artifact by its contents: a task-all dir, a LoRA dir or a dense model dir."""
+    require_dir(path, "artifact directory")
+    if (path / TASKS_INDEX).is_file():
+        return _task_dirs(path, adapter, override)
+    if (path / "adapter_config.json").is_file():
+        return [_lora_target(path, adapter, override)]
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return [_dense_target(path, adapter, base_dir, override)]
+    raise PolytoolError("not a collapsed artifact: expected a LoRA adapter (adapter_config.json), a `collapse --task all` "
+                        f"directory ({TASKS_INDEX}) or a dense model (config.json + *.safetensors)", path)

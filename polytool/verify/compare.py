@@ -1,0 +1,192 @@
+"""Running the models on the same inputs and comparing what they output, NaN-proof.
+
+Per output tensor (logits, hidden states) and per adapted module's output, over every batch, with b
+the reference's value and a the artifact's:
+
+    max_abs_err = max |a - b|      scale = max |b|      max_rel_err = max_abs_err / scale
+
+NaN or Inf anywhere in a (any batch, any element) is an infinite error: it never passes. Language
+models also get the KL divergence of the artifact's next-token distribution from the reference's,
+per position (mean and max), and the share of positions whose argmax agrees.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+Errors = dict[str, tuple[float, float]]  # name -> (max |a - b|, max |b|)
+
+
+def forward(model, family: str, batches: list[dict], capture: dict, **extra) -> tuple[dict, dict]:
+    """Every floating output tensor, and the output of each `capture` module ({name: module}), per batch,
+    as float32 CPU copies (never views: model code may add to a layer's output in place afterwards):
+    ({output name: [tensor, ...]}, {module name: [tensor, ...]})."""
+    import torch
+
+    outputs: dict[str, list] = {}
+    modules: dict[str, list] = {}
+
+    def recorder(name):
+        return lambda _mod, _args, out: modules.setdefault(name, []).append(_copy(out))
+
+    handles = [module.register_forward_hook(recorder(name)) for name, module in capture.items()]
+    device = next(model.parameters()).device  # with device_map="auto", accelerate moves it on
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                ids = batch["input_ids"].to(device)
+                kwargs = {"input_ids": ids, **extra}
+                if family == "seq2seq":
+                    kwargs["decoder_input_ids"] = ids
+                if family != "encoder":
+                    kwargs["use_cache"] = False
+                for name, value in model(**kwargs).items():
+                    if isinstance(value, torch.Tensor) and value.is_floating_point():
+                        outputs.setdefault(name, []).append(_copy(value))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs, modules
+
+
+def _copy(tensor):
+    import torch
+
+    return tensor.detach().to("cpu", torch.float32, copy=True)
+
+
+def _max_diff(a, b) -> float:
+    """max |a - b| of one batch; inf when shapes differ or a holds NaN/Inf anywhere."""
+    import torch
+
+    if a.shape != b.shape or not bool(torch.isfinite(a).all()):
+        return math.inf
+    return float((a - b).abs().max()) if a.numel() else 0.0
+
+
+def errors(out: dict[str, list], ref: dict[str, list]) -> Errors:
+    """{name: (max |a - b|, max |b|)} over every batch; NaN or Inf in `out` is an infinite error."""
+    from ..errors import PolytoolError
+
+    if set(out) != set(ref) or any(len(out[k]) != len(ref[k]) for k in ref):
+        raise PolytoolError(f"the models produce different outputs ({sorted(out)} vs {sorted(ref)}): not the same architecture")
+    result = {}
+    for name, refs in ref.items():
+        diffs = [_max_diff(a, b) for a, b in zip(out[name], refs)]
+        result[name] = (math.inf if any(math.isnan(d) for d in diffs) else max(diffs, default=0.0),
+                        max((float(b.abs().max()) for b in refs if b.numel()), default=0.0))
+    return result
+
+
+def non_finite(outputs: dict[str, list]) -> str | None:
+    """The first output holding NaN or Inf in any batch, or None."""
+    import torch
+
+    return next((name for name, values in outputs.items() if not all(bool(torch.isfinite(t).all()) for t in values)),
+                None)
+
+
+def within(errs: Errors, atol: float, rtol: float, floor: Errors | None = None, multiple: float = 0.0) -> list[str]:
+    """Names whose error exceeds atol + rtol * scale and, with a floor, also `multiple` x the floor's error."""
+    bad = []
+    for name, (diff, scale) in errs.items():
+        allowed = atol + rtol * scale
+        if floor is not None and name in floor:
+            allowed = max(allowed, multiple * floor[name][0])
+        if not diff <= allowed:  # NaN-proof: a NaN compares False
+            bad.append(name)
+    return bad
+
+
+def rel(diff: float, scale: float) -> float:
+    return diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf)
+
+
+def top1(out: dict[str, list], ref: dict[str, list]) -> float | None:
+    """Fraction of positions whose argmax over the logits agrees (None without logits)."""
+    import torch
+
+    if "logits" not in ref:
+        return None
+    same = [(a.argmax(-1) == b.argmax(-1)).flatten() for a, b in zip(out["logits"], ref["logits"])]
+    return float(torch.cat(same).float().mean())
+
+
+def kl(out: dict[str, list], ref: dict[str, list]) -> tuple[float, float] | None:
+    """(mean, max) over positions of KL(reference || artifact) of the softmax of the logits, in nats."""
+    import torch
+
+    if "logits" not in ref:
+        return None
+    per_position = []
+    for a, b in zip(out["logits"], ref["logits"]):
+        log_p, log_q = b.double().log_softmax(-1), a.double().log_softmax(-1)  # (..., vocab)
+        per_position.append((log_p.exp() * (log_p - log_q)).sum(-1).flatten())  # (positions,)
+    values = torch.cat(per_position)
+    if not bool(torch.isfinite(values).all()):
+        return math.inf, math.inf
+    return float(values.mean()), float(values.max())
+
+
+def number(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else x
+
+
+def make_check(target: Any, final: Errors, modules: Errors, effect: Errors, tolerance: tuple[float, float],
+               allow_noop: bool, agree: float | None, divergence: tuple[float, float] | None,
+               max_kl: float | None, floor: tuple[Errors, Errors] | None, multiple: float) -> dict:
+    """One line of the report. A task whose live output equals the base's proves nothing (a no-op).
+
+    `modules` is in execution order, so the first module out of tolerance is where the error starts.
+    `floor` (half-precision dense artifacts): the errors of the ideal rounding of the same weights, in
+    outputs and modules; the artifact passes where it stays within `multiple` times them.
+    """
+    atol, rtol = tolerance
+    floor_final, floor_modules = floor if floor is not None else (None, None)
+    bad = within(modules, atol, rtol, floor_modules, multiple)
+    final_bad = within(final, atol, rtol, floor_final, multiple)
+    noop = not within(effect, atol, rtol)
+    kl_bad = max_kl is not None and divergence is not None and not divergence[1] <= max_kl
+    notes = list(target.notes)
+    weights = getattr(target, "weights", None)
+    weights_bad = bool(weights and weights.get("first_bad"))
+    floor_err = None
+    if floor_final is not None:
+        floor_err = max(rel(*e) for e in floor_final.values())
+        effect_rel = max(rel(*e) for e in effect.values())
+        if effect_rel > 0 and floor_err > 0.1 * effect_rel:
+            notes.append(f"rounding to {target.dtype} alone moves the output by {floor_err:.2e} (relative), "
+                         f"{100 * floor_err / effect_rel:.0f}% of the adapter's effect {effect_rel:.2e}: consider "
+                         "--dtype float32 or serving the LoRA")
+    if weights_bad:
+        u = weights["first_bad_ulps"]
+        detail = f"{u:.3g} units in the last place; 1 allowed" if u is not None else "NaN/Inf, or not the base's bytes"
+        reason = (f"weight {weights['first_bad']} is not what it should be (the base's, plus the routed update "
+                  f"where merged, rounded once to {target.dtype}): {detail}")
+    elif bad:
+        worst = rel(*modules[bad[0]])
+        shown = "NaN or Inf" if math.isinf(worst) else f"max_rel_err {worst:.2e}"
+        reason = f"module {bad[0]} is the first to differ beyond tolerance ({shown})"
+    elif final_bad:
+        reason = "outputs differ beyond tolerance" + (" (NaN or Inf)" if any(
+            math.isinf(final[n][0]) for n in final_bad) else "")
+    elif kl_bad:
+        reason = f"KL divergence {divergence[1]:.2e} exceeds --max-kl {max_kl:g}"
+    elif noop:
+        reason = ("no-op: the adapter does not change the base's output for this task, so the check proves "
+                  "nothing" + (" (accepted: --allow-noop)" if allow_noop else "; pass --allow-noop to accept"))
+    else:
+        reason = None
+    return {"task": target.spec, "artifact": target.label, "kind": target.kind, "dtype": target.dtype,
+            "max_abs_err": number(max(d for d, _ in final.values())),
+            "max_rel_err": number(max(rel(d, s) for d, s in final.values())), "top1_agreement": agree,
+            "kl_mean": None if divergence is None else number(divergence[0]),
+            "kl_max": None if divergence is None else number(divergence[1]),
+            "module_max_rel_err": number(max((rel(*e) for e in modules.values()), default=0.0)),
+            "first_failing_module": bad[0] if bad else None,
+            "adapter_effect": number(max(d for d, _ in effect.values())),
+            "adapter_effect_rel": number(max(rel(*e) for e in effect.values())),
+            "rounding_floor_rel": floor_err, "floor_multiple": multiple if floor is not None else None,
+            "noop": noop, "atol": atol, "rtol": rtol,
+            "passed": not weights_bad and not bad and not final_bad and not kl_bad and (allow_noop or not noop),
+            "reason": reason, "weights": weights, "notes": notes}

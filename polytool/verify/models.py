@@ -1,0 +1,135 @@
+"""Loading the models verify compares: the base (with the class the adapter was trained for), dense
+artifacts, and the device they run on."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..basemodel import require_dir
+from ..checkpoint import TORCH_NAMES
+from ..errors import CheckpointError, PolytoolError
+
+DEVICES = ("cpu", "cuda", "auto")
+# PEFT's task types -> the transformers auto class of the model the adapter was trained on
+TASK_CLASSES = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+                "SEQ_CLS": "AutoModelForSequenceClassification", "TOKEN_CLS": "AutoModelForTokenClassification",
+                "QUESTION_ANS": "AutoModelForQuestionAnswering", "FEATURE_EXTRACTION": "AutoModel"}
+FLOAT_NAMES = ("float64", "float32", "bfloat16", "float16")
+
+
+def why(exc: Exception) -> str:
+    """An exception as 'Type: first line of its message'."""
+    return f"{exc.__class__.__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+
+
+def utf8_path(path: Path) -> Path:
+    """`path`, if it is valid UTF-8: the safetensors library (under torch and transformers) opens no other."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise PolytoolError("the path is not valid UTF-8, and the safetensors library that loads it for torch "
+                            "opens only UTF-8 paths: rename it", path) from None
+    return path
+
+
+def base_config(base_dir: Path):
+    """The base's transformers config; CheckpointError when the directory is not a model."""
+    from transformers import AutoConfig
+
+    require_dir(base_dir, "base model directory")
+    if not (base_dir / "config.json").is_file():
+        raise CheckpointError("no config.json here: not a transformers model directory", base_dir)
+    try:
+        return AutoConfig.from_pretrained(base_dir)
+    except Exception as exc:  # transformers raises many types for a bad config
+        raise CheckpointError(f"cannot read config.json ({why(exc)})", base_dir) from None
+
+
+def model_class(task_type: str | None, config) -> tuple[str, str]:
+    """(transformers class name, family) of the model the adapter was trained for: from PEFT's task_type,
+    else the base's `architectures`. family: 'causal', 'seq2seq' or 'encoder' (what inputs it takes)."""
+    archs = list(config.architectures or [])
+    seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+    if task_type in TASK_CLASSES:
+        name = TASK_CLASSES[task_type]
+    elif any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        name = "AutoModelForCausalLM"
+    elif seq2seq and any(a.endswith("ForConditionalGeneration") for a in archs):
+        name = "AutoModelForSeq2SeqLM"
+    else:
+        import transformers
+
+        name = next((a for a in archs if hasattr(transformers, a)), "AutoModel")
+    if name == "AutoModelForCausalLM":
+        return name, "causal"
+    return name, "seq2seq" if seq2seq else "encoder"
+
+
+def load_model(directory: Path, class_name: str, device: str):
+    """A transformers model in eval mode, upcast to float32, on `device` (auto: device_map)."""
+    import torch
+    import transformers as tf
+
+    cls = getattr(tf, class_name)
+    # mismatched shapes are reported in `info` (refused below, in one line), not raised after a logged table
+    kwargs: dict[str, Any] = {"dtype": torch.float32, "output_loading_info": True, "ignore_mismatched_sizes": True}
+    if device == "auto":
+        kwargs["device_map"] = "auto"
+    bars, verbosity = tf.utils.logging.is_progress_bar_enabled(), tf.utils.logging.get_verbosity()
+    if not sys.stderr.isatty():
+        tf.utils.logging.disable_progress_bar()  # progress bars only on a terminal
+    tf.utils.logging.set_verbosity_error()  # its load report is multi-line; what matters is raised below
+    try:
+        model, info = cls.from_pretrained(directory, **kwargs)
+    except Exception as exc:  # transformers raises many types for a bad checkpoint
+        raise CheckpointError(f"cannot load the model ({why(exc)})", directory) from None
+    finally:
+        tf.utils.logging.set_verbosity(verbosity)
+        if bars:
+            tf.utils.logging.enable_progress_bar()
+    missing = sorted(info.get("missing_keys") or []) + [str(m[0]) for m in info.get("mismatched_keys") or []]
+    if missing:
+        raise CheckpointError(f"incomplete checkpoint: {len(missing)} weights missing or mis-shaped "
+                              f"(e.g. {missing[0]})", directory)
+    if device == "cuda":
+        model.to("cuda")
+    return model.eval()
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device not in DEVICES:
+        raise PolytoolError(f"--device {device!r}: expected one of {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise PolytoolError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+    if device == "auto":
+        try:
+            import accelerate  # noqa: F401  (device_map="auto" needs it)
+        except ImportError:
+            raise PolytoolError("--device auto needs accelerate: pip install 'polytool[auto]'") from None
+    return device
+
+
+def stored_dtype(directory: Path, config=None) -> str:
+    """The least precise floating dtype of a model directory's safetensors (else its config's)."""
+    from ..checkpoint import SafetensorsFile
+
+    found = set()
+    for file in sorted(directory.glob("*.safetensors")):
+        with SafetensorsFile(file) as st:
+            found |= {st.dtype(k) for k in st.keys()}
+    for name in ("BF16", "F16", "F32", "F64"):
+        if name in found:
+            return TORCH_NAMES[name]
+    dtype = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
+    return dtype if dtype in FLOAT_NAMES else "float32"
+
+
+def linear_layers(model) -> dict:
+    """{module path: nn.Linear or Conv1D} of every linear layer of a transformers model."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    return {name: m for name, m in model.named_modules() if name and isinstance(m, (torch.nn.Linear, Conv1D))}

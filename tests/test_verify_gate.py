@@ -1,0 +1,158 @@
+"""The gate cannot be fooled: NaN anywhere fails, half-precision merges are judged against their own
+rounding floor and checked weight by weight, KL divergence gates language models."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from polytool.adapter import load_adapter
+from polytool.cli import main
+from polytool.verify import Target, run_checks
+from polytool.verify.compare import errors, within
+from polytool.verify.inputs import prompt_inputs
+from polytool.verify.weights import ulps
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+EMBED = "model.embed_tokens.weight"
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def verify_json(*args) -> tuple[int, dict]:
+    res = cli("verify", *args, "--json")
+    return res.exit_code, json.loads(res.stdout)
+
+
+@pytest.fixture(scope="module")
+def dense2(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gate") / "dense2"
+    assert cli("collapse", FIXTURES / "mhr", "--task", "2", "--to", "dense", "--out", out).exit_code == 0
+    return out
+
+
+def with_tensor(src: Path, dst: Path, key: str, change) -> Path:
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    from polytool.checkpoint import SafetensorsFile
+
+    with SafetensorsFile(dst / "model.safetensors") as st:
+        metadata = dict(st.metadata)
+    change(tensors[key])
+    save_file(tensors, dst / "model.safetensors", metadata=metadata)
+    return dst
+
+
+# ---- finding 1: NaN after the first batch ---------------------------------------------------------
+
+
+def test_nan_in_a_later_batch_is_an_infinite_error():
+    ref = {"logits": [torch.ones(2, 3), torch.ones(2, 3)]}
+    out = {"logits": [torch.ones(2, 3), torch.tensor([[1.0, math.nan, 1.0], [1.0, 1.0, 1.0]])]}
+    assert errors(out, ref)["logits"][0] == math.inf  # Python's max() would have dropped it
+    assert within(errors(out, ref), 1e-5, 1e-5) == ["logits"]
+    assert within(errors(ref, ref), 1e-5, 1e-5) == []  # the control
+
+
+def test_nan_in_one_module_only_is_named():
+    ref = {"a": [torch.ones(4)], "b": [torch.ones(4)], "c": [torch.ones(4)]}
+    out = {"a": [torch.ones(4)], "b": [torch.tensor([1.0, 1.0, math.inf, 1.0])], "c": [torch.ones(4)]}
+    assert within(errors(out, ref), 1e-5, 1e-5) == ["b"]
+
+
+def test_nan_in_the_last_prompt_only_fails_in_the_forward(dense2, tmp_path):
+    """The review's case: one embedding row NaN, for a character only the last prompt uses. The forward alone
+    (weight-space check left out) must fail; through the CLI the weight check names the tensor first."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("abc abc\nbcd cab\nzebra\n")
+    token = 4 + ord("z") - ord(" ")  # the char tokenizer: ' ' is id 4, then ASCII order
+    bad = with_tensor(dense2, tmp_path / "nan", EMBED, lambda t: t[token].fill_(math.nan))
+    adapter = load_adapter(FIXTURES / "mhr")
+    batches, _ = prompt_inputs(FIXTURES / "tiny-llama", prompts, None)
+    assert all(token not in b["input_ids"] for b in batches[:2]) and token in batches[2]["input_ids"]
+    target = Target(2, "dense", str(bad), "float32", path=bad)
+    _, checks = run_checks(adapter, FIXTURES / "tiny-llama", "AutoModelForCausalLM", "causal", [target], batches,
+                           "cpu", (None, None), False)
+    assert not checks[0]["passed"] and "NaN or Inf" in checks[0]["reason"], checks[0]
+    good = Target(2, "dense", str(dense2), "float32", path=dense2)
+    _, checks = run_checks(adapter, FIXTURES / "tiny-llama", "AutoModelForCausalLM", "causal", [good], batches,
+                           "cpu", (None, None), False)
+    assert checks[0]["passed"]  # the control
+    code, rep = verify_json(FIXTURES / "mhr", "--against", bad, "--prompts", prompts)
+    assert code == 1 and EMBED in rep["checks"][0]["reason"]
+
+
+def test_nan_in_the_reference_is_exit_2(tmp_path):
+    """An adapter whose update overflows float32: the routed model itself is not finite, no comparison."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(FIXTURES / "mhr", adapter)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    key = next(k for k in tensors if k.endswith("q_proj.poly_lora_B"))
+    tensors[key].fill_(1e38)
+    save_file(tensors, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    res = cli("verify", adapter, "--task", "0")
+    assert res.exit_code == 2 and "the routed model produces NaN or Inf" in res.stderr and "Traceback" not in res.output
+
+
+# ---- finding 4: half precision against its own floor ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bf16(make_peft_adapter, tmp_path_factory):
+    adapter, base = make_peft_adapter("llama", dtype=torch.bfloat16, seed=3)
+    out = tmp_path_factory.mktemp("gate-bf16")
+    res = cli("collapse", adapter, "--task", "1", "--to", "dense", "--base", base, "--out", out / "dense")
+    assert res.exit_code == 0, res.output
+    return adapter, base, out / "dense"
+
+
+def test_a_correct_bf16_merge_passes_with_its_floor_reported(bf16):
+    adapter, base, dense = bf16
+    code, rep = verify_json(adapter, "--base", base, "--against", dense)
+    assert code == 0, rep
+    c = rep["checks"][0]
+    assert c["dtype"] == "bfloat16" and c["rounding_floor_rel"] > 0 and c["floor_multiple"] == 2.0
+    assert c["weights"]["merged"] == 6 and c["weights"]["max_ulps"] <= 1.0 and c["weights"]["first_bad"] is None
+
+
+def _bf16_ulp_nudge(t: torch.Tensor, n: int) -> None:
+    """Move t[1, 2] by n units in the last place of bfloat16 (through its bit pattern)."""
+    bits = t.view(torch.int16)
+    bits[1, 2] += n
+
+
+@pytest.mark.parametrize("n, fails", [(1, False), (2, True)])
+def test_one_merged_weight_two_ulps_off_fails(bf16, tmp_path, n, fails):
+    adapter, base, dense = bf16
+    key = "model.layers.1.mlp.down_proj.weight"
+    bad = with_tensor(dense, tmp_path / f"nudged{n}", key, lambda t: _bf16_ulp_nudge(t, n))
+    code, rep = verify_json(adapter, "--base", base, "--against", bad)
+    # one ulp is what rounding float32 vs float64 sums may differ by; two never are
+    assert (code, rep["checks"][0]["weights"]["first_bad"]) == ((1, key) if fails else (0, None)), rep["checks"][0]
+
+
+def test_ulps():
+    want = np.array([1.0, 3.0, 0.0])
+    assert ulps(want + np.array([2 ** -7, 0, 0]), want, "BF16") == pytest.approx(1.0)
+    assert ulps(want + np.array([0, 2 ** -6, 0]), want, "BF16") == pytest.approx(1.0)  # 3.0 sits in [2, 4)
+    assert ulps(want, want, "F32") == 0.0 and ulps(want + np.array([0, 0, np.nan]), want, "F16") == math.inf
+
+
+# ---- distributions -----------------------------------------------------------------------------------
+
+
+def test_kl_is_reported_and_gates(dense2):
+    code, rep = verify_json(FIXTURES / "mhr", "--against", dense2)
+    c = rep["checks"][0]
+    assert code == 0 and 0 <= c["kl_mean"] <= c["kl_max"] < 1e-6
+    code, rep = verify_json(FIXTURES / "mhr", "--against", dense2, "--max-kl", 0)
+    assert code == 1 and "exceeds --max-kl" in rep["checks"][0]["reason"]
