@@ -10,8 +10,10 @@ transformers model:
     B_q = sum_s w[q, s] * poly_lora_B[q, s]        (r, out/q)  stacked along output columns  -> B (r, out)
     y   = base(x) + (x @ A) @ B / r                computed in float64, returned in y's dtype
 
-Every other tensor of the adapter file (a trained head of modules_to_save, an embedding layer PEFT saved
-whole) replaces the model's tensor of that name, as PEFT loads it. No cache: every call recomputes.
+Every other tensor of the adapter file replaces the model's tensor of that name, as PEFT loads it: an
+embedding layer PEFT saved whole is loaded into the layer's weight (a tied twin shares it); a trained head
+of modules_to_save is PEFT's copy of the module, so a head tied to the input embeddings is untied while
+routed (the embeddings keep the base's values). No cache: every call recomputes.
 
 Nothing here imports polytool's adapter, routing, collapse, poly, lora, merge or export modules; a test
 checks that, and tests prove this module equal to PEFT's PolyModel on every architecture of the
@@ -88,9 +90,13 @@ class ReferenceAdapter:
         self.modules = [k[len(PREFIX):-len(".poly_lora_A")] for k in self.tensors if k.endswith(".poly_lora_A")]
         if not self.modules:
             raise AdapterError("the reference finds no poly_lora_A tensor in the adapter", self.directory)
-        # everything else PEFT saved: model tensor name -> tensor (a tied lm_head's `base_layer` is its weight)
+        # everything else PEFT saved: model tensor name -> tensor. A saved embedding layer (`<path>.base_layer.
+        # weight`, e.g. a tied lm_head target) is loaded into the layer's own weight, tied twin included, as PEFT
+        # loads it; a modules_to_save head is PEFT's copy of the module: its tied twin keeps the base's values.
         self.replaced = {k[len(PREFIX):].replace(".base_layer.", "."): v for k, v in self.tensors.items()
                          if not k.endswith(POLY_SUFFIXES)}
+        self.embedding_layers = {k[len(PREFIX):].replace(".base_layer.", ".") for k in self.tensors
+                                 if ".base_layer." in k and not k.endswith(POLY_SUFFIXES)}
 
     def _tensor(self, module: str, suffix: str) -> torch.Tensor:
         return self.tensors[PREFIX + module + suffix].double()
@@ -194,16 +200,25 @@ def routed(model: torch.nn.Module, adapter: ReferenceAdapter, spec: RoutingSpec)
             if tuple(old.shape) != tuple(tensor.shape):
                 raise CheckpointError(f"the adapter's {name} has shape {list(tensor.shape)}, the model's "
                                       f"{list(old.shape)}: wrong base model?")
-            swapped.append((owner, attr, old.detach().clone()))
-            with torch.no_grad():
-                old.copy_(tensor.to(old.dtype))
+            new = tensor.to(old.device, old.dtype)
+            if name in adapter.embedding_layers:  # into the shared weight; its values are copied back on exit
+                swapped.append((owner, attr, old.detach().clone(), True))
+                with torch.no_grad():
+                    old.copy_(new)
+            else:  # a new tensor in its place; the original object is put back on exit
+                swapped.append((owner, attr, old, False))
+                setattr(owner, attr, torch.nn.Parameter(new, requires_grad=False)
+                        if isinstance(old, torch.nn.Parameter) else new)
         yield model
     finally:
         for handle in handles:
             handle.remove()
         with torch.no_grad():
-            for owner, attr, saved in reversed(swapped):
-                getattr(owner, attr).copy_(saved)
+            for owner, attr, saved, in_place in reversed(swapped):
+                if in_place:
+                    getattr(owner, attr).copy_(saved)
+                else:
+                    setattr(owner, attr, saved)
 
 
 def _check_layer(module: str, layer: torch.nn.Module, d_in: int, d_out: int) -> None:

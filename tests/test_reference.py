@@ -252,3 +252,34 @@ def test_reference_peft_without_peft(monkeypatch):
             call()
     monkeypatch.delitem(sys.modules, "peft")
     assert reference_peft.require_peft().__name__ == "peft"  # control: with PEFT it is found
+
+
+def test_tied_head_in_modules_to_save_is_untied_as_peft_does(tmp_path):
+    """modules_to_save=["lm_head"] on a tied Qwen2: PEFT trains a copy of the head, the input embeddings
+    stay the base's. The reference must not write the trained head into the shared embedding matrix."""
+    import dataclasses
+    import warnings
+
+    from peft import PolyConfig, get_peft_model
+
+    case = dataclasses.replace(matrix.CASES["qwen2-tied-lm_head"], targets=("q_proj", "v_proj"))
+    matrix.build_base(case).save_pretrained(tmp_path / "base")
+    files = matrix.CaseFiles(case, tmp_path / "base", tmp_path / "adapter")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(matrix.load_base(files), PolyConfig(
+            task_type="CAUSAL_LM", r=3, n_tasks=3, n_skills=4, n_splits=2, target_modules=list(case.targets),
+            modules_to_save=["lm_head"]))
+    matrix.randomize(model)
+    model.save_pretrained(files.adapter_dir)
+    peft, base, ref = matrix.peft_model(files), matrix.load_base(files), ReferenceAdapter(files.adapter_dir)
+    assert list(ref.replaced) == ["lm_head.weight"] and not ref.embedding_layers
+    bare = matrix.run(base, files)
+    embeddings = base.get_input_embeddings().weight
+    with routed(base, ref, 1):
+        got = matrix.run(base, files)
+        assert torch.equal(base.get_input_embeddings().weight, embeddings)  # untouched
+    assert matrix.rel_err(got, matrix.run(peft, files, 1)) <= BOUND
+    assert matrix.rel_err(got, matrix.run(peft, files, 2)) > 100 * BOUND  # control: another task
+    assert base.lm_head.weight is base.get_input_embeddings().weight  # tied again after the block
+    assert torch.equal(matrix.run(base, files), bare)
