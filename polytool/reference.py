@@ -10,8 +10,10 @@ transformers model:
     B_q = sum_s w[q, s] * poly_lora_B[q, s]        (r, out/q)  stacked along output columns  -> B (r, out)
     y   = base(x) + (x @ A) @ B / r                computed in float64, returned in y's dtype
 
-Every other tensor of the adapter file (a trained head of modules_to_save, an embedding layer PEFT saved
-whole) replaces the model's tensor of that name, as PEFT loads it. No cache: every call recomputes.
+Every other tensor of the adapter file replaces the model's tensor of that name, as PEFT loads it: an
+embedding layer PEFT saved whole is loaded into the layer's weight (a tied twin shares it); a trained head
+of modules_to_save is PEFT's copy of the module, so a head tied to the input embeddings is untied while
+routed (the embeddings keep the base's values). No cache: every call recomputes.
 
 Nothing here imports polytool's adapter, routing, collapse, poly, lora, merge or export modules; a test
 checks that, and tests prove this module equal to PEFT's PolyModel on every architecture of the
@@ -20,20 +22,55 @@ compatibility matrix. A wrong formula in the shared product code therefore makes
 from __future__ import annotations
 
 import json
+import math
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Any, Iterator, Mapping, Union
 
 import torch
 
-from .errors import AdapterError, CheckpointError
+from .errors import AdapterError, CheckpointError, PolytoolError
 
 PREFIX = "base_model.model."
 POLY_SUFFIXES = (".poly_lora_A", ".poly_lora_B", ".poly_router.module_logits")
 EPS = 1e-12  # PEFT's per-split normalisation: w / (w.sum() + 1e-12)
 
-# a task id, "uniform" (every logit 0, MHR-mu), "mean" (the tasks' weights averaged), or {task: coefficient}
-RoutingSpec = Union[int, str, dict]
+# a task id, "uniform" (every logit 0, MHR-mu), "mean" (the tasks' weights averaged), or a mix {task: coefficient}
+# (w = sum_i c_i * w_task_i; also given as "1:0.7,3:0.3", "1,3" or ((1, 0.7), (3, 0.3)); normalised to sum 1)
+RoutingSpec = Union[int, str, Mapping[int, float]]
+
+
+def _task_id(value: Any, n_tasks: int) -> int:
+    if hasattr(value, "__index__") and not isinstance(value, bool):
+        value = value.__index__()  # numpy integers too
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < n_tasks:
+        raise PolytoolError(f"routing {value!r}: expected a task id in [0, {n_tasks}), uniform, mean or a mix")
+    return value
+
+
+def routing_spec(spec: Any, n_tasks: int) -> RoutingSpec:
+    """`spec` checked and in canonical form: an int task id, "uniform", "mean", or {task: c} with c summing to 1."""
+    if isinstance(spec, str):
+        text = spec.strip().lower()
+        if text in ("uniform", "mean"):
+            return text
+        try:
+            spec = [(int(t), float(c) if sep else 1.0) for t, sep, c in (p.partition(":") for p in text.split(","))]
+        except ValueError:
+            raise PolytoolError(f"routing {spec!r}: expected a task id, uniform, mean or a mix like 1:0.7,3:0.3") from None
+    if not isinstance(spec, (Mapping, list, tuple)):
+        return _task_id(spec, n_tasks)
+    mix: dict[int, float] = {}
+    for item in spec.items() if isinstance(spec, Mapping) else spec:
+        task, coef = item if isinstance(item, (tuple, list)) and len(item) == 2 else (item, 1.0)
+        task = _task_id(task, n_tasks)
+        mix[task] = mix.get(task, 0.0) + (float(coef) if isinstance(coef, (int, float)) else math.nan)
+    total = sum(mix.values())
+    if not all(math.isfinite(c) and c >= 0 for c in mix.values()) or not total > 0:
+        raise PolytoolError(f"routing mix {spec!r}: coefficients must be finite numbers >= 0, not all 0")
+    if len(mix) == 1:
+        return next(iter(mix))  # one task: its own weights
+    return {t: c / total for t, c in sorted(mix.items())}
 
 
 class ReferenceAdapter:
@@ -41,14 +78,25 @@ class ReferenceAdapter:
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
-        config = json.loads((self.directory / "adapter_config.json").read_text(encoding="utf-8"))
-        self.r = int(config["r"])
-        self.n_tasks, self.n_skills, self.n_splits = (int(config[k]) for k in ("n_tasks", "n_skills", "n_splits"))
+        file = self.directory / "adapter_config.json"
+        try:
+            config = json.loads(file.read_text(encoding="utf-8"))
+            self.r, self.n_tasks, self.n_skills, self.n_splits = (
+                int(config[k]) for k in ("r", "n_tasks", "n_skills", "n_splits"))
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            raise AdapterError(f"the reference cannot read r, n_tasks, n_skills and n_splits here "
+                               f"({type(exc).__name__})", file) from None
         self.tensors = _load_tensors(self.directory)
         self.modules = [k[len(PREFIX):-len(".poly_lora_A")] for k in self.tensors if k.endswith(".poly_lora_A")]
-        # everything else PEFT saved: model tensor name -> tensor (a tied lm_head's `base_layer` is its weight)
+        if not self.modules:
+            raise AdapterError("the reference finds no poly_lora_A tensor in the adapter", self.directory)
+        # everything else PEFT saved: model tensor name -> tensor. A saved embedding layer (`<path>.base_layer.
+        # weight`, e.g. a tied lm_head target) is loaded into the layer's own weight, tied twin included, as PEFT
+        # loads it; a modules_to_save head is PEFT's copy of the module: its tied twin keeps the base's values.
         self.replaced = {k[len(PREFIX):].replace(".base_layer.", "."): v for k, v in self.tensors.items()
                          if not k.endswith(POLY_SUFFIXES)}
+        self.embedding_layers = {k[len(PREFIX):].replace(".base_layer.", ".") for k in self.tensors
+                                 if ".base_layer." in k and not k.endswith(POLY_SUFFIXES)}
 
     def _tensor(self, module: str, suffix: str) -> torch.Tensor:
         return self.tensors[PREFIX + module + suffix].double()
@@ -60,17 +108,14 @@ class ReferenceAdapter:
 
     def weights(self, module: str, spec: RoutingSpec) -> torch.Tensor:
         """(q, s) mixing weights of a routing spec."""
-        if isinstance(spec, bool):
-            raise ValueError(f"not a routing spec: {spec!r}")
+        spec = routing_spec(spec, self.n_tasks)
         if isinstance(spec, int):
             return self.task_weights(module, spec)
         if spec == "uniform":  # all logits 0: sigmoid 1/2 everywhere, then normalised as any task
             return _normalise(torch.full((self.n_splits, self.n_skills), 0.5, dtype=torch.float64))
         if spec == "mean":
             return sum(self.task_weights(module, t) for t in range(self.n_tasks)) / self.n_tasks
-        if isinstance(spec, dict):
-            return sum(float(c) * self.task_weights(module, int(t)) for t, c in spec.items())
-        raise ValueError(f"not a routing spec: {spec!r}")
+        return sum(c * self.task_weights(module, t) for t, c in spec.items())  # a mix: sum_i c_i w_i
 
     def factors(self, module: str, spec: RoutingSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """A (in, r) and B (r, out) in float64, mixed split by split."""
@@ -100,15 +145,20 @@ def _normalise(w: torch.Tensor) -> torch.Tensor:
 
 
 def _load_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    file = directory / "adapter_model.safetensors"
-    if file.is_file():
-        from safetensors.torch import load_file
+    """Every tensor of the adapter file: the safetensors library's own loader, or torch.load(weights_only)."""
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        file = directory / name
+        if file.is_file():
+            try:
+                if name.endswith(".bin"):
+                    return torch.load(file, map_location="cpu", weights_only=True)
+                from safetensors.torch import load_file
 
-        return load_file(str(file))
-    file = directory / "adapter_model.bin"
-    if file.is_file():
-        return torch.load(file, map_location="cpu", weights_only=True)
-    raise AdapterError("no adapter_model.safetensors (or .bin) in the adapter directory", directory)
+                return load_file(str(file))
+            except Exception as exc:  # the loaders raise many types for a bad file
+                raise AdapterError(f"the reference cannot load the adapter's tensors ({type(exc).__name__})",
+                                   file) from None
+    raise AdapterError("no adapter_model.safetensors (or adapter_model.bin) in the adapter directory", directory)
 
 
 def _named_tensor(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
@@ -126,6 +176,7 @@ def _named_tensor(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, s
 @contextmanager
 def routed(model: torch.nn.Module, adapter: ReferenceAdapter, spec: RoutingSpec) -> Iterator[torch.nn.Module]:
     """Inside the block `model` (a plain transformers model) computes the routed Poly model for `spec`."""
+    spec = routing_spec(spec, adapter.n_tasks)
     handles, swapped = [], []
     try:
         for module in adapter.modules:
@@ -134,11 +185,13 @@ def routed(model: torch.nn.Module, adapter: ReferenceAdapter, spec: RoutingSpec)
             except AttributeError:
                 raise CheckpointError(f"module {module!r} of the adapter is not in this model: wrong base model?") from None
             A, B = adapter.factors(module, spec)
+            _check_layer(module, layer, A.shape[0], B.shape[1])
             A, B = A.to(_device(layer)), B.to(_device(layer))
 
             def hook(_layer, args, out, A=A, B=B):
-                update = (args[0].double() @ A) @ B / adapter.r  # (..., in) @ (in, r) @ (r, out) -> (..., out)
-                return (out.double() + update).to(out.dtype)
+                x = args[0].to(A.device).double()  # (..., in)
+                update = (x @ A) @ B / adapter.r  # (..., in) @ (in, r) @ (r, out) -> (..., out)
+                return (out.double() + update.to(out.device)).to(out.dtype)
 
             handles.append(layer.register_forward_hook(hook))
         for name, tensor in adapter.replaced.items():
@@ -147,16 +200,35 @@ def routed(model: torch.nn.Module, adapter: ReferenceAdapter, spec: RoutingSpec)
             if tuple(old.shape) != tuple(tensor.shape):
                 raise CheckpointError(f"the adapter's {name} has shape {list(tensor.shape)}, the model's "
                                       f"{list(old.shape)}: wrong base model?")
-            swapped.append((owner, attr, old.detach().clone()))
-            with torch.no_grad():
-                old.copy_(tensor.to(old.dtype))
+            new = tensor.to(old.device, old.dtype)
+            if name in adapter.embedding_layers:  # into the shared weight; its values are copied back on exit
+                swapped.append((owner, attr, old.detach().clone(), True))
+                with torch.no_grad():
+                    old.copy_(new)
+            else:  # a new tensor in its place; the original object is put back on exit
+                swapped.append((owner, attr, old, False))
+                setattr(owner, attr, torch.nn.Parameter(new, requires_grad=False)
+                        if isinstance(old, torch.nn.Parameter) else new)
         yield model
     finally:
         for handle in handles:
             handle.remove()
         with torch.no_grad():
-            for owner, attr, saved in reversed(swapped):
-                getattr(owner, attr).copy_(saved)
+            for owner, attr, saved, in_place in reversed(swapped):
+                if in_place:
+                    getattr(owner, attr).copy_(saved)
+                else:
+                    setattr(owner, attr, saved)
+
+
+def _check_layer(module: str, layer: torch.nn.Module, d_in: int, d_out: int) -> None:
+    """The layer takes `d_in` features and gives `d_out`: a Linear's weight is (out, in), a Conv1D's (in, out)."""
+    weight = getattr(layer, "weight", None)
+    shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
+    want = (d_in, d_out) if type(layer).__name__ == "Conv1D" else (d_out, d_in)
+    if shape != want:
+        raise CheckpointError(f"module {module!r}: the adapter maps {d_in} features to {d_out}, the model's layer "
+                              f"has weight {list(shape) if shape else None}: wrong base model?")
 
 
 def _device(layer: torch.nn.Module) -> torch.device:
