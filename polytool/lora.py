@@ -296,7 +296,9 @@ def attach_lora(layers: dict, artifact: LoraArtifact) -> list:
 
 @contextmanager
 def swap_saved_modules(model, saved: dict[str, np.ndarray]) -> Iterator[None]:
-    """Inside the block the model's tensors named in `saved` (modules_to_save copies) hold the saved values."""
+    """Inside the block the model's tensors named in `saved` (modules_to_save copies) hold the saved values:
+    new tensors put in place, as PEFT's copy of the module is, so a head tied to the embeddings is changed
+    alone; the originals are put back after."""
     import torch
 
     swapped = []
@@ -312,11 +314,11 @@ def swap_saved_modules(model, saved: dict[str, np.ndarray]) -> Iterator[None]:
                 shown = "missing" if not isinstance(tensor, torch.Tensor) else f"of shape {list(tensor.shape)}"
                 raise PolytoolError(f"the artifact's trained {name} {list(value.shape)} does not fit this model "
                                     f"(its tensor is {shown}): wrong base model?")
-            swapped.append((tensor, tensor.detach().clone()))
-            with torch.no_grad():
-                tensor.copy_(torch.as_tensor(value))
+            new = torch.as_tensor(value).to(tensor.device, tensor.dtype)
+            swapped.append((owner, attr, tensor))
+            setattr(owner, attr, torch.nn.Parameter(new, requires_grad=False) if isinstance(tensor, torch.nn.Parameter)
+                    else new)
         yield
     finally:
-        with torch.no_grad():
-            for tensor, old in reversed(swapped):
-                tensor.copy_(old)
+        for owner, attr, tensor in reversed(swapped):
+            setattr(owner, attr, tensor)

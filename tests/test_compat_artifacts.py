@@ -126,6 +126,16 @@ def test_verify_passes_every_artifact_and_the_self_check(built, name, compat_rec
     compat_record(name, "verify", max(c["max_rel_err"] for c in checks))
 
 
+@pytest.mark.parametrize("name", ["llama-mhr", "gpt2-conv1d", "bert-seq-cls", "t5-gated"])
+def test_verify_with_peft_as_the_reference(built, name):
+    files, _, paths = built(name)
+    res = cli("verify", files.adapter_dir, "--base", files.base_dir, "--inputs", 2, "--seq-len", 8, "--json",
+              "--reference", "peft", "--against", paths["lora1"], "--against", paths["dense1"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert "PEFT" in report["reference"] and all(c["max_rel_err"] <= BOUND for c in report["checks"])
+
+
 def test_a_tied_target_needs_untie_and_says_so(built, tmp_path):
     files, _, _ = built("qwen2-tied-lm_head")
     res = cli("collapse", files.adapter_dir, "--base", files.base_dir, "--task", "1", "--to", "dense", "--out", tmp_path / "o")

@@ -198,7 +198,7 @@ def test_reference_peft_without_peft_is_one_line(llama, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft now fails
     got = run("verify", llama["adapter"], "--base", llama["base"], "--reference", "peft")
-    assert got.exit_code == 2 and got.stderr.strip() == "error: --reference peft needs PEFT, which is not installed: pip install peft"
+    assert got.exit_code == 2 and got.stderr.strip() == "error: --reference peft needs PEFT: pip install peft"
 
 
 def torch_base(directory: Path):

@@ -129,9 +129,9 @@ class Run:
         self.reference = ReferenceAdapter(adapter.directory)
         self.peft = None
         if reference == "peft":
-            from .peft_reference import peft_routed_model
+            from ..reference_peft import peft_poly
 
-            self.peft = peft_routed_model(adapter, base_dir, class_name, device)
+            self.peft = peft_poly(load_model(base_dir, class_name, device), adapter.directory)
 
     def run(self, model, capture: dict, **extra) -> tuple[dict, dict]:
         return forward(model, self.family, self.batches, capture, **extra)
@@ -139,9 +139,10 @@ class Run:
     def routed(self, spec: TaskSpec) -> tuple[dict, dict]:
         """The reference's outputs and adapted modules' outputs for `spec`."""
         if self.peft is not None:
-            from .peft_reference import peft_forward
+            from ..reference_peft import routed
 
-            out, modules = peft_forward(self, spec)
+            with routed(self.peft, spec) as inner:
+                out, modules = self.run(inner, {name: inner.get_submodule(name) for name in self.capture})
         else:
             from ..reference import routed
 
@@ -167,11 +168,11 @@ class Run:
                 stack.enter_context(swap_saved_modules(self.model, _saved(self.adapter)))
             else:
                 lora = target.lora if target.lora is not None else _product_lora(self.adapter, target.spec)
-                if target.lora is not None and self.peft is not None:
-                    from .peft_reference import peft_lora_model
+                if target.lora is not None and self.peft is not None:  # PEFT's own loader
+                    from ..reference_peft import peft_lora
 
-                    model = peft_lora_model(self, target.lora)
-                    yield model, {name: model.get_submodule("base_model.model." + name) for name in self.capture}
+                    model = peft_lora(load_model(self.base_dir, self.class_name, self.device), target.lora.directory)
+                    yield model, {name: model.get_submodule(name) for name in self.capture}
                     return
                 for handle in attach_lora(self.layers, lora):
                     stack.callback(handle.remove)
