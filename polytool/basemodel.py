@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from .checkpoint import SafetensorsFile, parse_json, read_index
+from .checkpoint import FLOAT_DTYPES, SafetensorsFile, parse_json, read_index
 from .errors import CheckpointError
 
 SINGLE_NAME = "model.safetensors"
@@ -41,7 +41,7 @@ class TensorInfo:
 
 
 @dataclass(frozen=True)
-class Target:
+class WeightTarget:
     """Where one adapted module is merged: `source` is read from the base, `key` written out."""
 
     module: str
@@ -98,7 +98,7 @@ class BaseCheckpoint:
         """The most common floating dtype of the weights (what `--dtype auto` keeps)."""
         counts: dict[str, int] = {}
         for info in self.tensors.values():
-            if info.dtype in ("F64", "F32", "F16", "BF16"):
+            if info.dtype in FLOAT_DTYPES:
                 counts[info.dtype] = counts.get(info.dtype, 0) + 1
         return max(counts, key=counts.get) if counts else "F32"
 
@@ -239,8 +239,8 @@ def _tied_source(base: BaseCheckpoint, shape: tuple[int, int]) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
-def match_target(base: BaseCheckpoint, module: str, in_features: int, out_features: int, untie: bool) -> Target:
-    """One adapted module -> its Target, checking shape and weight tying; raises naming the module."""
+def match_target(base: BaseCheckpoint, module: str, in_features: int, out_features: int, untie: bool) -> WeightTarget:
+    """One adapted module -> its WeightTarget, checking shape and weight tying; raises naming the module."""
     transposed = base.conv1d and not _is_output_embedding(module)
     shape = (in_features, out_features) if transposed else (out_features, in_features)
     key = find_key(module, base.tensors)
@@ -260,17 +260,17 @@ def match_target(base: BaseCheckpoint, module: str, in_features: int, out_featur
         layout = "(in, out) as Conv1D stores it" if transposed else "(out, in)"
         raise CheckpointError(f"module {module!r}: the adapter needs a weight of shape {list(shape)} {layout}, "
                               f"but {source} is {list(info.shape)}: wrong base model?", base.directory)
-    if info.dtype not in ("F64", "F32", "F16", "BF16"):
+    if info.dtype not in FLOAT_DTYPES:
         raise CheckpointError(f"module {module!r}: weight {source} has dtype {info.dtype}; only float weights can be merged", base.directory)
     if tied_to and not untie:
         raise CheckpointError(f"module {module!r} is tied to {tied_to} (config.json tie_word_embeddings is true): "
                               f"merging into it would change the input embeddings too. Pass --untie to write "
                               f"{key} separately and set tie_word_embeddings false", base.directory)
-    return Target(module, key, source, transposed, tied_to)
+    return WeightTarget(module, key, source, transposed, tied_to)
 
 
-def match_targets(base: BaseCheckpoint, modules: Iterable, untie: bool = False) -> list[Target]:
-    """Every adapted module (objects with name, in_features, out_features) -> its Target."""
+def match_targets(base: BaseCheckpoint, modules: Iterable, untie: bool = False) -> list[WeightTarget]:
+    """Every adapted module (objects with name, in_features, out_features) -> its WeightTarget."""
     targets = [match_target(base, m.name, m.in_features, m.out_features, untie) for m in modules]
     seen: dict[str, str] = {}
     for t in targets:

@@ -56,7 +56,7 @@ def inspect(adapter_dir: Path, as_json: bool, plot_file: Path | None, base_dir: 
     adapter = load_adapter(adapter_dir)
     report = build_report(adapter, base_dir)
     if plot_file is not None:
-        from .checkpoint import check_output
+        from .outdir import check_output
         from .plot import write_heatmap
 
         # never into the adapter (its files may be links into a cache: those are protected too)
@@ -100,7 +100,7 @@ def collapse(adapter_dir: Path, task: str, out: Path, kind: str, base_dir: Path 
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from .adapter import load_adapter
     from .basemodel import resolve_base_dir
-    from .checkpoint import check_output
+    from .outdir import check_output
     from .routing import parse_task_spec, spec_label
 
     adapter = load_adapter(adapter_dir)

@@ -18,7 +18,8 @@ from . import __version__
 from .adapter import PREFIX, PolyAdapter
 from .basemodel import (CONV1D_MODEL_TYPES, INDEX_NAME, SINGLE_NAME, BaseCheckpoint, find_tensor, match_targets,
                         open_base, read_config, resolve_base_dir)
-from .checkpoint import SafetensorsFile, TensorSpec, SafetensorsWriter, atomic_output_dir, cast_float, check_output, write_json
+from .checkpoint import SafetensorsFile, SafetensorsWriter, TensorSpec, cast_float, write_json
+from .outdir import atomic_output_dir, check_output
 from .collapse import LORA_ALPHA, collapse_adapter, lora_weights
 from .errors import AdapterError, CheckpointError, PolytoolError
 from .routing import TaskSpec, spec_label

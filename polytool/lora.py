@@ -25,12 +25,11 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .checkpoint import FLOAT_DTYPES, TORCH_NAMES, SafetensorsFile, parse_json
+from .adapter import CONFIG_NAME, PREFIX
+from .checkpoint import FLOAT_DTYPES, TORCH_NAMES, SafetensorsFile, least_precise, parse_json
 from .errors import AdapterError, PolytoolError
 
-CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."
 SUFFIX_A, SUFFIX_B, SUFFIX_BIAS = ".lora_A.weight", ".lora_B.weight", ".lora_B.bias"
 
 # Fields that change nothing in the eval forward of saved tensors (metadata, dropout, init-time helpers
@@ -71,6 +70,11 @@ class LoraArtifact:
         r = _pattern_value(self.config.get("rank_pattern") or {}, module, self.config["r"])
         alpha = _pattern_value(self.config.get("alpha_pattern") or {}, module, self.config["lora_alpha"])
         return alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
+
+    @property
+    def scalings(self) -> dict[str, float]:
+        """{module: its scale} for every module the LoRA holds."""
+        return {module: self.scaling(module) for module in self.weights}
 
     def rank(self, module: str) -> int:
         return int(_pattern_value(self.config.get("rank_pattern") or {}, module, self.config["r"]))
@@ -193,7 +197,7 @@ def read_lora(directory: str | Path) -> LoraArtifact:
         weights, biases, saved = _read_tensors(tensors, config, file)
         metadata = dict(tensors.metadata)
         stored = {tensors.dtype(key) for key in tensors.keys()}
-    dtype = next(TORCH_NAMES[d] for d in ("BF16", "F16", "F32", "F64") if d in stored)
+    dtype = TORCH_NAMES[least_precise(stored)]
     return LoraArtifact(directory, config, dtype, metadata, weights, biases, saved)
 
 

@@ -20,9 +20,10 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from .adapter import PolyAdapter
-from .basemodel import INDEX_NAME, SINGLE_NAME, BaseCheckpoint, Target, match_targets, open_base
-from .checkpoint import (DTYPES, FLOAT_DTYPES, TORCH_NAMES, SafetensorsFile, SafetensorsWriter, TensorSpec, atomic_output_dir,
-                         bf16_to_f32, cast_float, check_output, encode_header, write_json)
+from .basemodel import INDEX_NAME, SINGLE_NAME, BaseCheckpoint, WeightTarget, match_targets, open_base
+from .checkpoint import (DTYPES, FLOAT_DTYPES, TORCH_NAMES, SafetensorsFile, SafetensorsWriter, TensorSpec, bf16_to_f32,
+                         cast_float, encode_header, write_json)
+from .outdir import atomic_output_dir, check_output
 from .collapse import collapse_factors, stored_delta
 from .errors import CheckpointError, PolytoolError
 from .export import check_collapsible, provenance, saved_module_keys
@@ -41,7 +42,7 @@ class Op:
     shard: str
     source: str
     source_dtype: str
-    target: Target | None
+    target: WeightTarget | None
     replace: str | None = None  # the adapter's key of a trained copy written instead (modules_to_save)
 
     @property
@@ -64,7 +65,7 @@ class MergePlan:
 
     base: BaseCheckpoint
     spec: TaskSpec
-    targets: list[Target]
+    targets: list[WeightTarget]
     shards: list[OutShard]
     index: dict | None  # the index file's content; None for one model.safetensors
     config: dict | None  # an edited config.json; None copies it unchanged
@@ -89,11 +90,11 @@ def parse_size(text: str | int) -> int:
     return int(float(match.group(1)) * SIZE_UNITS[match.group(2) or ""])
 
 
-def _ops(base: BaseCheckpoint, targets: list[Target], dtype: str | None, replaced: dict[str, str]) -> list[Op]:
+def _ops(base: BaseCheckpoint, targets: list[WeightTarget], dtype: str | None, replaced: dict[str, str]) -> list[Op]:
     """Every output tensor in base order; an untied weight follows the embedding it is copied from;
     `replaced` {base key: adapter key}: tensors the adapter trained whole (heads), written in place."""
     merged = {t.key: t for t in targets if t.key == t.source}
-    untied: dict[str, list[Target]] = {}
+    untied: dict[str, list[WeightTarget]] = {}
     for t in targets:
         if t.key != t.source:
             untied.setdefault(t.source, []).append(t)
@@ -145,7 +146,7 @@ def _index(base: BaseCheckpoint, shards: list[OutShard], repacked: bool) -> dict
     return {"metadata": metadata, "weight_map": {op.out.name: s.name for s in shards for op in s.ops}}
 
 
-def _config(base: BaseCheckpoint, targets: list[Target], dtype: str | None) -> dict | None:
+def _config(base: BaseCheckpoint, targets: list[WeightTarget], dtype: str | None) -> dict | None:
     config = dict(base.config)
     if any(t.tied_to for t in targets):
         config["tie_word_embeddings"] = False

@@ -11,8 +11,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from polytool.checkpoint import (SafetensorsFile, SafetensorsWriter, TensorSpec, atomic_output_dir, bf16_to_f32,
-                                 cast_float, check_output, f32_to_bf16, read_index, save_file)
+from polytool.checkpoint import (SafetensorsFile, SafetensorsWriter, TensorSpec, bf16_to_f32, cast_float, f32_to_bf16,
+                                 read_index, save_file)
+from polytool.outdir import atomic_output_dir, check_output
 from polytool.errors import CheckpointError, OutputExistsError, PolytoolError
 
 RNG = np.random.default_rng(0)

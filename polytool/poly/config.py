@@ -12,9 +12,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional, Union
 
+from ..adapter import CONFIG_NAME
 from ..errors import PolytoolError
 
-CONFIG_NAME = "adapter_config.json"
 PEFT_TYPE = "POLY"
 # The PEFT release whose adapter format polytool writes (PEFT fills a missing value silently).
 PEFT_FORMAT_VERSION = "0.21.2"

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..basemodel import require_dir
-from ..checkpoint import TORCH_NAMES
+from ..checkpoint import TORCH_NAMES, least_precise
 from ..errors import CheckpointError, PolytoolError
 
 DEVICES = ("cpu", "cuda", "auto")
@@ -120,9 +120,8 @@ def stored_dtype(directory: Path, config=None) -> str:
     for file in sorted(directory.glob("*.safetensors")):
         with SafetensorsFile(file) as st:
             found |= {st.dtype(k) for k in st.keys()}
-    for name in ("BF16", "F16", "F32", "F64"):
-        if name in found:
-            return TORCH_NAMES[name]
+    if least_precise(found):
+        return TORCH_NAMES[least_precise(found)]
     dtype = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
     return dtype if dtype in FLOAT_NAMES else "float32"
 
