@@ -69,24 +69,28 @@ def test_nan_in_one_module_only_is_named():
     assert within(errors(out, ref), 1e-5, 1e-5) == ["b"]
 
 
-def test_nan_in_the_last_prompt_only_fails_in_the_forward(dense2, tmp_path):
+def test_nan_in_the_last_prompt_only_fails_in_the_forward(tmp_path):
     """The review's case: one embedding row NaN, for a character only the last prompt uses. The forward alone
-    (weight-space check left out) must fail; through the CLI the weight check names the tensor first."""
+    (weight-space check left out) must fail; through the CLI the weight check names the tensor first. A
+    bfloat16 merge of the float32 base is run whole (every tensor converted), so its embeddings are its own."""
+    dense = tmp_path / "dense-bf16"
+    assert cli("collapse", FIXTURES / "mhr", "--task", "2", "--to", "dense", "--dtype", "bfloat16", "--out",
+               dense).exit_code == 0
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("abc abc\nbcd cab\nzebra\n")
     token = 4 + ord("z") - ord(" ")  # the char tokenizer: ' ' is id 4, then ASCII order
-    bad = with_tensor(dense2, tmp_path / "nan", EMBED, lambda t: t[token].fill_(math.nan))
+    bad = with_tensor(dense, tmp_path / "nan", EMBED, lambda t: t[token].fill_(math.nan))
     adapter = load_adapter(FIXTURES / "mhr")
     batches, _ = prompt_inputs(FIXTURES / "tiny-llama", prompts, None)
     assert all(token not in b["input_ids"] for b in batches[:2]) and token in batches[2]["input_ids"]
-    target = Target(2, "dense", str(bad), "float32", path=bad)
-    _, checks = run_checks(adapter, FIXTURES / "tiny-llama", "AutoModelForCausalLM", "causal", [target], batches,
-                           "cpu", (None, None), False)
-    assert not checks[0]["passed"] and "NaN or Inf" in checks[0]["reason"], checks[0]
-    good = Target(2, "dense", str(dense2), "float32", path=dense2)
-    _, checks = run_checks(adapter, FIXTURES / "tiny-llama", "AutoModelForCausalLM", "causal", [good], batches,
-                           "cpu", (None, None), False)
-    assert checks[0]["passed"]  # the control
+    for path, passes in ((bad, False), (dense, True)):  # the unbroken merge is the control
+        target = Target(2, "dense", str(path), "bfloat16", path=path)
+        _, checks = run_checks(adapter, FIXTURES / "tiny-llama", "AutoModelForCausalLM", "causal", [target],
+                               batches, "cpu", (None, None), False)
+        assert checks[0]["passed"] is passes, checks[0]
+    assert "NaN or Inf" in run_checks(adapter, FIXTURES / "tiny-llama", "AutoModelForCausalLM", "causal",
+                                      [Target(2, "dense", str(bad), "bfloat16", path=bad)], batches, "cpu",
+                                      (None, None), False)[1][0]["reason"]
     code, rep = verify_json(FIXTURES / "mhr", "--against", bad, "--prompts", prompts)
     assert code == 1 and EMBED in rep["checks"][0]["reason"]
 

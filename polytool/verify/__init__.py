@@ -20,6 +20,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
+
 from ..adapter import PolyAdapter, load_adapter
 from ..basemodel import resolve_base_dir
 from ..collapse import LORA_ALPHA, collapse_adapter, lora_weights, stored_delta
@@ -61,33 +63,13 @@ def _saved(adapter: PolyAdapter) -> dict:
             for module, params in adapter.saved_modules.items() for param, key in params.items()}
 
 
-@contextmanager
-def _weights(layers: dict, new: dict) -> Iterator[None]:
-    """Inside the block each layer in `new` holds that weight (a new Parameter: a tied weight is changed
-    alone, as `--untie` writes it)."""
+def _merged(layers: dict, deltas: Iterator[tuple[str, Any]], dtype: str) -> Iterator[tuple[str, Any]]:
+    """(module, base weight + delta (float64) rounded once to `dtype`), one module at a time."""
     import torch
 
-    saved = []
-    try:
-        for name, weight in new.items():
-            layer = layers[name]
-            if layer.weight.is_meta:
-                raise PolytoolError(f"module {name!r} is offloaded (--device auto): the in-memory dense check cannot "
-                                    "change it; check a merged model with --against instead")
-            saved.append((layer, layer.weight))
-            layer.weight = torch.nn.Parameter(weight.to(layer.weight.device, layer.weight.dtype), requires_grad=False)
-        yield
-    finally:
-        for layer, weight in saved:
-            layer.weight = weight
-
-
-def _merged(layers: dict, deltas: Iterator[tuple[str, Any]], dtype: str) -> dict:
-    """{module: base weight + delta (float64), rounded once to `dtype`} for (module, delta in stored layout)."""
-    import torch
-
-    return {name: (layers[name].weight.detach().double() + torch.as_tensor(delta).to(layers[name].weight.device))
-            .to(getattr(torch, dtype)) for name, delta in deltas}
+    for name, delta in deltas:
+        weight = layers[name].weight.detach()
+        yield name, (weight.double() + torch.as_tensor(delta).to(weight.device)).to(getattr(torch, dtype))
 
 
 def _is_conv1d(layer) -> bool:
@@ -96,13 +78,13 @@ def _is_conv1d(layer) -> bool:
     return not isinstance(layer, torch.nn.Linear)
 
 
-def _product_dense(adapter: PolyAdapter, spec: TaskSpec, layers: dict, dtype: str) -> dict:
+def _product_dense(adapter: PolyAdapter, spec: TaskSpec, layers: dict, dtype: str) -> Iterator[tuple[str, Any]]:
     """The self-check's dense weights: what `collapse --to dense` computes, through the same formula."""
     return _merged(layers, ((m.name, stored_delta(A, B, adapter.r, _is_conv1d(layers[m.name])))
                             for m, A, B in collapse_adapter(adapter, spec)), dtype)
 
 
-def _ideal_dense(reference, adapter: PolyAdapter, spec: TaskSpec, layers: dict, dtype: str) -> dict:
+def _ideal_dense(reference, adapter: PolyAdapter, spec: TaskSpec, layers: dict, dtype: str) -> Iterator[tuple[str, Any]]:
     """The ideal dense weights: the reference's float64 update added and rounded once to `dtype`."""
     return _merged(layers, ((m.name, reference.delta(m.name, spec).T if _is_conv1d(layers[m.name])
                              else reference.delta(m.name, spec)) for m in adapter.modules), dtype)
@@ -127,6 +109,10 @@ class Run:
         self.capture = {m.name: self.layers[m.name] for m in adapter.modules}
         self.base_dtype = stored_dtype(base_dir, self.model.config)
         self.reference = ReferenceAdapter(adapter.directory)
+        from ..basemodel import match_targets, open_base
+
+        self.base = open_base(base_dir)
+        self.targets = {t.module: t for t in match_targets(self.base, adapter.modules, untie=True)}
         self.peft = None
         if reference == "peft":
             from ..reference_peft import peft_poly
@@ -155,15 +141,79 @@ class Run:
         return out, modules
 
     @contextmanager
+    def weights_in_place(self, weights: Iterator[tuple[str, Any]]) -> Iterator[None]:
+        """Inside the block the adapted layers hold `weights` ((module, tensor), taken one at a time): copied
+        into the model's own tensors, so the run holds one model; afterwards each is read back from the base
+        checkpoint. A weight tied to the embeddings gets a new tensor instead (merged alone, as `--untie`)."""
+        import torch
+
+        from ..checkpoint import SafetensorsFile
+
+        changed = []
+        try:
+            for name, weight in weights:
+                layer = self.layers[name]
+                if layer.weight.is_meta:
+                    raise PolytoolError(f"module {name!r} is offloaded (--device auto): verify cannot put the "
+                                        "merged weight in place; use --device cpu or cuda")
+                if self.targets[name].tied_to:
+                    changed.append((layer, layer.weight))
+                    layer.weight = torch.nn.Parameter(weight.to(layer.weight.device, layer.weight.dtype),
+                                                      requires_grad=False)
+                else:
+                    changed.append((layer, None))
+                    with torch.no_grad():
+                        layer.weight.copy_(weight)
+                    changed[-1] = (layer, self.targets[name].source)
+            yield
+        finally:
+            for layer, original in reversed(changed):
+                if isinstance(original, torch.nn.Parameter):
+                    layer.weight = original
+                elif original is not None:
+                    with SafetensorsFile(self.base.directory / self.base.tensors[original].shard) as st, torch.no_grad():
+                        layer.weight.copy_(torch.from_numpy(st.float_array(original, np.float32)))
+
+    def _artifact_weights(self, path: Path) -> Iterator[tuple[str, Any]]:
+        """A dense artifact's merged weights, read one at a time (float32)."""
+        import torch
+
+        from ..basemodel import open_base
+        from ..checkpoint import SafetensorsFile
+
+        dense = open_base(path)
+        for name, target in self.targets.items():
+            with SafetensorsFile(path / dense.tensors[target.key].shard) as st:
+                yield name, torch.from_numpy(st.float_array(target.key, np.float32))
+
+    def _artifact_heads(self, path: Path) -> dict:
+        """A dense artifact's trained heads (modules_to_save), by model tensor name."""
+        from ..basemodel import open_base
+        from ..checkpoint import SafetensorsFile
+        from ..export import saved_module_keys
+
+        dense, heads = open_base(path), {}
+        for key, adapter_key in saved_module_keys(self.adapter, self.base).items():
+            module = next(m for m, params in self.adapter.saved_modules.items() if adapter_key in params.values())
+            param = next(p for p, k in self.adapter.saved_modules[module].items() if k == adapter_key)
+            with SafetensorsFile(path / dense.tensors[key].shard) as st:
+                heads[f"{module}.{param}"] = st.float_array(key, np.float32)
+        return heads
+
+    @contextmanager
     def applied(self, target: Target) -> Iterator[tuple[Any, dict]]:
         """(model, {module name: module to capture}) that computes `target`."""
-        if target.path is not None:  # a dense model directory, loaded on its own
+        if target.path is not None and target.dtype != self.base_dtype:
+            # every tensor was converted: the artifact's own values differ from the base's everywhere
             model = load_model(target.path, self.class_name, self.device)
             yield model, {name: model.get_submodule(name) for name in self.capture}
             return
         with ExitStack() as stack:
-            if target.kind == "dense":
-                stack.enter_context(_weights(self.layers, _product_dense(self.adapter, target.spec, self.layers,
+            if target.path is not None:  # one model copy: the merged weights and heads swapped in, streamed
+                stack.enter_context(self.weights_in_place(self._artifact_weights(target.path)))
+                stack.enter_context(swap_saved_modules(self.model, self._artifact_heads(target.path)))
+            elif target.kind == "dense":
+                stack.enter_context(self.weights_in_place(_product_dense(self.adapter, target.spec, self.layers,
                                                                          self.base_dtype)))
                 stack.enter_context(swap_saved_modules(self.model, _saved(self.adapter)))
             else:
@@ -182,7 +232,7 @@ class Run:
     def floor(self, spec: TaskSpec, dtype: str, live: tuple[dict, dict]) -> tuple[dict, dict]:
         """Errors of the ideal rounding of the dense weights to `dtype` (outputs, modules)."""
         ideal = _ideal_dense(self.reference, self.adapter, spec, self.layers, dtype)
-        with _weights(self.layers, ideal), swap_saved_modules(self.model, _saved(self.adapter)):
+        with self.weights_in_place(ideal), swap_saved_modules(self.model, _saved(self.adapter)):
             out, modules = self.run(self.model, self.capture)
         return errors(out, live[0]), errors(modules, live[1])
 
