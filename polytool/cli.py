@@ -192,10 +192,11 @@ def verify(adapter_dir: Path, base_dir: Path | None, against: tuple[Path, ...], 
     no-op), 2 for bad input. The report goes to stdout; docs/ci.md documents it.
     """
     from .errors import VerificationError
+    from .output import progress
     from .verify import render_report, verify as run_verify
 
     report = run_verify(adapter_dir, base_dir, against, task, atol, rtol, n_inputs, seq_len, prompts, device,
-                        allow_noop, max_kl, reference)
+                        allow_noop, max_kl, reference, progress=None if as_json else progress)
     result(report, as_json, render_report)
     if not report["passed"]:
         failed = [c for c in report["checks"] if not c["passed"]]

@@ -160,3 +160,29 @@ def test_kl_is_reported_and_gates(dense2):
     assert code == 0 and 0 <= c["kl_mean"] <= c["kl_max"] < 1e-6
     code, rep = verify_json(FIXTURES / "mhr", "--against", dense2, "--max-kl", 0)
     assert code == 1 and "exceeds --max-kl" in rep["checks"][0]["reason"]
+
+
+# ---- one model copy -----------------------------------------------------------------------------------
+
+
+def test_one_copy_gives_the_figures_of_loading_the_artifact_whole(dense2):
+    adapter = load_adapter(FIXTURES / "mhr")
+    from polytool.verify.inputs import random_inputs
+    from polytool.verify.models import base_config
+
+    batches, _ = random_inputs(base_config(FIXTURES / "tiny-llama"), 2, 16)
+    figures = []
+    for one_copy in (True, False):
+        target = Target(2, "dense", str(dense2), "float32", path=dense2)
+        _, checks = run_checks(adapter, FIXTURES / "tiny-llama", "AutoModelForCausalLM", "causal", [target], batches,
+                               "cpu", (None, None), False, one_copy=one_copy)
+        figures.append({k: checks[0][k] for k in ("passed", "max_abs_err", "module_max_rel_err", "kl_max")})
+    assert figures[0] == figures[1] and figures[0]["passed"]
+
+
+def test_a_corrupted_untouched_tensor_is_caught_in_weight_space(dense2, tmp_path):
+    key = "model.norm.weight"  # not merged, never swapped into the model: only the weight check sees it
+    bad = with_tensor(dense2, tmp_path / "norm", key, lambda t: t.mul_(1.001))
+    code, rep = verify_json(FIXTURES / "mhr", "--against", bad)
+    assert code == 1 and rep["checks"][0]["weights"]["first_bad"] == key
+    assert rep["checks"][0]["max_rel_err"] < 1e-5  # the forward, on one model copy, did not need to see it

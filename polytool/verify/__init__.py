@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -94,11 +94,11 @@ class Run:
     """One verify run: the base model (loaded once), its adapted layers, the reference, the inputs."""
 
     def __init__(self, adapter: PolyAdapter, base_dir: Path, class_name: str, family: str, batches: list,
-                 device: str, reference: str):
+                 device: str, reference: str, one_copy: bool = True):
         from ..reference import ReferenceAdapter
 
         self.adapter, self.base_dir, self.class_name, self.family = adapter, base_dir, class_name, family
-        self.batches, self.device, self.reference_kind = batches, device, reference
+        self.batches, self.device, self.reference_kind, self.one_copy = batches, device, reference, one_copy
         self.model = load_model(base_dir, class_name, device)
         names = {n for n, _ in self.model.named_modules()}
         absent = [m.name for m in adapter.modules if m.name not in names]
@@ -203,7 +203,7 @@ class Run:
     @contextmanager
     def applied(self, target: Target) -> Iterator[tuple[Any, dict]]:
         """(model, {module name: module to capture}) that computes `target`."""
-        if target.path is not None and target.dtype != self.base_dtype:
+        if target.path is not None and (target.dtype != self.base_dtype or not self.one_copy):
             # every tensor was converted: the artifact's own values differ from the base's everywhere
             model = load_model(target.path, self.class_name, self.device)
             yield model, {name: model.get_submodule(name) for name in self.capture}
@@ -239,27 +239,33 @@ class Run:
 
 def run_checks(adapter: PolyAdapter, base_dir: Path, class_name: str, family: str, targets: list[Target],
                batches: list, device: str, tolerance: tuple, allow_noop: bool, max_kl: float | None = None,
-               reference: str = "polytool") -> tuple[list[str], list[dict]]:
-    """Load the base once; per task spec, compare the reference with the base and with each target."""
-    run = Run(adapter, base_dir, class_name, family, batches, device, reference)
+               reference: str = "polytool", one_copy: bool = True,
+               progress: Callable | None = None) -> tuple[list[str], list[dict]]:
+    """Load the base once; per task spec, compare the reference with the base and with each target.
+    `one_copy` False loads dense artifacts whole (the old way; tests compare the two); `progress`:
+    (items, total, label) -> items, e.g. a bar on a terminal."""
+    run = Run(adapter, base_dir, class_name, family, batches, device, reference, one_copy)
     base_out, base_modules = run.run(run.model, run.capture)
     bad = non_finite({**base_modules, **base_out})
     if bad is not None:
         raise CheckpointError(f"the model's own outputs contain NaN or Inf on these inputs (first: {bad}): its "
                               "weights are broken (or overflow in float32), so no comparison can be made", base_dir)
-    checks = []
-    for spec in dict.fromkeys(t.spec for t in targets):  # unique, in order
-        live = run.routed(spec)
-        effect = errors(live[0], base_out)
-        for target in (t for t in targets if t.spec == spec):
-            with run.applied(target) as (model, capture):
-                out, modules = run.run(model, capture)
-            half_dense = target.kind == "dense" and target.dtype in HALF
-            defaults = TOLERANCES["float32" if half_dense else target.dtype]
-            tol = tuple(defaults[i] if tolerance[i] is None else tolerance[i] for i in (0, 1))
-            floor = run.floor(spec, target.dtype, live) if half_dense else None
-            checks.append(make_check(target, errors(out, live[0]), errors(modules, live[1]), effect, tol, allow_noop,
-                                     top1(out, live[0]), kl(out, live[0]), max_kl, floor, FLOOR_MULTIPLE))
+    checks, live, effect, current = [], None, None, object()
+    order = list(dict.fromkeys(t.spec for t in targets))
+    ordered = sorted(targets, key=lambda t: order.index(t.spec))  # stable: one reference run per task spec
+    for target in progress(ordered, len(ordered), "verifying") if progress else ordered:
+        if target.spec != current:
+            current = target.spec
+            live = run.routed(target.spec)
+            effect = errors(live[0], base_out)
+        with run.applied(target) as (model, capture):
+            out, modules = run.run(model, capture)
+        half_dense = target.kind == "dense" and target.dtype in HALF
+        defaults = TOLERANCES["float32" if half_dense else target.dtype]
+        tol = tuple(defaults[i] if tolerance[i] is None else tolerance[i] for i in (0, 1))
+        floor = run.floor(target.spec, target.dtype, live) if half_dense else None
+        checks.append(make_check(target, errors(out, live[0]), errors(modules, live[1]), effect, tol, allow_noop,
+                                 top1(out, live[0]), kl(out, live[0]), max_kl, floor, FLOOR_MULTIPLE))
     return sorted(base_out), checks
 
 
@@ -278,7 +284,8 @@ def _dense_weight_checks(targets: list[Target], adapter: PolyAdapter, base_dir: 
 def verify(adapter_dir: str | Path, base_dir: str | Path | None, against: tuple = (), task: str | None = None,
            atol: float | None = None, rtol: float | None = None, n_inputs: int = DEFAULT_INPUTS,
            seq_len: int | None = None, prompts: str | Path | None = None, device: str = "cpu",
-           allow_noop: bool = False, max_kl: float | None = None, reference: str = "polytool") -> dict:
+           allow_noop: bool = False, max_kl: float | None = None, reference: str = "polytool",
+           progress: Callable | None = None) -> dict:
     """Run every check and return the report (a JSON-ready dict; `passed` says whether all passed)."""
     for name, value in (("--atol", atol), ("--rtol", rtol), ("--max-kl", max_kl)):
         if value is not None and not (math.isfinite(value) and value >= 0):
@@ -305,7 +312,7 @@ def verify(adapter_dir: str | Path, base_dir: str | Path | None, against: tuple 
         batches, inputs = random_inputs(config, n_inputs, seq_len or DEFAULT_SEQ_LEN)
     device = resolve_device(device)
     outputs, checks = run_checks(adapter, base_dir, class_name, family, targets, batches, device, (atol, rtol),
-                                 allow_noop, max_kl, reference)
+                                 allow_noop, max_kl, reference, progress=progress)
     n_passed = sum(c["passed"] for c in checks)
     tolerances = {d: tuple(TOLERANCES[d][i] if (atol, rtol)[i] is None else (atol, rtol)[i] for i in (0, 1))
                   for d in TOLERANCES}
