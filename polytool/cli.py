@@ -38,9 +38,11 @@ def main(ctx: click.Context, debug: bool) -> None:
 @json_option
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.png",
               help="Also write a tasks x skills heatmap PNG (needs polytool[plot]).")
+@click.option("--task", help="Also show the mixing weights of this task spec per module: an id, uniform, mean, "
+                             "or a mix such as 1:0.7,3:0.3 (JSON key task_weights).")
 @force_option
 @handle_errors
-def inspect(adapter_dir: Path, as_json: bool, plot_file: Path | None, force: bool) -> None:
+def inspect(adapter_dir: Path, as_json: bool, plot_file: Path | None, task: str | None, force: bool) -> None:
     """Show a Poly/MHR adapter: configuration, modules, parameters, routing (no torch needed).
 
     ADAPTER_DIR holds adapter_config.json and adapter_model.safetensors (or one subfolder that
@@ -49,9 +51,13 @@ def inspect(adapter_dir: Path, as_json: bool, plot_file: Path | None, force: boo
     from .adapter import load_adapter
     from .inspect import build_report, render_report
     from .output import info
+    from .routing import parse_task_spec, spec_report
 
     adapter = load_adapter(adapter_dir)
     report = build_report(adapter)
+    if task is not None:
+        report["task_weights"] = spec_report(adapter, parse_task_spec(task, adapter.n_tasks))
+        render_report = _with_task_weights(render_report)
     if plot_file is not None:
         from .checkpoint import check_output
         from .plot import write_heatmap
@@ -64,14 +70,31 @@ def inspect(adapter_dir: Path, as_json: bool, plot_file: Path | None, force: boo
     result(report, as_json, render_report)
 
 
+def _with_task_weights(render):
+    def both(report: dict) -> str:
+        tw = report["task_weights"]
+        skills = " ".join(f"{w:.3f}" for w in tw["skill_weights"])
+        return (f"{render(report)}\n\ntask {tw['task']}: skill weights (mean over modules and splits) {skills}; "
+                f"effective skills {tw['effective_skills']:.2f}; per module: --json")
+    return both
+
+
 # --- collapse ---
 DTYPE_CHOICES = {"auto": None, "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+def rank_options(fn):
+    """--rank / --energy, shared by collapse and merge (docs/merge.md)."""
+    fn = click.option("--energy", type=float, help="LoRA: per module, the smallest rank keeping this share of the "
+                      "squared singular values, e.g. 0.99 (ranks may differ: rank_pattern).")(fn)
+    return click.option("--rank", type=int, help="LoRA: the best rank-K approximation per module (truncated SVD).")(fn)
 
 
 @main.command()
 @click.argument("adapter_dir", type=click.Path(path_type=Path))
 @click.option("--task", "task", required=True,
-              help="Task id, 'uniform' (MHR-mu), 'mean' (mean routing over tasks), or 'all' (one LoRA per task).")
+              help="Task id, 'uniform' (MHR-mu), 'mean' (mean routing over tasks), a mix such as 1,3 or 1:0.7,3:0.3 "
+                   "(routing weights mixed), or 'all' (one LoRA per task).")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Output directory (written atomically).")
 @click.option("--to", "kind", type=click.Choice(["lora", "dense"]), default="lora", show_default=True,
               help="A plain PEFT LoRA directory, or a merged dense model directory.")
@@ -81,11 +104,13 @@ DTYPE_CHOICES = {"auto": None, "float32": "F32", "float16": "F16", "bfloat16": "
               help="Output dtype (auto: float32 for a LoRA, the base's dtype for dense).")
 @click.option("--max-shard-size", help="Dense: repack the shards to at most this size, e.g. 5GB (default: the base's layout).")
 @click.option("--untie", is_flag=True, help="Dense: write a target tied to the embeddings (lm_head) as its own weight.")
+@rank_options
 @force_option
 @json_option
 @handle_errors
 def collapse(adapter_dir: Path, task: str, out: Path, kind: str, base_dir: Path | None, dtype: str,
-             max_shard_size: str | None, untie: bool, force: bool, as_json: bool) -> None:
+             max_shard_size: str | None, untie: bool, rank: int | None, energy: float | None, force: bool,
+             as_json: bool) -> None:
     """Collapse one task of a Poly/MHR adapter into a plain LoRA, or merge it into dense weights.
 
     The JSON keys are documented in docs/collapse.md. No torch is imported.
@@ -98,12 +123,12 @@ def collapse(adapter_dir: Path, task: str, out: Path, kind: str, base_dir: Path 
     from .adapter import load_adapter
     from .basemodel import resolve_base_dir
     from .checkpoint import check_output
+    from .errors import PolytoolError
     from .routing import parse_task_spec, spec_label
 
     adapter = load_adapter(adapter_dir)
     spec = parse_task_spec(task, adapter.n_tasks, allow_all=True)
     if kind == "lora":
-        from .errors import PolytoolError
         from .export import base_uses_conv1d, export_lora, lora_base
 
         if max_shard_size or untie:
@@ -111,13 +136,15 @@ def collapse(adapter_dir: Path, task: str, out: Path, kind: str, base_dir: Path 
         base = lora_base(adapter, base_dir)  # read for its checks even without --base: never written
         check_output(out, force, inputs=[adapter.directory] + ([base] if base else []))
         conv1d = base_uses_conv1d(adapter, base_dir)
-        data = export_lora(adapter, spec, out, DTYPE_CHOICES[dtype] or "F32", conv1d, force)
+        data = export_lora(adapter, spec, out, DTYPE_CHOICES[dtype] or "F32", conv1d, force, rank, energy)
         data.update(dtype=dtype if dtype != "auto" else "float32")
     else:
         from .merge import check_dense_spec, merge_dense, parse_size
         from .output import progress
 
         check_dense_spec(spec)
+        if rank is not None or energy is not None:
+            raise PolytoolError("--rank and --energy apply to a LoRA output: a dense merge adds the exact delta")
         size = None if max_shard_size is None else parse_size(max_shard_size)
         base = resolve_base_dir(base_dir, adapter.base_model_name_or_path, adapter.config.get("revision"))
         data = merge_dense(adapter, spec, base, out, DTYPE_CHOICES[dtype], untie, size, force, progress)
@@ -136,7 +163,15 @@ def _render_collapse(data: dict) -> str:
     else:
         where = f"{data['out']}/task-<id>" if data["task"] == "all" else data["out"]
         lines.append(f"  {data['tensors']} tensors, {data['dtype']}; load with PeftModel.from_pretrained(base, {where!r})")
-    return "\n".join(lines)
+    return "\n".join(lines + _render_truncation(data.get("truncation")))
+
+
+def _render_truncation(kept: list[dict] | None) -> list[str]:
+    if not kept:
+        return []
+    lo, hi, worst = min(t["rank"] for t in kept), max(t["rank"] for t in kept), max(kept, key=lambda t: t["error"])
+    return [f"  rank {lo if lo == hi else f'{lo}-{hi}'} ({len(kept)} modules); retained energy >= {min(t['energy'] for t in kept):.6f}; relative error "
+            f"max {worst['error']:.3e} ({worst['module']}), mean {sum(t['error'] for t in kept) / len(kept):.3e}"]
 
 
 # --- verify ---

@@ -135,6 +135,16 @@ def spec_label(spec: TaskSpec) -> str:
     return f"task-{spec}" if isinstance(spec, int) else str(spec)
 
 
+def spec_report(adapter, spec: TaskSpec) -> dict:
+    """`inspect --task`: one spec's eval weights per module (n_splits, n_skills), and per skill their mean
+    over modules and splits. `adapter` is a PolyAdapter (anything with .modules and .spec_weights)."""
+    modules = {m.name: adapter.spec_weights(m.name, spec) for m in adapter.modules}  # (q, s) each
+    per_skill = np.mean([w.mean(axis=0) for w in modules.values()], axis=0)  # (s,)
+    return {"task": spec if isinstance(spec, int) else spec_label(spec), "skill_weights": per_skill.tolist(),
+            "effective_skills": float(effective_skills(per_skill)),
+            "modules": {name: w.tolist() for name, w in modules.items()}}
+
+
 # ---- routing statistics ---------------------------------------------------------------------
 # Ponti et al. 2022 ("Combining Modular Skills in Multitask Learning", arXiv 2202.13914) describe
 # a layer's learned routing by its task-skill allocation Z = sigmoid(logits), one (n_tasks,
