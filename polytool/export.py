@@ -138,22 +138,28 @@ model = PeftModel.from_pretrained(base, "path/to/this/directory")
 # ---- rank control: LoRAs of any per-module rank, from factors ---------------------------------
 
 
-def write_factors(path: Path, factors: dict[str, tuple[np.ndarray, np.ndarray]], dtype: str, metadata: dict,
+def lora_pair(B: np.ndarray, A: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Factors B (out, k), A (k, in) of a delta B @ A -> lora_A (k, in), lora_B = k * B (out, k), each rounded
+    once to `dtype`: under lora_alpha LORA_ALPHA and rank k, PEFT's scaling 1/k undoes the k folded into B."""
+    return cast_float(np.ascontiguousarray(A), dtype), cast_float(np.ascontiguousarray(B * A.shape[0]), dtype)
+
+
+def write_factors(path: Path, tensors: dict[str, tuple[np.ndarray, np.ndarray]], dtype: str, metadata: dict,
                   config: dict) -> dict:
-    """factors[module] = (B (out, k), A (k, in)) with delta B @ A -> a LoRA at `path`/adapter_model.safetensors
-    (lora_A = A, lora_B = k * B) and the config's r / rank_pattern / lora_alpha: lora_alpha LORA_ALPHA and
-    rank k give PEFT's scaling 1/k, which undoes the k folded into B. Returns the config written."""
-    ranks = {m: A.shape[0] for m, (B, A) in factors.items()}
+    """tensors[module] = lora_pair(...) -> `path`/adapter_model.safetensors and adapter_config.json with r (the
+    largest rank), rank_pattern (the modules of another rank: only when ranks differ) and lora_alpha LORA_ALPHA.
+    Returns the config written."""
+    ranks = {m: A.shape[0] for m, (A, B) in tensors.items()}
     r = max(ranks.values())
-    pattern = {m: k for m, k in ranks.items() if k != r}  # only when ranks differ
     specs = []
-    for m, (B, A) in factors.items():
+    for m, (A, B) in tensors.items():
         specs += [TensorSpec(f"{PREFIX}{m}.lora_A.weight", dtype, A.shape), TensorSpec(f"{PREFIX}{m}.lora_B.weight", dtype, B.shape)]
     with SafetensorsWriter(path / "adapter_model.safetensors", specs, metadata) as writer:
-        for m, (B, A) in factors.items():
-            writer.write(f"{PREFIX}{m}.lora_A.weight", cast_float(np.ascontiguousarray(A), dtype))  # (k, in)
-            writer.write(f"{PREFIX}{m}.lora_B.weight", cast_float(np.ascontiguousarray(B * ranks[m]), dtype))  # (out, k)
-    config = {**config, "r": r, "lora_alpha": LORA_ALPHA, "rank_pattern": pattern, "alpha_pattern": {}}
+        for m, (A, B) in tensors.items():
+            writer.write(f"{PREFIX}{m}.lora_A.weight", A)  # (k, in)
+            writer.write(f"{PREFIX}{m}.lora_B.weight", B)  # (out, k)
+    config = {**config, "r": r, "lora_alpha": LORA_ALPHA, "rank_pattern": {m: k for m, k in ranks.items() if k != r},
+              "alpha_pattern": {}}
     write_json(path / "adapter_config.json", config)
     return config
 
@@ -175,7 +181,7 @@ def write_truncated(adapter: PolyAdapter, spec: TaskSpec, directory: Path, dtype
     factors, kept = {}, {}
     for module, A, B in collapse_adapter(adapter, spec):  # A (in, r), B (r, out): delta B.T A.T / r
         Bk, Ak, kept[module.name] = truncate_factored(B.T / adapter.r, A.T, rank, energy)  # (out, k), (k, in)
-        factors[module.name] = (Bk, Ak)
+        factors[module.name] = lora_pair(Bk, Ak, dtype)
     what = f"rank {rank}" if rank is not None else f"energy {energy}"
     note = (f"This is the best {what} approximation of that task's LoRA, module by module (truncated SVD): "
             f"per-module ranks and errors are in the safetensors metadata (`{TRUNCATION_KEY}`).")
