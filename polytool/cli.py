@@ -174,6 +174,90 @@ def _render_truncation(kept: list[dict] | None) -> list[str]:
             f"max {worst['error']:.3e} ({worst['module']}), mean {sum(t['error'] for t in kept) / len(kept):.3e}"]
 
 
+# --- merge ---
+
+
+def _floats(ctx, param, value: str | None) -> list[float] | None:
+    try:
+        return None if value is None else [float(v) for v in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected comma-separated numbers, e.g. 0.5,0.3,0.2") from None
+
+
+@main.command()
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Output directory (written atomically).")
+@click.option("--to", "kind", type=click.Choice(["lora", "dense"]), default="lora", show_default=True,
+              help="A plain PEFT LoRA directory, or a merged dense model directory.")
+@click.option("--weights", callback=_floats, help="One weight per source, e.g. 0.5,0.5 (default: equal, see docs/merge.md).")
+@click.option("--method", type=click.Choice(["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"]),
+              default="linear", show_default=True, help="How the per-module deltas are combined (PEFT's definitions).")
+@click.option("--density", type=float, help="ties, dare_*, magnitude_prune: the share of each delta's entries kept.")
+@click.option("--majority-sign", type=click.Choice(["total", "frequency"]), help="ties, dare_ties: how the sign is elected (default total).")
+@click.option("--ties-variant", type=click.Choice(["peft", "mergekit"]),
+              help="ties, dare_ties: peft (default) divides by the agreeing count, mergekit by the agreeing weights.")
+@click.option("--seed", type=int, help="dare_*: the random masks' seed (default 0; recorded).")
+@rank_options
+@click.option("--base", "base_dir", type=click.Path(path_type=Path),
+              help="Dense: base model directory (default: the sources' base_model_name_or_path, local or cached).")
+@click.option("--dtype", type=click.Choice(list(DTYPE_CHOICES)), default="auto", show_default=True,
+              help="Output dtype (auto: float32 for a LoRA, the base's dtype for dense).")
+@click.option("--max-shard-size", help="Dense: repack the shards to at most this size, e.g. 5GB (default: the base's layout).")
+@click.option("--untie", is_flag=True, help="Dense: write a target tied to the embeddings (lm_head) as its own weight.")
+@force_option
+@json_option
+@handle_errors
+def merge(sources: tuple[str, ...], out: Path, kind: str, weights: list[float] | None, method: str, density: float | None,
+          majority_sign: str | None, ties_variant: str | None, seed: int | None, rank: int | None, energy: float | None,
+          base_dir: Path | None, dtype: str, max_shard_size: str | None, untie: bool, force: bool, as_json: bool) -> None:
+    """Merge SOURCES into one LoRA or one dense model, without loading a model.
+
+    A SOURCE is ADAPTER_DIR:TASK (a Poly/MHR adapter and any task spec collapse takes) or a plain
+    PEFT LoRA directory. docs/merge.md has the methods, the math and the JSON keys. No torch is imported.
+    """
+    import os
+
+    if kind == "dense":  # as collapse: one BLAS thread is steadiest for streaming (a LoRA's SVDs use them all)
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    from .errors import PolytoolError
+    from .lora_merge import open_merge, write_dense_merge, write_lora_merge
+    from .output import progress, warn
+
+    plan = open_merge(sources, weights, method, density, majority_sign, seed, ties_variant)
+    if kind == "lora":
+        if max_shard_size or untie:
+            raise PolytoolError("--max-shard-size and --untie apply to --to dense only")
+        data = write_lora_merge(plan, out, rank, energy, DTYPE_CHOICES[dtype] or "F32", force)
+        data.update(dtype=dtype if dtype != "auto" else "float32")
+    else:
+        from .basemodel import resolve_base_dir
+        from .merge import parse_size
+
+        if rank is not None or energy is not None:
+            raise PolytoolError("--rank and --energy apply to a LoRA output: a dense merge adds the exact delta")
+        size = None if max_shard_size is None else parse_size(max_shard_size)
+        first = plan.sources[0].config
+        base = resolve_base_dir(base_dir, first.get("base_model_name_or_path"), first.get("revision"))
+        data = write_dense_merge(plan, base, out, DTYPE_CHOICES[dtype], untie, size, force, progress)
+    for message in plan.warnings:
+        warn(message)
+    result({"out": str(out), "kind": kind, "method": method, "sources": [s.record() for s in plan.sources],
+            "weights": plan.weights, "modules": len(plan.modules), **data}, as_json, _render_merge)
+
+
+def _render_merge(data: dict) -> str:
+    what = {"lora": "LoRA", "dense": "dense model"}[data["kind"]]
+    lines = [f"wrote {what} merging {len(data['sources'])} sources ({data['method']}) to {data['out']} "
+             f"({len(data['files'])} files, {data['bytes'] / 1e6:.1f} MB)"]
+    lines += [f"  {s['source']} x {w:g}" for s, w in zip(data["sources"], data["weights"])]
+    if data["kind"] == "dense":
+        lines.append(f"  {data['tensors_merged']} tensors merged, {data['tensors_copied']} copied byte for byte, "
+                     f"{data['tensors_converted']} converted; {data['dtype']}; base {data['base']}")
+    elif "truncation" not in data:
+        lines.append(f"  exact: rank {data['r']} ({data['modules']} modules), {data['dtype']}")
+    return "\n".join(lines + _render_truncation(data.get("truncation")))
+
+
 # --- verify ---
 
 
