@@ -304,6 +304,10 @@ def test_collapse_rank_and_energy_are_the_optimum(sources, peft_model, tmp_path)
     config = json.loads((tmp_path / "e" / "adapter_config.json").read_text())
     r = max(ranks.values())
     assert config["r"] == r and config["rank_pattern"] == {m: k for m, k in ranks.items() if k != r}
+    every = run("collapse", poly, "--task", "all", "--rank", 1, "--out", tmp_path / "all")["truncation"]
+    assert [(t["task"], t["rank"]) for t in every] == [(task, 1) for task in range(3) for _ in MODULES]
+    assert [t["error"] for t in every if t["task"] == 1] == [pytest.approx(e["error"]) for e in run(
+        "collapse", poly, "--task", "1", "--rank", 1, "--out", tmp_path / "one")["truncation"]]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -326,3 +330,33 @@ def test_refusals(sources, make_peft_adapter, tmp_path, args, message):
     err = fail("merge", *[a.format(**names) for a in args], "--out", tmp_path / "out")
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_human_output_and_no_torch(sources, tmp_path):
+    """merge (LoRA and dense), collapse of a mix with --rank and inspect --task: a few lines each, no torch."""
+    import subprocess
+    import sys
+
+    base_dir, poly, dirs, _ = sources
+    code = (
+        "import sys; from polytool.cli import main\n"
+        "poly, lora, base, out = sys.argv[1:]\n"
+        "for args in (['merge', f'{poly}:0', lora, '--out', out + '/m1'],\n"
+        "             ['merge', f'{poly}:0', lora, '--method', 'ties', '--density', '0.5', '--energy', '0.9', '--out', out + '/m2'],\n"
+        "             ['merge', f'{poly}:0', lora, '--to', 'dense', '--base', base, '--out', out + '/m3'],\n"
+        "             ['collapse', poly, '--task', '0,2', '--rank', '2', '--out', out + '/c'],\n"
+        "             ['inspect', poly, '--task', '0:1,2:3']):\n"
+        "    try: main(args)\n"
+        "    except SystemExit as e: assert e.code == 0, (args, e.code)\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code, str(poly), str(dirs[0]), str(base_dir), str(tmp_path)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert f"wrote LoRA merging 2 sources (linear) to {tmp_path}/m1" in out and "exact: rank 7 (6 modules)" in out
+    assert "wrote LoRA merging 2 sources (ties)" in out and "retained energy >= 0.9" in out
+    assert "wrote dense model merging 2 sources (linear)" in out and "6 tensors merged" in out
+    assert "wrote LoRA for task 0:0.5,2:0.5" in out and "rank 2 (6 modules)" in out
+    assert "task 0:0.25,2:0.75: skill weights" in out
+    assert res.stderr == ""

@@ -181,3 +181,27 @@ def test_effective_skills_and_cosine():
         torch.from_numpy(x)[:, None, :], torch.from_numpy(x)[None, :, :], dim=-1).numpy()
     np.testing.assert_allclose(routing.cosine_similarity(x), expected, atol=1e-12)
     assert routing.cosine_similarity(np.zeros((2, 3))).tolist() == [[0.0, 0.0], [0.0, 0.0]]
+
+
+def test_inspect_task_weights_of_a_mix():
+    """`inspect --task 1:0.7,3:0.3 --json` adds the mix's weights per module: the mix of the report's own
+    per-task weights (which tests/test_inspect.py checks against torch); another mix differs."""
+    import json
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from polytool.cli import main
+
+    fixture = Path(__file__).resolve().parent.parent / "fixtures" / "mhr"
+    report = lambda *a: json.loads(CliRunner().invoke(main, ["inspect", str(fixture), "--json", *a]).stdout)
+    plain, mix = report(), report("--task", "3:3,1:7")
+    assert "task_weights" not in plain and {k: v for k, v in mix.items() if k != "task_weights"} == plain
+    w = np.asarray(plain["routing"]["weights"])  # (t, m, q, s)
+    got = mix["task_weights"]
+    assert got["task"] == "1:0.7,3:0.3" and list(got["modules"]) == [m["name"] for m in plain["modules"]]
+    np.testing.assert_allclose(np.stack(list(map(np.asarray, got["modules"].values()))), 0.7 * w[1] + 0.3 * w[3], rtol=1e-12)
+    np.testing.assert_allclose(got["skill_weights"], (0.7 * w[1] + 0.3 * w[3]).mean(axis=(0, 1)), rtol=1e-12)
+    other = report("--task", "1:0.3,3:0.7")["task_weights"]["skill_weights"]
+    assert np.abs(np.asarray(other) - got["skill_weights"]).max() > 1e-3
+    assert report("--task", "2")["task_weights"]["task"] == 2
