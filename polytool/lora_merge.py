@@ -64,8 +64,9 @@ class Source:
     factors: Callable[[str], tuple[np.ndarray, np.ndarray]] = field(repr=False)
 
     def record(self) -> dict:
-        return {"source": self.text, "kind": self.kind, "path": str(self.directory), "sha256": self.sha256,
-                "task": self.task}
+        """The recipe's record of this source: `path` is absolute, so `from_recipe` finds it from anywhere."""
+        return {"source": self.text, "kind": self.kind, "path": str(Path(self.directory).resolve()),
+                "sha256": self.sha256, "task": self.task}
 
 
 def _sha256(file: Path) -> str:
