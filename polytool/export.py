@@ -22,6 +22,7 @@ from .checkpoint import SafetensorsFile, SafetensorsWriter, TensorSpec, cast_flo
 from .outdir import atomic_output_dir, check_output
 from .collapse import LORA_ALPHA, collapse_adapter, lora_weights
 from .errors import AdapterError, CheckpointError, PolytoolError
+from .lowrank import Truncation, check_rank_options, truncate_factored
 from .routing import TaskSpec, spec_label
 
 TASKS_INDEX = "polytool_tasks.json"
@@ -122,6 +123,7 @@ def lora_config(adapter: PolyAdapter, fan_in_fan_out: bool) -> dict:
 
 # provenance keys in an artifact's safetensors metadata (LoRA file, every dense shard)
 SHA_KEY, TASK_KEY = "polytool.source_sha256", "polytool.task"
+TRUNCATION_KEY = "polytool.truncation"  # JSON: the rank control asked for, and per module what was kept
 
 
 def provenance(adapter: PolyAdapter, spec: TaskSpec, routing: bool = True) -> dict[str, str]:
@@ -139,11 +141,13 @@ def provenance(adapter: PolyAdapter, spec: TaskSpec, routing: bool = True) -> di
     return meta
 
 
-def model_card(adapter: PolyAdapter, spec: TaskSpec) -> str:
+def model_card(adapter: PolyAdapter, spec: TaskSpec, truncated: str = "") -> str:
     base = adapter.base_model_name_or_path or "BASE_MODEL"
     auto = AUTO_CLASSES.get(adapter.task_type or "", "AutoModel")
     what = {"uniform": "uniform skill weights (MHR-mu)", "mean": "the mean over tasks of the routing weights"}
     chosen = what.get(str(spec), f"task {spec}")
+    exact = (f"With its routing fixed, the Poly adapter is\nexactly this LoRA: lora_alpha {LORA_ALPHA} and r {adapter.r} "
+             "give PEFT's scaling 1/r, the same as Poly's.")
     return f"""---
 library_name: peft
 base_model: {base}
@@ -153,8 +157,7 @@ tags: [lora, poly, polytool]
 
 Written by polytool {__version__} from the Poly/MHR adapter `{adapter.directory}`
 (`{adapter.weights_file.name}` sha256 `{adapter.sha256}`, {adapter.n_tasks} tasks, {adapter.n_skills} skills,
-{adapter.n_splits} splits, r {adapter.r}) for {chosen}. With its routing fixed, the Poly adapter is
-exactly this LoRA: lora_alpha {LORA_ALPHA} and r {adapter.r} give PEFT's scaling 1/r, the same as Poly's.
+{adapter.n_splits} splits, r {adapter.r}) for {chosen}. {truncated or exact}
 The routing weights of every module are recorded in the safetensors metadata (`polytool.routing`).
 
 ```python
@@ -167,9 +170,70 @@ model = PeftModel.from_pretrained(base, "path/to/this/directory")
 """
 
 
+# ---- rank control: LoRAs of any per-module rank, from factors ---------------------------------
+
+
+def lora_pair(B: np.ndarray, A: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Factors B (out, k), A (k, in) of a delta B @ A -> lora_A (k, in), lora_B = k * B (out, k), each rounded
+    once to `dtype`: under lora_alpha LORA_ALPHA and rank k, PEFT's scaling 1/k undoes the k folded into B."""
+    return cast_float(np.ascontiguousarray(A), dtype), cast_float(np.ascontiguousarray(B * A.shape[0]), dtype)
+
+
+def write_factors(path: Path, tensors: dict[str, tuple[np.ndarray, np.ndarray]], dtype: str, metadata: dict,
+                  config: dict) -> dict:
+    """tensors[module] = lora_pair(...) -> `path`/adapter_model.safetensors and adapter_config.json with r (the
+    largest rank), rank_pattern (the modules of another rank: only when ranks differ) and lora_alpha LORA_ALPHA.
+    Returns the config written."""
+    ranks = {m: A.shape[0] for m, (A, B) in tensors.items()}
+    r = max(ranks.values())
+    specs = []
+    for m, (A, B) in tensors.items():
+        specs += [TensorSpec(f"{PREFIX}{m}.lora_A.weight", dtype, A.shape), TensorSpec(f"{PREFIX}{m}.lora_B.weight", dtype, B.shape)]
+    with SafetensorsWriter(path / "adapter_model.safetensors", specs, metadata) as writer:
+        for m, (A, B) in tensors.items():
+            writer.write(f"{PREFIX}{m}.lora_A.weight", A)  # (k, in)
+            writer.write(f"{PREFIX}{m}.lora_B.weight", B)  # (out, k)
+    config = {**config, "r": r, "lora_alpha": LORA_ALPHA, "rank_pattern": {m: k for m, k in ranks.items() if k != r},
+              "alpha_pattern": {}}
+    write_json(path / "adapter_config.json", config)
+    return config
+
+
+def truncation_record(rank: int | None, energy: float | None, kept: dict[str, Truncation]) -> str:
+    """TRUNCATION_KEY's value: {"rank": K, "energy": E, "modules": {module: [rank, energy, error]}}."""
+    modules = {m: [t.rank, t.energy, t.error] for m, t in kept.items()}
+    return json.dumps({"rank": rank, "energy": energy, "modules": modules}, separators=(",", ":"))
+
+
+def truncation_report(kept: dict[str, Truncation]) -> list[dict]:
+    """Per module, for --json: module, rank kept, retained energy, relative Frobenius error."""
+    return [{"module": m, **t.as_dict()} for m, t in kept.items()]
+
+
+def write_truncated(adapter: PolyAdapter, spec: TaskSpec, directory: Path, dtype: str, fan_in_fan_out: bool,
+                    rank: int | None, energy: float | None) -> dict:
+    """The best rank-`rank` (or `energy`) LoRA of the collapsed task, per module, from the rank-r factors."""
+    factors, kept = {}, {}
+    for module, A, B in collapse_adapter(adapter, spec):  # A (in, r), B (r, out): delta B.T A.T / r
+        Bk, Ak, kept[module.name] = truncate_factored(B.T / adapter.r, A.T, rank, energy)  # (out, k), (k, in)
+        factors[module.name] = lora_pair(Bk, Ak, dtype)
+    what = f"rank {rank}" if rank is not None else f"energy {energy}"
+    note = (f"This is the best {what} approximation of that task's LoRA, module by module (truncated SVD): "
+            f"per-module ranks and errors are in the safetensors metadata (`{TRUNCATION_KEY}`).")
+    meta = {**provenance(adapter, spec), TRUNCATION_KEY: truncation_record(rank, energy, kept)}
+    write_factors(directory, factors, dtype, meta, lora_config(adapter, fan_in_fan_out))
+    (directory / "README.md").write_text(model_card(adapter, spec, note), encoding="utf-8", errors="backslashreplace")
+    files = ["adapter_config.json", "adapter_model.safetensors", "README.md"]
+    return {"files": files, "tensors": 2 * len(factors), "bytes": sum((directory / f).stat().st_size for f in files),
+            "truncation": truncation_report(kept)}
+
+
 def write_lora(adapter: PolyAdapter, spec: TaskSpec, directory: Path, dtype: str = "F32",
-               fan_in_fan_out: bool = False) -> dict:
-    """Write one collapsed LoRA into the existing empty `directory`; returns files, tensors, bytes."""
+               fan_in_fan_out: bool = False, rank: int | None = None, energy: float | None = None) -> dict:
+    """Write one collapsed LoRA into the existing empty `directory`; returns files, tensors, bytes
+    (and, with `rank` or `energy`, the per-module truncation)."""
+    if rank is not None or energy is not None:
+        return write_truncated(adapter, spec, directory, dtype, fan_in_fan_out, rank, energy)
     specs = []
     for m in adapter.modules:
         specs += [TensorSpec(f"{PREFIX}{m.name}.lora_A.weight", dtype, (adapter.r, m.in_features)),
@@ -191,24 +255,28 @@ def write_lora(adapter: PolyAdapter, spec: TaskSpec, directory: Path, dtype: str
 
 
 def export_lora(adapter: PolyAdapter, spec: TaskSpec, out: Path, dtype: str = "F32", fan_in_fan_out: bool = False,
-                force: bool = False) -> dict:
-    """Collapse `spec` ("all": every task, one subdirectory each) into LoRA directories at `out`, atomically."""
+                force: bool = False, rank: int | None = None, energy: float | None = None) -> dict:
+    """Collapse `spec` ("all": every task, one subdirectory each) into LoRA directories at `out`, atomically.
+    `rank` / `energy`: the best rank-K LoRA per module, or the smallest rank keeping that share (lowrank.py)."""
     if dtype not in LORA_DTYPES:
         raise PolytoolError(f"LoRA dtype {dtype!r} is not allowed: {', '.join(LORA_DTYPES)}")
+    check_rank_options(rank, energy)
     check_collapsible(adapter)
     check_output(out, force, inputs=[adapter.directory])
     with atomic_output_dir(out, force) as tmp:
         if spec != "all":
-            written = write_lora(adapter, spec, tmp, dtype, fan_in_fan_out)
+            written = write_lora(adapter, spec, tmp, dtype, fan_in_fan_out, rank, energy)
         else:
             written = {"files": [], "tensors": 0, "bytes": 0}
             tasks = {}
             for task in range(adapter.n_tasks):
                 sub = spec_label(task)
                 (tmp / sub).mkdir()
-                one = write_lora(adapter, task, tmp / sub, dtype, fan_in_fan_out)
-                written = {"files": written["files"] + [f"{sub}/{f}" for f in one["files"]],
-                           "tensors": written["tensors"] + one["tensors"], "bytes": written["bytes"] + one["bytes"]}
+                one = write_lora(adapter, task, tmp / sub, dtype, fan_in_fan_out, rank, energy)
+                if "truncation" in one:
+                    written.setdefault("truncation", []).extend({"task": task, **t} for t in one.pop("truncation"))
+                written.update({"files": written["files"] + [f"{sub}/{f}" for f in one["files"]],
+                                "tensors": written["tensors"] + one["tensors"], "bytes": written["bytes"] + one["bytes"]})
                 tasks[str(task)] = sub
             write_json(tmp / TASKS_INDEX, {"polytool_version": __version__, "source": str(adapter.directory),
                                            "source_sha256": adapter.sha256, "n_tasks": adapter.n_tasks, "tasks": tasks})

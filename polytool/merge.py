@@ -5,6 +5,8 @@ tensors are copied byte for byte inside the kernel (a shard with nothing to merg
 file); adapted ones are read in blocks of rows, merged in float32 or wider (float64 when the output
 is float32) and rounded once to the output dtype. Peak memory is one block, not the model.
 `plan_merge` validates everything (targets, shapes, tied weights) before `write_merge` writes.
+The deltas come from a DeltaSource (module -> rows of its delta): one task's collapse here, or a
+merge of several sources (lora_merge.py); one module's delta is computed at a time.
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ from .routing import TaskSpec
 BLOCK_BYTES = 1 << 20  # float32 bytes of one block of rows merged at once
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 Progress = Callable[[Iterable, int, str], Iterable]
+Delta = Callable[[int, int, bool], np.ndarray]  # (lo, hi, transposed) -> rows lo:hi of the delta as stored
+DeltaSource = Callable[[str, type], Delta]  # (module, float dtype to compute in) -> its Delta
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,7 @@ class Op:
     source: str
     source_dtype: str
     target: WeightTarget | None
-    replace: str | None = None  # the adapter's key of a trained copy written instead (modules_to_save)
+    replace: Callable[[], np.ndarray] | None = None  # a trained copy written instead (modules_to_save)
 
     @property
     def kind(self) -> str:
@@ -64,7 +68,7 @@ class MergePlan:
     """Everything a dense merge will write, validated."""
 
     base: BaseCheckpoint
-    spec: TaskSpec
+    spec: TaskSpec | None  # None: a merge of several sources (lora_merge.py)
     targets: list[WeightTarget]
     shards: list[OutShard]
     index: dict | None  # the index file's content; None for one model.safetensors
@@ -90,9 +94,10 @@ def parse_size(text: str | int) -> int:
     return int(float(match.group(1)) * SIZE_UNITS[match.group(2) or ""])
 
 
-def _ops(base: BaseCheckpoint, targets: list[WeightTarget], dtype: str | None, replaced: dict[str, str]) -> list[Op]:
+def _ops(base: BaseCheckpoint, targets: list[WeightTarget], dtype: str | None,
+         replaced: dict[str, Callable[[], np.ndarray]]) -> list[Op]:
     """Every output tensor in base order; an untied weight follows the embedding it is copied from;
-    `replaced` {base key: adapter key}: tensors the adapter trained whole (heads), written in place."""
+    `replaced` {base key: its value}: tensors the adapter trained whole (heads), written in place."""
     merged = {t.key: t for t in targets if t.key == t.source}
     untied: dict[str, list[WeightTarget]] = {}
     for t in targets:
@@ -196,15 +201,27 @@ def plan_merge(adapter: PolyAdapter, spec: TaskSpec, base: BaseCheckpoint, dtype
                untie: bool = False, max_shard_size: int | None = None) -> MergePlan:
     """Validate and lay out a dense merge of task spec `spec` into `base` (nothing is written)."""
     check_dense_spec(spec)
+    check_collapsible(adapter, base)
+    heads = {key: (lambda k=adapter_key: adapter.tensor(k, np.float64))
+             for key, adapter_key in saved_module_keys(adapter, base).items()}
+    return plan_dense(base, adapter.modules, provenance(adapter, spec, routing=False), dtype, untie, max_shard_size,
+                      spec, heads)
+
+
+def plan_dense(base: BaseCheckpoint, modules: Iterable, stamp: dict[str, str], dtype: str | None = None,
+               untie: bool = False, max_shard_size: int | None = None, spec: TaskSpec | None = None,
+               replaced: dict[str, Callable[[], np.ndarray]] | None = None) -> MergePlan:
+    """Validate and lay out a dense merge of deltas for `modules` (name, in_features, out_features) into
+    `base`; every shard's metadata gets `stamp` (provenance). `replaced` {base key: its new value}: tensors
+    written whole instead of the base's (a trained head of modules_to_save)."""
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise PolytoolError(f"output dtype {dtype!r} is not allowed: {', '.join(FLOAT_DTYPES)}")
-    targets = match_targets(base, adapter.modules, untie)
-    check_collapsible(adapter, base)
-    replaced = saved_module_keys(adapter, base)
+    targets = match_targets(base, modules, untie)
+    replaced = replaced or {}
     if set(replaced) & {t.source for t in targets}:
         raise PolytoolError("a module is both adapted by Poly and trained whole (modules_to_save): not supported")
     ops = _ops(base, targets, dtype, replaced)
-    shards = _layout(base, ops, max_shard_size, provenance(adapter, spec, routing=False))
+    shards = _layout(base, ops, max_shard_size, stamp)
     return MergePlan(base, spec, targets, shards, _index(base, shards, max_shard_size is not None),
                      _config(base, targets, dtype), *_others(base))
 
@@ -215,6 +232,29 @@ def plan_merge(adapter: PolyAdapter, spec: TaskSpec, base: BaseCheckpoint, dtype
 def _factors(adapter: PolyAdapter, module: str, spec: TaskSpec) -> tuple[np.ndarray, np.ndarray]:
     """This module's collapsed A (in, r), B (r, out), float64, through the one collapse formula."""
     return collapse_factors(adapter.poly_A(module), adapter.poly_B(module), adapter.spec_weights(module, spec))
+
+
+def factored_delta(A: np.ndarray, B: np.ndarray, r: float, wide: type) -> Delta:
+    """The delta of the update x @ A @ B / r, A (in, k), B (k, out), by blocks of rows, never formed whole."""
+    # (in, k), (k, out) in Fortran order: A.T, B.T and B[:, lo:hi].T are C-contiguous, which BLAS
+    # multiplies an order of magnitude faster than strided operands at r of 8 or so
+    A, B = (np.asfortranarray(f, dtype=wide) for f in (A, B))
+
+    def rows(lo: int, hi: int, transposed: bool) -> np.ndarray:
+        return stored_delta(A, B, r, transposed, lo, hi)  # (rows, in), or (rows, out) for Conv1D's (in, out)
+    return rows
+
+
+def dense_rows(D: np.ndarray, wide: type) -> Delta:
+    """A delta held whole, D (out, in), by blocks of rows."""
+    def rows(lo: int, hi: int, transposed: bool) -> np.ndarray:
+        return (D[:, lo:hi].T if transposed else D[lo:hi]).astype(wide, copy=False)  # (rows, out) or (rows, in)
+    return rows
+
+
+def adapter_deltas(adapter: PolyAdapter, spec: TaskSpec) -> DeltaSource:
+    """One task spec of a Poly adapter as a DeltaSource: its collapsed factors, through the one formula."""
+    return lambda module, wide: factored_delta(*_factors(adapter, module, spec), adapter.r, wide)
 
 
 def _read_rows(fd: int, offset: int, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -230,7 +270,7 @@ def _read_rows(fd: int, offset: int, dtype: str, shape: tuple[int, ...]) -> np.n
     return out
 
 
-def _blocks(op: Op, src: SafetensorsFile, fd: int, adapter: PolyAdapter, spec: TaskSpec) -> Iterator[np.ndarray]:
+def _blocks(op: Op, src: SafetensorsFile, fd: int, deltas: DeltaSource) -> Iterator[np.ndarray]:
     """The output tensor of a merged or converted op, block of rows by block of rows."""
     shape = src.shape(op.source) or (1,)
     rows, row_len = shape[0], prod(shape[1:])
@@ -239,13 +279,10 @@ def _blocks(op: Op, src: SafetensorsFile, fd: int, adapter: PolyAdapter, spec: T
     itemsize = DTYPES[op.source_dtype][1]
     start = src.data_start + src.entries[op.source]["offsets"][0]
     if op.replace:  # a trained head: small, written whole
-        yield cast_float(adapter.tensor(op.replace, wide), op.out.dtype)
+        yield cast_float(op.replace().astype(wide), op.out.dtype)
         return
     if op.target:
-        # (in, r), (r, out) in Fortran order: A.T, B.T and B[:, lo:hi].T are C-contiguous, which BLAS
-        # multiplies an order of magnitude faster than strided operands at r of 8 or so
-        A, B = (np.asfortranarray(f, dtype=wide) for f in _factors(adapter, op.target.module, spec))
-        r = adapter.r
+        delta = deltas(op.target.module, wide)
     for lo in range(0, rows, step):
         hi = min(rows, lo + step)
         raw = _read_rows(fd, start + lo * row_len * itemsize, op.source_dtype, (hi - lo,) + shape[1:])
@@ -253,7 +290,7 @@ def _blocks(op: Op, src: SafetensorsFile, fd: int, adapter: PolyAdapter, spec: T
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, in one line
             x = x.astype(wide, copy=False)
             if op.target:
-                x += stored_delta(A, B, r, op.target.transposed, lo, hi)  # (rows, in), or (rows, out) for Conv1D
+                x += delta(lo, hi, op.target.transposed)  # (rows, in), or (rows, out) for Conv1D
             out = cast_float(x, op.out.dtype)
         if not _finite(out, op.out.dtype).all():
             source = _read_rows(fd, start + lo * row_len * itemsize, op.source_dtype, (hi - lo,) + shape[1:])
@@ -289,7 +326,7 @@ def _follows(st: SafetensorsFile, prev: Op, op: Op) -> bool:
     return prev.shard == op.shard and st.entries[op.source]["offsets"][0] == st.entries[prev.source]["offsets"][1]
 
 
-def _write_shard(plan: MergePlan, shard: OutShard, adapter: PolyAdapter, path: Path) -> Iterator[Op]:
+def _write_shard(plan: MergePlan, shard: OutShard, deltas: DeltaSource, path: Path) -> Iterator[Op]:
     """Write one output shard; runs of adjacent untouched tensors are copied in one call."""
     sources: dict[str, tuple[SafetensorsFile, int]] = {}  # base shard -> (header, fd for pread)
     try:
@@ -307,7 +344,7 @@ def _write_shard(plan: MergePlan, shard: OutShard, adapter: PolyAdapter, path: P
                 if op.kind == "copied":
                     run.append(op)
                 else:
-                    writer.write(op.out.name, _blocks(op, st, fd, adapter, plan.spec))
+                    writer.write(op.out.name, _blocks(op, st, fd, deltas))
                     yield op
             if run:
                 writer.copy([o.source for o in run], sources[run[0].shard][0])
@@ -318,20 +355,20 @@ def _write_shard(plan: MergePlan, shard: OutShard, adapter: PolyAdapter, path: P
             st.close()
 
 
-def _steps(plan: MergePlan, adapter: PolyAdapter, directory: Path) -> Iterator[Op]:
+def _steps(plan: MergePlan, deltas: DeltaSource, directory: Path) -> Iterator[Op]:
     """Write every shard; yields each op once its tensor is written."""
     for shard in plan.shards:
         if _whole_file(plan, shard):
             shutil.copyfile(plan.base.directory / shard.name, directory / shard.name)
             yield from shard.ops
         else:
-            yield from _write_shard(plan, shard, adapter, directory / shard.name)
+            yield from _write_shard(plan, shard, deltas, directory / shard.name)
 
 
-def write_merge(plan: MergePlan, adapter: PolyAdapter, directory: Path, progress: Progress | None = None) -> dict:
+def write_merge(plan: MergePlan, deltas: DeltaSource, directory: Path, progress: Progress | None = None) -> dict:
     """Write the planned model into the existing empty `directory`; returns what was written."""
     counts = {"merged": 0, "copied": 0, "converted": 0, "replaced": 0}
-    steps = _steps(plan, adapter, directory)
+    steps = _steps(plan, deltas, directory)
     for op in progress(steps, plan.n_tensors, "merging") if progress else steps:
         counts[op.kind] += 1
     if plan.index is not None:
@@ -365,8 +402,14 @@ def merge_dense(adapter: PolyAdapter, spec: TaskSpec, base_dir: Path, out: Path,
     base = open_base(base_dir)
     check_output(out, force, inputs=[adapter.directory, base.directory])
     plan = plan_merge(adapter, spec, base, dtype, untie, max_shard_size)
+    return write_planned(plan, adapter_deltas(adapter, spec), out, dtype, force, progress)
+
+
+def write_planned(plan: MergePlan, deltas: DeltaSource, out: Path, dtype: str | None = None, force: bool = False,
+                  progress: Progress | None = None) -> dict:
+    """Write a planned dense merge at `out` atomically, after checking the disk space; returns what was written."""
     _check_space(plan, out)
     with atomic_output_dir(out, force) as tmp:
-        written = write_merge(plan, adapter, tmp, progress)
-    return {**written, "base": str(base.directory), "dtype": TORCH_NAMES.get(dtype or base.dtype),
+        written = write_merge(plan, deltas, tmp, progress)
+    return {**written, "base": str(plan.base.directory), "dtype": TORCH_NAMES.get(dtype or plan.base.dtype),
             "untied": sorted(t.key for t in plan.targets if t.tied_to)}

@@ -11,6 +11,8 @@ router (torch) and everything that reads files (numpy) use the same line.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Union
 
 import numpy as np
@@ -19,7 +21,24 @@ from .errors import PolytoolError
 
 EPS = 1e-12
 
-TaskSpec = Union[int, str]  # a task id, or "uniform" / "mean"
+
+@dataclass(frozen=True)
+class TaskMix:
+    """A mix of tasks in routing space: per module and split, w = sum_i c_i * w_{task_i}.
+
+    Each w_task is per-split normalised and the c_i are positive and sum to 1, so w is too: it is
+    the eval weights of a routed task (logits logit(w / 2) give it), and the collapse of a mix is an
+    exact rank-r LoRA. `str()` is the canonical form recorded in provenance, e.g. "1:0.7,3:0.3".
+    """
+
+    tasks: tuple[int, ...]  # ascending, distinct
+    coefficients: tuple[float, ...]  # > 0, summing to 1
+
+    def __str__(self) -> str:
+        return ",".join(f"{t}:{c!r}" for t, c in zip(self.tasks, self.coefficients))
+
+
+TaskSpec = Union[int, str, TaskMix]  # a task id, "uniform" / "mean", or a mix of tasks
 NAMED_SPECS = ("uniform", "mean")
 
 
@@ -48,37 +67,82 @@ def spec_weights(logits: np.ndarray, n_splits: int, n_skills: int, spec: TaskSpe
     """The (n_splits, n_skills) mixing weights one task spec gives for one layer (float64).
 
     int: that task's eval weights; "uniform": 1 / n_skills everywhere (MHR-mu);
-    "mean": per split, the average over tasks of the eval weights.
+    "mean": per split, the average over tasks of the eval weights; TaskMix: sum_i c_i w_{task_i}.
     """
     if spec == "uniform":
         return np.full((n_splits, n_skills), 1.0 / n_skills)
     weights = eval_weights(logits, n_splits, n_skills)  # (t, q, s)
     if spec == "mean":
         return weights.mean(axis=0)
+    if isinstance(spec, TaskMix):
+        return np.tensordot(np.asarray(spec.coefficients), weights[list(spec.tasks)], axes=1)  # (m,) . (m, q, s) -> (q, s)
     return weights[int(spec)]
 
 
-def parse_task_spec(text: str | int, n_tasks: int, allow_all: bool = False) -> TaskSpec:
-    """Parse a --task value: an id in [0, n_tasks), "uniform", "mean" (and "all" if allowed)."""
-    value = str(text).strip().lower()
-    named = NAMED_SPECS + (("all",) if allow_all else ())
-    if value in named:
-        return value
-    try:
-        task = int(value)
-    except ValueError:
-        raise PolytoolError(
-            f"invalid task {text!r}: expected an integer id in [0, {n_tasks})"
-            f" or one of {', '.join(named)}"
-        ) from None
+def _task_id(text: str, n_tasks: int) -> int:
+    task = int(text)
     if not 0 <= task < n_tasks:
         raise PolytoolError(f"task {task} is out of range: this adapter has tasks 0..{n_tasks - 1}")
     return task
 
 
+def parse_task_mix(text: str, n_tasks: int) -> TaskSpec:
+    """'1,3' (equal weights) or '1:0.7,3:0.3' (weights normalised to sum to 1) -> TaskMix (one task: its id)."""
+    entries = [e.strip() for e in text.split(",")]
+    pairs = [e.partition(":") for e in entries]
+    weighted = {sep == ":" for _, sep, _ in pairs}
+    try:
+        if len(weighted) != 1:
+            raise ValueError
+        tasks = [_task_id(t, n_tasks) for t, _, _ in pairs]
+        raw = [float(w) for _, _, w in pairs] if weighted == {True} else [1.0] * len(pairs)
+    except ValueError:
+        raise PolytoolError(f"invalid task mix {text!r}: expected TASK,TASK,... (equal weights) or "
+                            "TASK:WEIGHT,TASK:WEIGHT,... e.g. 1:0.7,3:0.3") from None
+    if not all(math.isfinite(w) and w > 0 for w in raw):
+        raise PolytoolError(f"invalid task mix {text!r}: every weight must be a finite number > 0")
+    if len(set(tasks)) != len(tasks):
+        raise PolytoolError(f"invalid task mix {text!r}: a task appears twice")
+    total = math.fsum(raw)
+    order = sorted(range(len(tasks)), key=tasks.__getitem__)
+    if len(tasks) == 1:
+        return tasks[0]
+    return TaskMix(tuple(tasks[i] for i in order), tuple(raw[i] / total for i in order))
+
+
+def parse_task_spec(text: str | int, n_tasks: int, allow_all: bool = False) -> TaskSpec:
+    """Parse a --task value: an id in [0, n_tasks), "uniform", "mean", a mix "1,3" / "1:0.7,3:0.3"
+    (and "all" if allowed)."""
+    value = str(text).strip().lower()
+    named = NAMED_SPECS + (("all",) if allow_all else ())
+    if value in named:
+        return value
+    if "," in value or ":" in value:
+        return parse_task_mix(value, n_tasks)
+    try:
+        task = int(value)
+    except ValueError:
+        raise PolytoolError(
+            f"invalid task {text!r}: expected an integer id in [0, {n_tasks}),"
+            f" one of {', '.join(named)}, or a mix such as 1,3 or 1:0.7,3:0.3"
+        ) from None
+    return _task_id(str(task), n_tasks)
+
+
 def spec_label(spec: TaskSpec) -> str:
-    """Short stable name for a spec, used in file names and provenance: 'task-3', 'uniform', 'mean'."""
+    """Short stable name for a spec, used in file names and provenance: 'task-3', 'uniform', 'mean',
+    '1:0.7,3:0.3' (a mix: its canonical form)."""
     return f"task-{spec}" if isinstance(spec, int) else str(spec)
+
+
+def spec_report(adapter, spec: TaskSpec) -> dict:
+    """`inspect --task`: one spec's eval weights per module (n_splits, n_skills), and per skill their mean
+    over modules and splits. `adapter` is a PolyAdapter (anything with .modules and .spec_weights)."""
+    modules = {m.name: adapter.spec_weights(m.name, spec) for m in adapter.modules}  # (q, s) each
+    per_skill = np.mean([w.mean(axis=0) for w in modules.values()], axis=0)  # (s,)
+    return {"task": spec if isinstance(spec, int) else spec_label(spec), "skill_weights": per_skill.tolist(),
+            "effective_skills": float(effective_skills(per_skill)),
+            "modules": {name: w.tolist() for name, w in modules.items()}}
 
 
 # ---- routing statistics ---------------------------------------------------------------------

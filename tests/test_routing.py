@@ -58,9 +58,9 @@ def test_parse_task_spec(text, allow_all, expected):
 
 
 @pytest.mark.parametrize("text, allow_all, message", [
-    ("x", False, "invalid task 'x': expected an integer id in [0, 4) or one of uniform, mean"),
-    ("all", False, "invalid task 'all': expected an integer id in [0, 4) or one of uniform, mean"),
-    ("1.5", True, "invalid task '1.5': expected an integer id in [0, 4) or one of uniform, mean, all"),
+    ("x", False, "invalid task 'x': expected an integer id in [0, 4), one of uniform, mean, or a mix such as 1,3 or 1:0.7,3:0.3"),
+    ("all", False, "invalid task 'all': expected an integer id in [0, 4), one of uniform, mean, or a mix such as 1,3 or 1:0.7,3:0.3"),
+    ("1.5", True, "invalid task '1.5': expected an integer id in [0, 4), one of uniform, mean, all, or a mix such as 1,3 or 1:0.7,3:0.3"),
     ("4", False, "task 4 is out of range: this adapter has tasks 0..3"),
     ("-1", False, "task -1 is out of range: this adapter has tasks 0..3"),
 ])
@@ -68,6 +68,54 @@ def test_parse_task_spec_errors(text, allow_all, message):
     with pytest.raises(PolytoolError) as err:
         routing.parse_task_spec(text, 4, allow_all=allow_all)
     assert str(err.value) == message
+
+
+# ---- task mixes ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, tasks, coefficients, canonical", [
+    ("1,3", (1, 3), (0.5, 0.5), "1:0.5,3:0.5"),
+    ("1:0.7,3:0.3", (1, 3), (0.7, 0.3), "1:0.7,3:0.3"),
+    (" 3:3, 1:7 ", (1, 3), (0.7, 0.3), "1:0.7,3:0.3"),  # sorted by task, normalised to sum to 1
+    ("0:1,1:1,2:2", (0, 1, 2), (0.25, 0.25, 0.5), "0:0.25,1:0.25,2:0.5"),
+])
+def test_parse_task_mix(text, tasks, coefficients, canonical):
+    mix = routing.parse_task_spec(text, 4)
+    assert isinstance(mix, routing.TaskMix) and mix.tasks == tasks and str(mix) == canonical
+    np.testing.assert_allclose(mix.coefficients, coefficients, rtol=1e-15)
+    assert routing.parse_task_spec(str(mix), 4) == mix  # the canonical form reads back to itself
+    assert routing.spec_label(mix) == canonical
+
+
+def test_a_mix_of_one_task_is_that_task():
+    assert routing.parse_task_spec("2:0.4", 4) == 2
+
+
+@pytest.mark.parametrize("text, message", [
+    ("1,x", "invalid task mix '1,x': expected TASK,TASK,... (equal weights) or TASK:WEIGHT,TASK:WEIGHT,... e.g. 1:0.7,3:0.3"),
+    ("1:0.5,3", "invalid task mix '1:0.5,3': expected TASK,TASK,... (equal weights) or TASK:WEIGHT,TASK:WEIGHT,... e.g. 1:0.7,3:0.3"),
+    ("1:0.5,3:-1", "invalid task mix '1:0.5,3:-1': every weight must be a finite number > 0"),
+    ("1:0,3:1", "invalid task mix '1:0,3:1': every weight must be a finite number > 0"),
+    ("1:nan,3:1", "invalid task mix '1:nan,3:1': every weight must be a finite number > 0"),
+    ("1,1", "invalid task mix '1,1': a task appears twice"),
+    ("1,4", "task 4 is out of range: this adapter has tasks 0..3"),
+])
+def test_parse_task_mix_errors(text, message):
+    with pytest.raises(PolytoolError) as err:
+        routing.parse_task_spec(text, 4)
+    assert str(err.value) == message
+
+
+def test_mix_weights_are_the_mix_of_eval_weights(logits):
+    expected = torch_eval_weights(logits, 3, 4).numpy()  # (t, q, s)
+    mix = routing.parse_task_spec("1:0.7,3:0.3", 5)
+    got = routing.spec_weights(logits, 3, 4, mix)
+    np.testing.assert_allclose(got, 0.7 * expected[1] + 0.3 * expected[3], rtol=1e-14)
+    np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-11)  # still per-split normalised: a routed task's weights
+    # negative control: the other weighting differs
+    assert np.abs(got - routing.spec_weights(logits, 3, 4, routing.parse_task_spec("1:0.3,3:0.7", 5))).max() > 0.01
+    # logits logit(w / 2) route exactly as the mix (what a PEFT router set to the mix computes)
+    w2 = torch.from_numpy(got / 2)
+    back = torch_eval_weights(torch.logit(w2).reshape(1, -1).numpy(), 3, 4).numpy()[0]
+    np.testing.assert_allclose(back, got, rtol=1e-10)
 
 
 # ---- statistics --------------------------------------------------------------------------------
@@ -133,3 +181,27 @@ def test_effective_skills_and_cosine():
         torch.from_numpy(x)[:, None, :], torch.from_numpy(x)[None, :, :], dim=-1).numpy()
     np.testing.assert_allclose(routing.cosine_similarity(x), expected, atol=1e-12)
     assert routing.cosine_similarity(np.zeros((2, 3))).tolist() == [[0.0, 0.0], [0.0, 0.0]]
+
+
+def test_inspect_task_weights_of_a_mix():
+    """`inspect --task 1:0.7,3:0.3 --json` adds the mix's weights per module: the mix of the report's own
+    per-task weights (which tests/test_inspect.py checks against torch); another mix differs."""
+    import json
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from polytool.cli import main
+
+    fixture = Path(__file__).resolve().parent.parent / "fixtures" / "mhr"
+    report = lambda *a: json.loads(CliRunner().invoke(main, ["inspect", str(fixture), "--json", *a]).stdout)
+    plain, mix = report(), report("--task", "3:3,1:7")
+    assert "task_weights" not in plain and {k: v for k, v in mix.items() if k != "task_weights"} == plain
+    w = np.asarray(plain["routing"]["weights"])  # (t, m, q, s)
+    got = mix["task_weights"]
+    assert got["task"] == "1:0.7,3:0.3" and list(got["modules"]) == [m["name"] for m in plain["modules"]]
+    np.testing.assert_allclose(np.stack(list(map(np.asarray, got["modules"].values()))), 0.7 * w[1] + 0.3 * w[3], rtol=1e-12)
+    np.testing.assert_allclose(got["skill_weights"], (0.7 * w[1] + 0.3 * w[3]).mean(axis=(0, 1)), rtol=1e-12)
+    other = report("--task", "1:0.3,3:0.7")["task_weights"]["skill_weights"]
+    assert np.abs(np.asarray(other) - got["skill_weights"]).max() > 1e-3
+    assert report("--task", "2")["task_weights"]["task"] == 2
