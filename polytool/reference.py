@@ -49,7 +49,10 @@ def _task_id(value: Any, n_tasks: int) -> int:
 
 
 def routing_spec(spec: Any, n_tasks: int) -> RoutingSpec:
-    """`spec` checked and in canonical form: an int task id, "uniform", "mean", or {task: c} with c summing to 1."""
+    """`spec` checked and in canonical form: an int task id, "uniform", "mean", or {task: c} with c summing to 1.
+    A mix object with `tasks` and `coefficients` (the product code's TaskMix) is read by those two fields."""
+    if hasattr(spec, "tasks") and hasattr(spec, "coefficients"):
+        spec = list(zip(spec.tasks, spec.coefficients))
     if isinstance(spec, str):
         text = spec.strip().lower()
         if text in ("uniform", "mean"):

@@ -186,3 +186,15 @@ def test_a_corrupted_untouched_tensor_is_caught_in_weight_space(dense2, tmp_path
     code, rep = verify_json(FIXTURES / "mhr", "--against", bad)
     assert code == 1 and rep["checks"][0]["weights"]["first_bad"] == key
     assert rep["checks"][0]["max_rel_err"] < 1e-5  # the forward, on one model copy, did not need to see it
+
+
+# ---- task mixes -----------------------------------------------------------------------------------------
+
+
+def test_a_task_mix_is_verified_against_the_routed_mix(tmp_path):
+    mix = tmp_path / "mix"
+    assert cli("collapse", FIXTURES / "mhr", "--task", "1:0.7,3:0.3", "--out", mix).exit_code == 0
+    code, rep = verify_json(FIXTURES / "mhr", "--against", mix)
+    assert code == 0 and rep["checks"][0]["task"] == "1:0.7,3:0.3"
+    code, rep = verify_json(FIXTURES / "mhr", "--against", mix, "--task", "1:0.3,3:0.7")  # the control: another mix
+    assert code == 1 and not rep["checks"][0]["passed"]

@@ -177,7 +177,8 @@ def make_check(target: Any, final: Errors, modules: Errors, effect: Errors, tole
                   "nothing" + (" (accepted: --allow-noop)" if allow_noop else "; pass --allow-noop to accept"))
     else:
         reason = None
-    return {"task": target.spec, "artifact": target.label, "kind": target.kind, "dtype": target.dtype,
+    task = target.spec if isinstance(target.spec, int) else str(target.spec)  # a mix as its canonical text
+    return {"task": task, "artifact": target.label, "kind": target.kind, "dtype": target.dtype,
             "max_abs_err": number(max(d for d, _ in final.values())),
             "max_rel_err": number(max(rel(d, s) for d, s in final.values())), "top1_agreement": agree,
             "kl_mean": None if divergence is None else number(divergence[0]),
