@@ -73,19 +73,22 @@ DTYPE_CHOICES = {"auto": None, "float32": "F32", "float16": "F16", "bfloat16": "
 @click.option("--task", "task", required=True,
               help="Task id, 'uniform' (MHR-mu), 'mean' (mean routing over tasks), or 'all' (one LoRA per task).")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Output directory (written atomically).")
-@click.option("--to", "kind", type=click.Choice(["lora", "dense"]), default="lora", show_default=True,
-              help="A plain PEFT LoRA directory, or a merged dense model directory.")
+@click.option("--to", "kind", type=click.Choice(["lora", "dense", "gguf"]), default="lora", show_default=True,
+              help="A plain PEFT LoRA directory, a merged dense model directory, or a GGUF LoRA for llama.cpp "
+                   "(OUT.gguf; with --task all a directory; needs polytool[gguf]).")
 @click.option("--base", "base_dir", type=click.Path(path_type=Path),
               help="Base model directory (default: the adapter's base_model_name_or_path, local or cached).")
 @click.option("--dtype", type=click.Choice(list(DTYPE_CHOICES)), default="auto", show_default=True,
               help="Output dtype (auto: float32 for a LoRA, the base's dtype for dense).")
 @click.option("--max-shard-size", help="Dense: repack the shards to at most this size, e.g. 5GB (default: the base's layout).")
 @click.option("--untie", is_flag=True, help="Dense: write a target tied to the embeddings (lm_head) as its own weight.")
+@click.option("--for", "stack", type=click.Choice(["vllm", "tgi", "llama.cpp", "peft"]),
+              help="Run `polytool check`'s rules for this serving stack first; refuse on a problem.")
 @force_option
 @json_option
 @handle_errors
 def collapse(adapter_dir: Path, task: str, out: Path, kind: str, base_dir: Path | None, dtype: str,
-             max_shard_size: str | None, untie: bool, force: bool, as_json: bool) -> None:
+             max_shard_size: str | None, untie: bool, stack: str | None, force: bool, as_json: bool) -> None:
     """Collapse one task of a Poly/MHR adapter into a plain LoRA, or merge it into dense weights.
 
     The JSON keys are documented in docs/collapse.md. No torch is imported.
@@ -102,7 +105,21 @@ def collapse(adapter_dir: Path, task: str, out: Path, kind: str, base_dir: Path 
 
     adapter = load_adapter(adapter_dir)
     spec = parse_task_spec(task, adapter.n_tasks, allow_all=True)
-    if kind == "lora":
+    if stack is not None and (kind == "dense" or (kind == "gguf") != (stack == "llama.cpp")):
+        from .errors import PolytoolError
+
+        raise PolytoolError(f"--for {stack} does not fit --to {kind}: llama.cpp takes --to gguf; vllm, tgi and peft "
+                            "take --to lora")
+    if kind == "gguf":
+        from .errors import PolytoolError
+        from .gguf import export_gguf
+
+        if max_shard_size or untie:
+            raise PolytoolError("--max-shard-size and --untie apply to --to dense only")
+        base = resolve_base_dir(base_dir, adapter.base_model_name_or_path, adapter.config.get("revision"))
+        data = export_gguf(adapter, spec, base, out, DTYPE_CHOICES[dtype] or "F32", force)
+        data.update(dtype=dtype if dtype != "auto" else "float32")
+    elif kind == "lora":
         from .errors import PolytoolError
         from .export import base_uses_conv1d, export_lora, lora_base
 
@@ -111,6 +128,13 @@ def collapse(adapter_dir: Path, task: str, out: Path, kind: str, base_dir: Path 
         base = lora_base(adapter, base_dir)  # read for its checks even without --base: never written
         check_output(out, force, inputs=[adapter.directory] + ([base] if base else []))
         conv1d = base_uses_conv1d(adapter, base_dir)
+        if stack is not None:
+            from .basemodel import open_base
+            from .check import collapse_facts, refuse_problems, report
+            from .export import lora_config
+
+            facts = collapse_facts(adapter, lora_config(adapter, conv1d), DTYPE_CHOICES[dtype] or "F32")
+            refuse_problems(report(facts, stack, open_base(base) if base else None))
         data = export_lora(adapter, spec, out, DTYPE_CHOICES[dtype] or "F32", conv1d, force)
         data.update(dtype=dtype if dtype != "auto" else "float32")
     else:
@@ -126,16 +150,24 @@ def collapse(adapter_dir: Path, task: str, out: Path, kind: str, base_dir: Path 
 
 
 def _render_collapse(data: dict) -> str:
-    what = {"lora": "LoRA", "dense": "dense model"}[data["kind"]]
+    what = {"lora": "LoRA", "dense": "dense model", "gguf": "GGUF LoRA"}[data["kind"]]
     lines = [f"wrote {what} for task {data['task']} to {data['out']} ({len(data['files'])} files, {data['bytes'] / 1e6:.1f} MB)"]
     if data["kind"] == "dense":
         lines.append(f"  {data['tensors_merged']} tensors merged, {data['tensors_copied']} copied byte for byte, "
                      f"{data['tensors_converted']} converted; {data['dtype']}; base {data['base']}")
         if data["untied"]:
             lines.append(f"  untied: {', '.join(data['untied'])} (config.json tie_word_embeddings false)")
+    elif data["kind"] == "gguf":
+        where = f"{data['out']}/task-<id>.gguf" if data["task"] == "all" else data["out"]
+        lines.append(f"  {data['tensors']} tensors, {data['dtype']}, llama.cpp architecture {data['arch']}; "
+                     f"load with llama-cli -m BASE.gguf --lora {where}")
     else:
         where = f"{data['out']}/task-<id>" if data["task"] == "all" else data["out"]
         lines.append(f"  {data['tensors']} tensors, {data['dtype']}; load with PeftModel.from_pretrained(base, {where!r})")
+    if data.get("manifest"):
+        from .manifest import render_manifest
+
+        lines += ["", "serving (also in serving.json and SERVING.md):", render_manifest(data["manifest"])]
     return "\n".join(lines)
 
 
@@ -159,17 +191,30 @@ def _render_collapse(data: dict) -> str:
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
               help="auto: device_map='auto' through accelerate, for bases larger than one device.")
 @click.option("--allow-noop", is_flag=True, help="Accept tasks where the adapter does not change the base's output.")
+@click.option("--gguf-base", type=click.Path(path_type=Path), metavar="BASE.gguf",
+              help="With --against X.gguf: the base as GGUF; both run in llama.cpp (needs llama-cpp-python).")
 @json_option
 @handle_errors
 def verify(adapter_dir: Path, base_dir: Path | None, against: tuple[Path, ...], task: str | None, atol: float | None,
            rtol: float | None, n_inputs: int, seq_len: int | None, prompts: Path | None, device: str,
-           allow_noop: bool, as_json: bool) -> None:
+           allow_noop: bool, gguf_base: Path | None, as_json: bool) -> None:
     """Prove collapsed artifacts compute what the live routed Poly model computes.
 
     Exit 0 when every check passes, 1 when any output differs beyond tolerance (or a task is a
     no-op), 2 for bad input. The report goes to stdout; docs/ci.md documents it.
     """
     from .errors import VerificationError
+
+    if gguf_base is not None or any(str(p).endswith(".gguf") for p in against):  # llama.cpp runs the artifacts
+        from .gguf_verify import gguf_report, render_gguf_report
+
+        report = gguf_report(adapter_dir, base_dir, against, gguf_base, task, n_inputs, seq_len, allow_noop)
+        result(report, as_json, render_gguf_report)
+        if not report["passed"]:
+            first = next(c for c in report["checks"] if not c["passed"])
+            raise VerificationError(f"{report['summary']['failed']} of {report['summary']['checks']} checks failed "
+                                    f"(first: task {first['task']}, gguf {first['artifact']})")
+        return
     from .verify import render_report, verify as run_verify
 
     report = run_verify(adapter_dir, base_dir, against, task, atol, rtol, n_inputs, seq_len, prompts, device,
@@ -180,3 +225,29 @@ def verify(adapter_dir: Path, base_dir: Path | None, against: tuple[Path, ...], 
         first = failed[0]
         raise VerificationError(f"{len(failed)} of {len(report['checks'])} checks failed "
                                 f"(first: task {first['task']}, {first['kind']} {first['artifact']})")
+
+
+# --- check ---
+
+
+@main.command()
+@click.argument("lora_dir", type=click.Path(path_type=Path))
+@click.option("--for", "stack", required=True, type=click.Choice(["vllm", "tgi", "llama.cpp", "peft"]),
+              help="The serving stack whose rules apply (docs/serving.md cites the versions they were read from).")
+@click.option("--base", "base_dir", type=click.Path(path_type=Path),
+              help="Base model directory: match the adapter's module paths against its weights.")
+@json_option
+@handle_errors
+def check(lora_dir: Path, stack: str, base_dir: Path | None, as_json: bool) -> None:
+    """Preflight a PEFT LoRA directory for a serving stack: what it would refuse or silently ignore.
+
+    Exit 0 when ready, 1 when a problem was found, 2 for bad input. No torch is imported.
+    """
+    from .check import check as run_check, render
+    from .errors import VerificationError
+
+    data = run_check(lora_dir, stack, base_dir)
+    result(data, as_json, render)
+    if not data["ready"]:
+        first = next(x for x in data["findings"] if x["status"] == "problem")
+        raise VerificationError(f"{data['summary']['problem']} problems for {stack} (first: {first['rule']})")
