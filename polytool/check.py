@@ -271,8 +271,21 @@ def rule_dtype(f: LoraFacts, stack: str, base) -> Finding:
     return _ok("dtype", behaviour, f"stored {', '.join(dtypes)}")
 
 
+def rule_conv1d(f: LoraFacts, stack: str, base: BaseCheckpoint | None) -> Finding:
+    """GPT-2's Conv1D targets: PEFT's LoRA factors are (r, in) / (out, r) like any Linear's, but
+    llama.cpp's converter transposes them as it transposes the Conv1D weights (measured in tests/test_gguf.py)."""
+    behaviour = {"llama.cpp": "convert_lora_to_gguf.py transposes GPT-2's c_attn / c_proj / c_fc LoRAs like the "
+                              "Conv1D weights: llama.cpp then refuses them ('has incorrect shape') or, where square, "
+                              "applies the transpose"}.get(stack, "Conv1D targets are read as (r, in) / (out, r) factors")
+    conv1d = bool(f.config.get("fan_in_fan_out")) or (base is not None and base.model_type == "gpt2")
+    if not conv1d or stack != "llama.cpp":
+        return _ok("conv1d", behaviour, "Conv1D (fan_in_fan_out)" if conv1d else "no Conv1D targets")
+    return Finding("conv1d", "problem", behaviour, "fan_in_fan_out / a GPT-2 base",
+                   "write the GGUF with polytool collapse --to gguf (untransposed; verified in llama.cpp)")
+
+
 RULES: list[Rule] = [rule_alpha, rule_targets, rule_rank, rule_bias, rule_dora, rule_modules_to_save,
-                     rule_embeddings, rule_patterns, rule_rslora, rule_dtype]
+                     rule_embeddings, rule_patterns, rule_rslora, rule_dtype, rule_conv1d]
 
 
 def run_rules(facts: LoraFacts, stack: str, base: BaseCheckpoint | None) -> list[Finding]:

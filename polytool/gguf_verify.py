@@ -91,6 +91,13 @@ def llama_logits(model_path: Path, ids: np.ndarray, lora_path: Path | None = Non
         except (ValueError, RuntimeError) as exc:
             where = model_path if lora_path is None else lora_path
             raise PolytoolError(f"llama.cpp refused it ({_reason(log) or exc})", where) from None
+        # llama-cpp-python 0.3.36 does not raise when llama.cpp refuses the LoRA (a NULL adapter is not None
+        # to ctypes): it would serve the base model, or crash at eval. Its log says so; so does the pointer.
+        refused = [line.strip() for line in log if "failed to apply lora" in line or "failed to load" in line]
+        adapter = getattr(llm, "_lora_adapter", None)
+        if lora_path is not None and (refused or not getattr(adapter, "value", adapter)):
+            llm.close()
+            raise PolytoolError(f"llama.cpp refused it ({(refused or ['the adapter did not load'])[-1]})", lora_path)
     try:
         out = np.empty((n, length, llm.n_vocab()), dtype=np.float32)
         for i in range(n):

@@ -202,6 +202,17 @@ def test_dtype(peft_lora, base, tmp_path):
     assert finding(check(ints, "vllm", base), "dtype")["status"] == "problem"
 
 
+def test_conv1d_for_llama_cpp(matrix_case, tmp_path):
+    """GPT-2's LoRA through llama.cpp's converter comes out transposed (tests/test_gguf.py runs it)."""
+    case = matrix_case("gpt2-conv1d")
+    out = tmp_path / "lora"
+    result = CliRunner().invoke(main, ["collapse", str(case.adapter_dir), "--task", "1", "--out", str(out),
+                                       "--base", str(case.base_dir)])
+    assert result.exit_code == 0, result.output
+    assert finding(check(out, "llama.cpp", case.base_dir), "conv1d")["status"] == "problem"
+    assert finding(check(out, "peft", case.base_dir), "conv1d")["status"] == "ok"
+
+
 def test_cli_exit_codes_and_json(peft_lora, base, tmp_path):
     runner = CliRunner()
     ok = runner.invoke(main, ["check", str(peft_lora()), "--for", "vllm", "--base", str(base)])

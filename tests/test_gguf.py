@@ -24,6 +24,7 @@ from click.testing import CliRunner
 
 from polytool.adapter import load_adapter
 from polytool.cli import main
+from polytool.errors import PolytoolError
 
 gguf = pytest.importorskip("gguf", reason="the gguf package (polytool[gguf]) is not installed")
 SENTENCES = ["the quick brown fox jumps over the lazy dog", "poly adapters route skills per task",
@@ -64,6 +65,33 @@ def run_converter(script: Path, *args: str) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+# GPT-2's converter takes a BPE tokenizer only when it knows its pre-tokenizer's hash, which a tiny test
+# tokenizer cannot have: this wrapper names it "gpt-2" (tokenizer metadata only; the weights and the
+# logits for given token ids do not depend on it). transformers 5 no longer writes GPT-2's n_ctx.
+GPT2_WRAPPER = """
+import runpy, sys
+src = sys.argv[1]
+sys.path[:0] = [src, src + "/gguf-py"]
+from conversion import base
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+sys.argv = ["convert_hf_to_gguf.py"] + sys.argv[2:]
+runpy.run_path(src + "/convert_hf_to_gguf.py", run_name="__main__")
+"""
+
+
+def gpt2_tokenizer(base: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(SENTENCES * 20, trainers.BpeTrainer(vocab_size=80, special_tokens=["<unk>"],
+                                                                show_progress=False))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "n_ctx": config["n_positions"]}))
+
+
 @pytest.fixture(scope="session")
 def gguf_case(matrix_case, converters, tokenizer_model, tmp_path_factory):
     """gguf_case(name) -> (adapter_dir, base_dir, base.gguf): the matrix case's base with a tokenizer, converted."""
@@ -75,9 +103,14 @@ def gguf_case(matrix_case, converters, tokenizer_model, tmp_path_factory):
             root = tmp_path_factory.mktemp(f"gguf-{name}")
             base = root / "base"
             shutil.copytree(case.base_dir, base)
-            (base / "tokenizer.model").write_bytes(tokenizer_model)
-            run_converter(converters / "convert_hf_to_gguf.py", str(base), "--outfile", str(root / "base.gguf"),
-                          "--outtype", "f32")
+            args = [str(base), "--outfile", str(root / "base.gguf"), "--outtype", "f32"]
+            if case.case.arch == "GPT-2":
+                gpt2_tokenizer(base)
+                (root / "convert_gpt2.py").write_text(GPT2_WRAPPER)
+                run_converter(root / "convert_gpt2.py", str(converters), *args)
+            else:
+                (base / "tokenizer.model").write_bytes(tokenizer_model)
+                run_converter(converters / "convert_hf_to_gguf.py", *args)
             cache[name] = (case.adapter_dir, base, root / "base.gguf")
         return cache[name]
 
@@ -110,6 +143,28 @@ def test_every_task_matches_the_routed_model_in_llama_cpp(gguf_case, name, tmp_p
         assert abs(c["gguf_effect"] - c["adapter_effect"]) <= 0.05 * c["adapter_effect"]  # llama.cpp applied it
     wrong = verify_gguf(adapter, base, out / "task-2.gguf", base_gguf, task="1", n_inputs=2, seq_len=16)[0]
     assert not wrong["passed"] and wrong["max_abs_err"] > 10 * wrong["allowed"], wrong
+
+
+def test_gpt2_conv1d_in_llama_cpp(gguf_case, converters, tmp_path):
+    """GPT-2 (Conv1D targets): our untransposed GGUF matches the routed model in llama.cpp, while what
+    convert_lora_to_gguf.py writes from the same PEFT LoRA (transposed like the Conv1D weights) is
+    refused by llama.cpp and by verify."""
+    from polytool.gguf_verify import verify_gguf
+
+    adapter, base, base_gguf = gguf_case("gpt2-conv1d")
+    ours = tmp_path / "t1.gguf"
+    collapse(str(adapter), "--task", "1", "--to", "gguf", "--base", str(base), "--out", str(ours))
+    check = verify_gguf(adapter, base, ours, base_gguf, n_inputs=2, seq_len=16)[0]
+    assert check["passed"] and check["adapter_effect"] > 100 * check["floor"], check
+    collapse(str(adapter), "--task", "1", "--base", str(base), "--out", str(tmp_path / "lora"))
+    run_converter(converters / "convert_lora_to_gguf.py", str(tmp_path / "lora"), "--base", str(base),
+                  "--outfile", str(tmp_path / "theirs.gguf"), "--outtype", "f32")
+    with pytest.raises(PolytoolError, match="its tensors are not this adapter's"):
+        verify_gguf(adapter, base, tmp_path / "theirs.gguf", base_gguf, task="1")
+    from polytool.gguf_verify import llama_logits
+
+    with pytest.raises(PolytoolError, match="has incorrect shape"):  # llama.cpp's own refusal, surfaced
+        llama_logits(base_gguf, np.zeros((1, 4), dtype=np.int64), tmp_path / "theirs.gguf")
 
 
 def test_cli_exit_codes(gguf_case, tmp_path):
