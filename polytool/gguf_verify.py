@@ -239,7 +239,7 @@ def verify_gguf(adapter_dir: str | Path, base_dir: str | Path | None, gguf_lora:
     hf_base, routed = _hf_logits(base_dir, adapter.directory, ids, list(dict.fromkeys(t[1] for t in targets)))
     floor = float(np.abs(base_cpp - hf_base).max())
     if not floor <= FLOOR_REFUSE * float(np.abs(hf_base).max()):
-        raise PolytoolError(f"does not compute the HF base {base_dir} (max |llama.cpp - transformers| {floor:.2e} "
+        raise PolytoolError(f"does not compute the HF base {base_dir} (llama.cpp and transformers differ by up to {floor:.2e} "
                             "without an adapter): convert that base with convert_hf_to_gguf.py", gguf_base)
     checks = []
     for path, spec, dtype, notes in targets:

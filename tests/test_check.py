@@ -11,7 +11,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from polytool.check import check, read_lora_facts
@@ -244,4 +243,3 @@ def test_facts_read_header_only(peft_lora):
     facts = read_lora_facts(peft_lora())
     assert facts.modules == [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
     assert facts.ranks == [4] * 4 and facts.bias_zero is None
-    assert torch is not None  # PEFT wrote it; check itself imports no torch (tests/test_docs checks the CLI)
