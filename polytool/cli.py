@@ -206,7 +206,12 @@ def verify(adapter_dir: Path, base_dir: Path | None, against: tuple[Path, ...], 
     from .errors import VerificationError
 
     if gguf_base is not None or any(str(p).endswith(".gguf") for p in against):  # llama.cpp runs the artifacts
+        from .errors import PolytoolError
         from .gguf_verify import gguf_report, render_gguf_report
+
+        if atol is not None or rtol is not None or prompts is not None or device != "cpu":
+            raise PolytoolError("--atol, --rtol, --prompts and --device do not apply to a GGUF check (llama.cpp on "
+                                "the CPU, judged against its own floor: docs/serving.md)")
 
         report = gguf_report(adapter_dir, base_dir, against, gguf_base, task, n_inputs, seq_len, allow_noop)
         result(report, as_json, render_gguf_report)

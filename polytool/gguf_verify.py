@@ -36,7 +36,7 @@ from .adapter import load_adapter
 from .basemodel import resolve_base_dir
 from .errors import PolytoolError
 from .export import SHA_KEY, TASK_KEY, TASKS_INDEX, check_collapsible
-from .gguf import gguf_tensors, plan_gguf, read_gguf_lora
+from .gguf import plan_gguf, read_gguf_lora
 from .routing import parse_task_spec
 
 SEED = 0
@@ -147,7 +147,11 @@ def _target(path: Path, adapter, plan, override) -> tuple[Any, str, list[str]]:
     if header["arch"] != plan.arch:
         raise PolytoolError(f"is a GGUF LoRA for llama.cpp architecture {header['arch']!r}; the base is "
                             f"{plan.arch!r} ({plan.hf_arch})", path)
-    want = {name: x.shape for name, x in gguf_tensors(adapter, 0, plan)}  # (r, in) / (out, r), any task
+    modules = {m.name: m for m in adapter.modules}
+    want = {}
+    for t in plan.targets:  # numpy order: lora_a (r, in), lora_b (out, r)
+        want[f"{t.name}.lora_a"] = (adapter.r, modules[t.module].in_features)
+        want[f"{t.name}.lora_b"] = (modules[t.module].out_features, adapter.r)
     if header["tensors"] != want:
         extra = sorted(set(header["tensors"]) - set(want))
         differ = sorted(k for k in want if header["tensors"].get(k) != want[k])

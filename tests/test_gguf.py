@@ -199,6 +199,8 @@ def test_cli_exit_codes(gguf_case, tmp_path):
     assert wrong_base.exit_code == 2 and "does not compute the HF base" in wrong_base.stderr
     no_base = runner.invoke(main, ["verify", str(adapter), "--base", str(base), "--against", str(good)])
     assert no_base.exit_code == 2 and "--gguf-base" in no_base.stderr
+    tolerance = runner.invoke(main, verify + [str(good), "--atol", "1"])
+    assert tolerance.exit_code == 2 and "do not apply to a GGUF check" in tolerance.stderr
 
 
 @pytest.mark.parametrize("name", ["llama-mhr", "phi3-fused"])
