@@ -100,8 +100,9 @@ def rank_options(fn):
               help="Task id, 'uniform' (MHR-mu), 'mean' (mean routing over tasks), a mix such as 1,3 or 1:0.7,3:0.3 "
                    "(routing weights mixed), or 'all' (one LoRA per task).")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Output directory (written atomically).")
-@click.option("--to", "kind", type=click.Choice(["lora", "dense"]), default="lora", show_default=True,
-              help="A plain PEFT LoRA directory, or a merged dense model directory.")
+@click.option("--to", "kind", type=click.Choice(["lora", "dense", "gguf"]), default="lora", show_default=True,
+              help="A plain PEFT LoRA directory, a merged dense model directory, or a GGUF LoRA for llama.cpp "
+                   "(OUT.gguf; with --task all a directory; needs polytool[gguf]).")
 @click.option("--base", "base_dir", type=click.Path(path_type=Path),
               help="Base model directory (default: the adapter's base_model_name_or_path, local or cached).")
 @click.option("--dtype", type=click.Choice(list(DTYPE_CHOICES)), default="auto", show_default=True,
@@ -109,12 +110,14 @@ def rank_options(fn):
 @click.option("--max-shard-size", help="Dense: repack the shards to at most this size, e.g. 5GB (default: the base's layout).")
 @click.option("--untie", is_flag=True, help="Dense: write a target tied to the embeddings (lm_head) as its own weight.")
 @rank_options
+@click.option("--for", "stack", type=click.Choice(["vllm", "tgi", "llama.cpp", "peft"]),
+              help="Run `polytool check`'s rules for this serving stack first; refuse on a problem.")
 @force_option
 @json_option
 @handle_errors
 def collapse(adapter_dir: Path, task: str, out: Path, kind: str, base_dir: Path | None, dtype: str,
-             max_shard_size: str | None, untie: bool, rank: int | None, energy: float | None, force: bool,
-             as_json: bool) -> None:
+             max_shard_size: str | None, untie: bool, rank: int | None, energy: float | None, stack: str | None,
+             force: bool, as_json: bool) -> None:
     """Collapse one task of a Poly/MHR adapter into a plain LoRA, or merge it into dense weights.
 
     The JSON keys are documented in docs/collapse.md. No torch is imported.
@@ -132,7 +135,18 @@ def collapse(adapter_dir: Path, task: str, out: Path, kind: str, base_dir: Path 
 
     adapter = load_adapter(adapter_dir)
     spec = parse_task_spec(task, adapter.n_tasks, allow_all=True)
-    if kind == "lora":
+    if stack is not None and (kind == "dense" or (kind == "gguf") != (stack == "llama.cpp")):
+        raise PolytoolError(f"--for {stack} does not fit --to {kind}: llama.cpp takes --to gguf; vllm, tgi and peft "
+                            "take --to lora")
+    if kind == "gguf":
+        from .gguf import export_gguf
+
+        if max_shard_size or untie:
+            raise PolytoolError("--max-shard-size and --untie apply to --to dense only")
+        base = resolve_base_dir(base_dir, adapter.base_model_name_or_path, adapter.config.get("revision"))
+        data = export_gguf(adapter, spec, base, out, DTYPE_CHOICES[dtype] or "F32", force)
+        data.update(dtype=dtype if dtype != "auto" else "float32")
+    elif kind == "lora":
         from .export import base_uses_conv1d, export_lora, lora_base
 
         if max_shard_size or untie:
@@ -146,6 +160,13 @@ def collapse(adapter_dir: Path, task: str, out: Path, kind: str, base_dir: Path 
                  "names and shapes, trained heads and saved embeddings were not checked against it, and the targets "
                  "are taken as Linear (fan_in_fan_out false; GPT-2's Conv1D needs it true): pass --base DIR to check")
         conv1d = base_uses_conv1d(adapter, base_dir)
+        if stack is not None:
+            from .basemodel import open_base
+            from .check import collapse_facts, refuse_problems, report
+            from .export import lora_config
+
+            facts = collapse_facts(adapter, lora_config(adapter, conv1d), DTYPE_CHOICES[dtype] or "F32")
+            refuse_problems(report(facts, stack, open_base(base) if base else None))
         data = export_lora(adapter, spec, out, DTYPE_CHOICES[dtype] or "F32", conv1d, force, rank, energy)
         data.update(dtype=dtype if dtype != "auto" else "float32", n_tasks=adapter.n_tasks)
     else:
@@ -163,9 +184,9 @@ def collapse(adapter_dir: Path, task: str, out: Path, kind: str, base_dir: Path 
 
 
 def _render_collapse(data: dict) -> str:
-    what = {"lora": "LoRA", "dense": "dense model"}[data["kind"]]
     from .output import human_size
 
+    what = {"lora": "LoRA", "dense": "dense model", "gguf": "GGUF LoRA"}[data["kind"]]
     size = f"({len(data['files'])} files, {human_size(data['bytes'])})"
     if data["kind"] == "lora" and data["task"] == "all":
         n = data["n_tasks"]
@@ -178,9 +199,17 @@ def _render_collapse(data: dict) -> str:
                      f"{data['tensors_converted']} converted{replaced}; {data['dtype']}; base {data['base']}")
         if data["untied"]:
             lines.append(f"  untied: {', '.join(data['untied'])} (config.json tie_word_embeddings false)")
+    elif data["kind"] == "gguf":
+        where = f"{data['out']}/task-<id>.gguf" if data["task"] == "all" else data["out"]
+        lines.append(f"  {data['tensors']} tensors, {data['dtype']}, llama.cpp architecture {data['arch']}; "
+                     f"load with llama-cli -m BASE.gguf --lora {where}")
     else:
         where = f"{data['out']}/task-<id>" if data["task"] == "all" else data["out"]
         lines.append(f"  {data['tensors']} tensors, {data['dtype']}; load with PeftModel.from_pretrained(base, {where!r})")
+    if data.get("manifest"):
+        from .manifest import render_manifest
+
+        lines += ["", "serving (also in serving.json and SERVING.md):", render_manifest(data["manifest"])]
     return "\n".join(lines + _render_truncation(data.get("truncation")))
 
 
@@ -304,17 +333,35 @@ def _render_merge(data: dict) -> str:
 @click.option("--reference", type=click.Choice(["polytool", "peft"]), default="polytool", show_default=True,
               help="The routed model trusted: polytool's independent reference, or PEFT's own Poly model (and "
                    "PEFT's loader for LoRA artifacts; needs PEFT).")
+@click.option("--gguf-base", type=click.Path(path_type=Path), metavar="BASE.gguf",
+              help="With --against X.gguf: the base as GGUF; both run in llama.cpp (needs llama-cpp-python).")
 @json_option
 @handle_errors
 def verify(adapter_dir: Path, base_dir: Path | None, against: tuple[Path, ...], task: str | None, atol: float | None,
            rtol: float | None, n_inputs: int, seq_len: int | None, prompts: Path | None, device: str,
-           allow_noop: bool, max_kl: float | None, reference: str, as_json: bool) -> None:
+           allow_noop: bool, max_kl: float | None, reference: str, gguf_base: Path | None, as_json: bool) -> None:
     """Prove collapsed artifacts compute what the live routed Poly model computes.
 
     Exit 0 when every check passes, 1 when any output differs beyond tolerance (or a task is a
     no-op), 2 for bad input. The report goes to stdout; docs/ci.md documents it.
     """
     from .errors import VerificationError
+
+    if gguf_base is not None or any(str(p).endswith(".gguf") for p in against):  # llama.cpp runs the artifacts
+        from .errors import PolytoolError
+        from .gguf_verify import gguf_report, render_gguf_report
+
+        if atol is not None or rtol is not None or prompts is not None or device != "cpu":
+            raise PolytoolError("--atol, --rtol, --prompts and --device do not apply to a GGUF check (llama.cpp on "
+                                "the CPU, judged against its own floor: docs/serving.md)")
+
+        report = gguf_report(adapter_dir, base_dir, against, gguf_base, task, n_inputs, seq_len, allow_noop)
+        result(report, as_json, render_gguf_report)
+        if not report["passed"]:
+            first = next(c for c in report["checks"] if not c["passed"])
+            raise VerificationError(f"{report['summary']['failed']} of {report['summary']['checks']} checks failed "
+                                    f"(first: task {first['task']}, gguf {first['artifact']})")
+        return
     from .output import progress
     from .verify import render_report, verify as run_verify
 
@@ -326,3 +373,29 @@ def verify(adapter_dir: Path, base_dir: Path | None, against: tuple[Path, ...], 
         first = failed[0]
         raise VerificationError(f"{len(failed)} of {len(report['checks'])} checks failed "
                                 f"(first: task {first['task']}, {first['kind']} {first['artifact']})")
+
+
+# --- check ---
+
+
+@main.command()
+@click.argument("lora_dir", type=click.Path(path_type=Path))
+@click.option("--for", "stack", required=True, type=click.Choice(["vllm", "tgi", "llama.cpp", "peft"]),
+              help="The serving stack whose rules apply (docs/serving.md cites the versions they were read from).")
+@click.option("--base", "base_dir", type=click.Path(path_type=Path),
+              help="Base model directory: match the adapter's module paths against its weights.")
+@json_option
+@handle_errors
+def check(lora_dir: Path, stack: str, base_dir: Path | None, as_json: bool) -> None:
+    """Preflight a PEFT LoRA directory for a serving stack: what it would refuse or silently ignore.
+
+    Exit 0 when ready, 1 when a problem was found, 2 for bad input. No torch is imported.
+    """
+    from .check import check as run_check, render
+    from .errors import VerificationError
+
+    data = run_check(lora_dir, stack, base_dir)
+    result(data, as_json, render)
+    if not data["ready"]:
+        first = next(x for x in data["findings"] if x["status"] == "problem")
+        raise VerificationError(f"{data['summary']['problem']} problems for {stack} (first: {first['rule']})")

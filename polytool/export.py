@@ -282,4 +282,9 @@ def export_lora(adapter: PolyAdapter, spec: TaskSpec, out: Path, dtype: str = "F
                                            "source_sha256": adapter.sha256, "n_tasks": adapter.n_tasks, "tasks": tasks})
             written["files"].append(TASKS_INDEX)
             written["bytes"] += (tmp / TASKS_INDEX).stat().st_size
+            from .manifest import MANIFEST_JSON, MANIFEST_MD, write_manifest  # the lines users paste (vLLM, TGI)
+
+            written["manifest"] = write_manifest(tmp, out, adapter, tasks, "lora")
+            written["files"] += [MANIFEST_JSON, MANIFEST_MD]
+            written["bytes"] += sum((tmp / f).stat().st_size for f in (MANIFEST_JSON, MANIFEST_MD))
     return written

@@ -178,8 +178,10 @@ def test_lora_files(case):
     out = case["out"] / "lora-all"
     index = json.loads((out / "polytool_tasks.json").read_text())
     assert index["tasks"] == {str(t): f"task-{t}" for t in range(case["n_tasks"])}
-    assert sorted(p.name for p in out.iterdir()) == ["polytool_tasks.json"] + [f"task-{t}" for t in range(case["n_tasks"])]
-    assert case["lora_all"]["files"][-1] == "polytool_tasks.json" and case["lora_all"]["task"] == "all"
+    assert sorted(p.name for p in out.iterdir()) == (["SERVING.md", "polytool_tasks.json", "serving.json"]
+                                                     + [f"task-{t}" for t in range(case["n_tasks"])])
+    assert case["lora_all"]["files"][-3:] == ["polytool_tasks.json", "serving.json", "SERVING.md"]
+    assert case["lora_all"]["task"] == "all" and set(case["lora_all"]["manifest"]) == {"vllm", "tgi"}
     raw = (out / "task-1" / "adapter_config.json").read_text()
     config = json.loads(raw)
     assert list(config) == sorted(config)
