@@ -237,3 +237,104 @@ def _check_layer(module: str, layer: torch.nn.Module, d_in: int, d_out: int) -> 
 def _device(layer: torch.nn.Module) -> torch.device:
     weight = getattr(layer, "weight", None)
     return weight.device if isinstance(weight, torch.Tensor) and not weight.is_meta else torch.device("cpu")
+
+
+# ---- merged artifacts (`polytool merge`, linear recipes) -----------------------------------------------
+
+
+class ReferenceRecipe:
+    """The exact update of a linear merge recipe (`polytool.recipe` metadata), per module in float64:
+
+        delta_m = sum_i w_i * delta_i,m     Poly source: ReferenceAdapter(...).delta(m, task)
+                                            LoRA source: (B @ A) * scale, scale = alpha_m / r_m (/ sqrt(r_m)
+                                            with use_rslora), rank/alpha patterns matched as PEFT's loader
+
+    read here from the source files the recipe names (their sha256 checked). Other methods (ties, dare,
+    magnitude_prune) and truncated recipes are approximations of this by design: refused here."""
+
+    def __init__(self, recipe: dict):
+        if recipe.get("method") != "linear" or recipe.get("rank") is not None or recipe.get("energy") is not None:
+            raise PolytoolError(f"verify checks exact merges only (method linear, no --rank / --energy); this recipe is "
+                                f"{recipe.get('method')!r} with rank {recipe.get('rank')} and energy "
+                                f"{recipe.get('energy')}: an approximation by design (its error is in its metadata)")
+        self.weights = [float(w) for w in recipe["weights"]]
+        self.sources = [self._open(s) for s in recipe["sources"]]
+        self.modules = list(dict.fromkeys(m for kind, src, _ in self.sources for m in
+                                          (src.modules if kind == "poly" else src[0])))
+
+    @staticmethod
+    def _open(source: dict):
+        import hashlib
+
+        path = Path(source["path"])
+        weights = path / "adapter_model.safetensors"
+        digest = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
+        if digest != source.get("sha256"):
+            raise PolytoolError(f"the merge recipe's source {source.get('source')!r} is not at {path} as it was "
+                                "(missing, or its weights file changed since the merge)")
+        if source.get("kind") == "poly":
+            adapter = ReferenceAdapter(path)
+            return "poly", adapter, routing_spec(source["task"], adapter.n_tasks)
+        return "lora", _read_lora_source(path), None
+
+    def delta(self, module: str) -> torch.Tensor:
+        """(out, in) float64: the weighted sum of the sources' updates of this module."""
+        total = None
+        for w, (kind, src, task) in zip(self.weights, self.sources):
+            if kind == "poly":
+                part = src.delta(module, task) if module in src.modules else None
+            else:
+                part = src[1][module] if module in src[1] else None
+            if part is not None:
+                total = w * part if total is None else total + w * part
+        return total
+
+
+def _read_lora_source(path: Path) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """A plain PEFT LoRA read on its own: (modules, {module: (B @ A) * scale as float64 (out, in)})."""
+    import re
+
+    from safetensors.torch import load_file
+
+    config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    deltas = {}
+    for key, A in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key[len(PREFIX):-len(".lora_A.weight")]
+        B = tensors[key.replace(".lora_A.weight", ".lora_B.weight")]
+
+        def pattern(table: dict, default):
+            return next((v for k, v in (table or {}).items() if re.match(rf"(.*\.)?({k})$", module)), default)
+
+        r = pattern(config.get("rank_pattern"), config.get("r", 8))
+        alpha = pattern(config.get("alpha_pattern"), config["lora_alpha"])
+        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        deltas[module] = (B.double() @ A.double()) * scale  # (out, r) @ (r, in)
+    return list(deltas), deltas
+
+
+@contextmanager
+def merged(model: torch.nn.Module, recipe: ReferenceRecipe) -> Iterator[torch.nn.Module]:
+    """Inside the block `model` computes the base plus the recipe's exact merged update (forward hooks)."""
+    handles = []
+    try:
+        for module in recipe.modules:
+            try:
+                layer = model.get_submodule(module)
+            except AttributeError:
+                raise CheckpointError(f"module {module!r} of the merge is not in this model: wrong base model?") from None
+            D = recipe.delta(module)  # (out, in)
+            _check_layer(module, layer, D.shape[1], D.shape[0])
+            D = D.to(_device(layer))
+
+            def hook(_layer, args, out, D=D):
+                x = args[0].to(D.device).double()  # (..., in)
+                return (out.double() + (x @ D.T).to(out.device)).to(out.dtype)  # (..., in) @ (in, out)
+
+            handles.append(layer.register_forward_hook(hook))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -198,3 +198,50 @@ def test_a_task_mix_is_verified_against_the_routed_mix(tmp_path):
     assert code == 0 and rep["checks"][0]["task"] == "1:0.7,3:0.3"
     code, rep = verify_json(FIXTURES / "mhr", "--against", mix, "--task", "1:0.3,3:0.7")  # the control: another mix
     assert code == 1 and not rep["checks"][0]["passed"]
+
+
+# ---- merged artifacts (polytool merge) --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def merges(tmp_path_factory):
+    out = tmp_path_factory.mktemp("merges")
+    lora = out / "lora2"
+    assert cli("collapse", FIXTURES / "mhr", "--task", "2", "--out", lora).exit_code == 0
+    made = {}
+    for name, extra in (("lora", []), ("dense", ["--to", "dense"])):
+        res = cli("merge", f"{FIXTURES / 'mhr'}:1", lora, "--weights", "0.6,0.4", "--out", out / name, *extra)
+        assert res.exit_code == 0, res.output
+        made[name] = out / name
+    res = cli("merge", f"{FIXTURES / 'mhr'}:1", lora, "--method", "ties", "--density", "0.5", "--rank", "4",
+              "--out", out / "ties")
+    assert res.exit_code == 0, res.output
+    made["ties"] = out / "ties"
+    return made
+
+
+def test_a_linear_merge_is_verified_against_its_recipe(merges):
+    code, rep = verify_json(FIXTURES / "mhr", "--against", merges["lora"], "--against", merges["dense"])
+    assert code == 0, rep
+    assert all(c["task"].startswith("merge:") and c["max_rel_err"] < 1e-5 for c in rep["checks"])
+    assert rep["checks"][1]["weights"]["merged"] == 8 and rep["checks"][1]["weights"]["first_bad"] is None
+
+
+def test_a_merge_with_other_weights_fails(merges, tmp_path):
+    from polytool.checkpoint import SafetensorsFile
+
+    bad = tmp_path / "swapped"
+    shutil.copytree(merges["lora"], bad)
+    with SafetensorsFile(bad / "adapter_model.safetensors") as st:
+        metadata = dict(st.metadata)
+    recipe = json.loads(metadata["polytool.recipe"])
+    recipe["weights"] = recipe["weights"][::-1]  # the recipe now claims 0.4, 0.6
+    tensors = load_file(bad / "adapter_model.safetensors")
+    save_file(tensors, bad / "adapter_model.safetensors", metadata={**metadata, "polytool.recipe": json.dumps(recipe)})
+    code, rep = verify_json(FIXTURES / "mhr", "--against", bad)
+    assert code == 1 and not rep["checks"][0]["passed"]
+
+
+def test_an_approximate_merge_is_refused_in_one_line(merges):
+    res = cli("verify", FIXTURES / "mhr", "--against", merges["ties"])
+    assert res.exit_code == 2 and "verify checks exact merges only" in res.stderr and "Traceback" not in res.output

@@ -84,10 +84,10 @@ def _product_dense(adapter: PolyAdapter, spec: TaskSpec, layers: dict, dtype: st
                             for m, A, B in collapse_adapter(adapter, spec)), dtype)
 
 
-def _ideal_dense(reference, adapter: PolyAdapter, spec: TaskSpec, layers: dict, dtype: str) -> Iterator[tuple[str, Any]]:
-    """The ideal dense weights: the reference's float64 update added and rounded once to `dtype`."""
-    return _merged(layers, ((m.name, reference.delta(m.name, spec).T if _is_conv1d(layers[m.name])
-                             else reference.delta(m.name, spec)) for m in adapter.modules), dtype)
+def _ideal_dense(delta: Callable[[str], Any], modules: list[str], layers: dict, dtype: str) -> Iterator[tuple[str, Any]]:
+    """The ideal dense weights: the reference's float64 update (`delta(module)`, (out, in)) added and
+    rounded once to `dtype`."""
+    return _merged(layers, ((m, delta(m).T if _is_conv1d(layers[m]) else delta(m)) for m in modules), dtype)
 
 
 class Run:
@@ -122,9 +122,30 @@ class Run:
     def run(self, model, capture: dict, **extra) -> tuple[dict, dict]:
         return forward(model, self.family, self.batches, capture, **extra)
 
-    def routed(self, spec: TaskSpec) -> tuple[dict, dict]:
-        """The reference's outputs and adapted modules' outputs for `spec`."""
-        if self.peft is not None:
+    def recipe(self, target: Target):
+        """The reference of a merged artifact's recipe (built once per recipe)."""
+        from ..reference import ReferenceRecipe
+
+        cache = self.__dict__.setdefault("_recipes", {})
+        if target.spec not in cache:
+            cache[target.spec] = ReferenceRecipe(target.recipe)
+        return cache[target.spec]
+
+    def delta_of(self, target: Target) -> Callable[[str], Any]:
+        """module -> the reference's (out, in) float64 update for `target`'s task spec or merge recipe."""
+        if target.recipe is not None:
+            return self.recipe(target).delta
+        return lambda module: self.reference.delta(module, target.spec)
+
+    def routed(self, target: Target) -> tuple[dict, dict]:
+        """The reference's outputs and adapted modules' outputs for `target`'s task spec (or merge recipe)."""
+        spec = target.spec
+        if target.recipe is not None:
+            from ..reference import merged
+
+            with merged(self.model, self.recipe(target)):
+                out, modules = self.run(self.model, self.capture)
+        elif self.peft is not None:
             from ..reference_peft import routed
 
             with routed(self.peft, spec) as inner:
@@ -229,10 +250,11 @@ class Run:
                 stack.enter_context(swap_saved_modules(self.model, lora.saved))
             yield self.model, self.capture
 
-    def floor(self, spec: TaskSpec, dtype: str, live: tuple[dict, dict]) -> tuple[dict, dict]:
-        """Errors of the ideal rounding of the dense weights to `dtype` (outputs, modules)."""
-        ideal = _ideal_dense(self.reference, self.adapter, spec, self.layers, dtype)
-        with self.weights_in_place(ideal), swap_saved_modules(self.model, _saved(self.adapter)):
+    def floor(self, target: Target, live: tuple[dict, dict]) -> tuple[dict, dict]:
+        """Errors of the ideal rounding of the dense weights to the target's dtype (outputs, modules)."""
+        ideal = _ideal_dense(self.delta_of(target), list(self.capture), self.layers, target.dtype)
+        heads = {} if target.recipe is not None else _saved(self.adapter)
+        with self.weights_in_place(ideal), swap_saved_modules(self.model, heads):
             out, modules = self.run(self.model, self.capture)
         return errors(out, live[0]), errors(modules, live[1])
 
@@ -256,14 +278,14 @@ def run_checks(adapter: PolyAdapter, base_dir: Path, class_name: str, family: st
     for target in progress(ordered, len(ordered), "verifying") if progress else ordered:
         if target.spec != current:
             current = target.spec
-            live = run.routed(target.spec)
+            live = run.routed(target)
             effect = errors(live[0], base_out)
         with run.applied(target) as (model, capture):
             out, modules = run.run(model, capture)
         half_dense = target.kind == "dense" and target.dtype in HALF
         defaults = TOLERANCES["float32" if half_dense else target.dtype]
         tol = tuple(defaults[i] if tolerance[i] is None else tolerance[i] for i in (0, 1))
-        floor = run.floor(target.spec, target.dtype, live) if half_dense else None
+        floor = run.floor(target, live) if half_dense else None
         checks.append(make_check(target, errors(out, live[0]), errors(modules, live[1]), effect, tol, allow_noop,
                                  top1(out, live[0]), kl(out, live[0]), max_kl, floor, FLOOR_MULTIPLE))
     return sorted(base_out), checks
@@ -271,14 +293,20 @@ def run_checks(adapter: PolyAdapter, base_dir: Path, class_name: str, family: st
 
 def _dense_weight_checks(targets: list[Target], adapter: PolyAdapter, base_dir: Path) -> None:
     """Every dense artifact directory checked in weight space against the reference's update (weights.py)."""
-    from ..reference import ReferenceAdapter
+    from ..reference import ReferenceAdapter, ReferenceRecipe
     from .weights import check_dense_weights
 
     reference = None
     for target in targets:
-        if target.path is not None:
+        if target.path is None:
+            continue
+        if target.recipe is not None:
+            recipe = ReferenceRecipe(target.recipe)
+            delta = recipe.delta
+        else:
             reference = reference or ReferenceAdapter(adapter.directory)
-            target.weights = check_dense_weights(target.path, base_dir, adapter, reference, target.spec)
+            delta = (lambda ref, spec: lambda module: ref.delta(module, spec))(reference, target.spec)
+        target.weights = check_dense_weights(target.path, base_dir, adapter, delta)
 
 
 def verify(adapter_dir: str | Path, base_dir: str | Path | None, against: tuple = (), task: str | None = None,

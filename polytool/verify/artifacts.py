@@ -28,6 +28,27 @@ class Target:
     lora: LoraArtifact | None = None
     notes: list[str] = field(default_factory=list)
     weights: dict[str, Any] | None = None  # a dense artifact's weight-space check (weights.py)
+    recipe: dict | None = None  # a `polytool merge` output: its recipe (spec is then "merge:<hash>")
+
+
+RECIPE_KEY = "polytool.recipe"
+
+
+def _recipe_spec(where: Path, metadata: dict) -> tuple[str, dict] | None:
+    """("merge:<hash>", recipe) for a `polytool merge` artifact, else None."""
+    import hashlib
+    import json
+
+    text = metadata.get(RECIPE_KEY)
+    if text is None:
+        return None
+    try:
+        recipe = parse_json(text)
+    except ValueError:
+        recipe = None
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("sources"), list):
+        raise PolytoolError(f"its {RECIPE_KEY} metadata is not a merge recipe", where)
+    return "merge:" + hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8], recipe
 
 
 def _check_source(where: Path, sha: Any, adapter: PolyAdapter) -> None:
@@ -55,6 +76,9 @@ def _task_of(where: Path, metadata: dict, adapter: PolyAdapter,
 
 def _lora_target(path: Path, adapter: PolyAdapter, override: TaskSpec | None) -> Target:
     lora = read_lora(path)
+    merged = _recipe_spec(path, lora.metadata)
+    if merged is not None:  # modules and shapes are checked against the base and the config when applied
+        return Target(merged[0], "lora", str(path), lora.dtype, lora=lora, recipe=merged[1])
     spec, notes = _task_of(path, lora.metadata, adapter, override)
     modules = {m.name: m for m in adapter.modules}
     if set(lora.weights) != set(modules):
@@ -84,6 +108,9 @@ def _dense_target(path: Path, adapter: PolyAdapter, base_dir: Path, override: Ta
     metadata = {}
     for shard in dense.shards:
         metadata.update({k: v for k, v in dense.shard_metadata[shard].items() if k.startswith("polytool.")})
+    merged = _recipe_spec(path, metadata)
+    if merged is not None:
+        return Target(merged[0], "dense", str(path), stored_dtype(path), path=utf8_path(path), recipe=merged[1])
     spec, notes = _task_of(path, metadata, adapter, override)
     return Target(spec, "dense", str(path), stored_dtype(path), path=utf8_path(path), notes=notes)
 

@@ -37,8 +37,9 @@ def ulps(got: np.ndarray, want: np.ndarray, dtype: str) -> float:
     return float(np.inf) if not np.isfinite(err).all() else float(err.max())
 
 
-def check_dense_weights(path: Path, base_dir: Path, adapter: PolyAdapter, reference: Any, spec: Any) -> dict:
-    """{"merged", "replaced", "identical", "max_ulps", "first_bad", "first_bad_ulps"} for the dense model at `path`."""
+def check_dense_weights(path: Path, base_dir: Path, adapter: PolyAdapter, delta: Any) -> dict:
+    """{"merged", "replaced", "identical", "max_ulps", "first_bad", "first_bad_ulps"} for the dense model at `path`;
+    `delta(module)` is the reference's (out, in) float64 update of each adapted module."""
     dense, base = open_base(path), open_base(base_dir)
     merged = {t.key: t for t in match_targets(base, adapter.modules, untie=True)}
     replaced = saved_module_keys(adapter, base)
@@ -66,8 +67,8 @@ def check_dense_weights(path: Path, base_dir: Path, adapter: PolyAdapter, refere
                 counts["identical"] += 1
             else:
                 if target is not None:
-                    delta = reference.delta(target.module, spec).numpy()  # (out, in), float64
-                    want = base_st.float_array(source) + (delta.T if target.transposed else delta)
+                    update = delta(target.module).numpy()  # (out, in), float64: the reference's
+                    want = base_st.float_array(source) + (update.T if target.transposed else update)
                     counts["merged"] += 1
                 else:
                     want = adapter.tensor(replaced[key], np.float64)
