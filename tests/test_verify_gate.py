@@ -242,6 +242,15 @@ def test_a_merge_with_other_weights_fails(merges, tmp_path):
     assert code == 1 and not rep["checks"][0]["passed"]
 
 
-def test_an_approximate_merge_is_refused_in_one_line(merges):
+def test_a_truncated_linear_merge_reports_its_truncation_error(merges, tmp_path):
+    lora = tmp_path / "r2"
+    res = cli("merge", f"{FIXTURES / 'mhr'}:1", f"{FIXTURES / 'mhr'}:3", "--rank", "2", "--out", lora)
+    assert res.exit_code == 0, res.output
+    code, rep = verify_json(FIXTURES / "mhr", "--against", lora)
+    check = rep["checks"][0]
+    assert code == 1 and check["max_rel_err"] > 1e-4 and "truncated" in check["notes"][0]
+
+
+def test_a_pruning_merge_is_refused_in_one_line(merges):
     res = cli("verify", FIXTURES / "mhr", "--against", merges["ties"])
-    assert res.exit_code == 2 and "verify checks exact merges only" in res.stderr and "Traceback" not in res.output
+    assert res.exit_code == 2 and "verify recomputes linear merges only" in res.stderr and "Traceback" not in res.output

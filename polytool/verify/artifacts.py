@@ -78,7 +78,11 @@ def _lora_target(path: Path, adapter: PolyAdapter, override: TaskSpec | None) ->
     lora = read_lora(path)
     merged = _recipe_spec(path, lora.metadata)
     if merged is not None:  # modules and shapes are checked against the base and the config when applied
-        return Target(merged[0], "lora", str(path), lora.dtype, lora=lora, recipe=merged[1])
+        recipe = merged[1]
+        notes = [f"truncated (--rank {recipe.get('rank')} / --energy {recipe.get('energy')}): compared with the exact "
+                 "merge, so the error shown is the truncation's (recorded per module in polytool.truncation)"] \
+            if recipe.get("rank") is not None or recipe.get("energy") is not None else []
+        return Target(merged[0], "lora", str(path), lora.dtype, lora=lora, recipe=recipe, notes=notes)
     spec, notes = _task_of(path, lora.metadata, adapter, override)
     modules = {m.name: m for m in adapter.modules}
     if set(lora.weights) != set(modules):
