@@ -183,10 +183,7 @@ def routed(model: torch.nn.Module, adapter: ReferenceAdapter, spec: RoutingSpec)
     handles, swapped = [], []
     try:
         for module in adapter.modules:
-            try:
-                layer = model.get_submodule(module)
-            except AttributeError:
-                raise CheckpointError(f"module {module!r} of the adapter is not in this model: wrong base model?") from None
+            layer = _layer(model, module, "the adapter")
             A, B = adapter.factors(module, spec)
             _check_layer(module, layer, A.shape[0], B.shape[1])
             A, B = A.to(_device(layer)), B.to(_device(layer))
@@ -222,6 +219,13 @@ def routed(model: torch.nn.Module, adapter: ReferenceAdapter, spec: RoutingSpec)
                     getattr(owner, attr).copy_(saved)
                 else:
                     setattr(owner, attr, saved)
+
+
+def _layer(model: torch.nn.Module, module: str, owner: str) -> torch.nn.Module:
+    try:
+        return model.get_submodule(module)
+    except AttributeError:
+        raise CheckpointError(f"module {module!r} of {owner} is not in this model: wrong base model?") from None
 
 
 def _check_layer(module: str, layer: torch.nn.Module, d_in: int, d_out: int) -> None:
@@ -322,10 +326,7 @@ def merged(model: torch.nn.Module, recipe: ReferenceRecipe) -> Iterator[torch.nn
     handles = []
     try:
         for module in recipe.modules:
-            try:
-                layer = model.get_submodule(module)
-            except AttributeError:
-                raise CheckpointError(f"module {module!r} of the merge is not in this model: wrong base model?") from None
+            layer = _layer(model, module, "the merge")
             D = recipe.delta(module)  # (out, in)
             _check_layer(module, layer, D.shape[1], D.shape[0])
             D = D.to(_device(layer))

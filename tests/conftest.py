@@ -45,13 +45,9 @@ def build_base(kind: str = "llama", seed: int = 0, dtype: torch.dtype = torch.fl
 
 def randomize_poly(model, seed: int = 1, logit_scale: float = 2.0) -> None:
     """Give every Poly tensor (PEFT's or polytool's) non-trivial values: B != 0, routing that differs by task."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "poly_lora_B" in name or "poly_lora_A" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-            elif "module_logits" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * logit_scale)
+    from matrix import randomize
+
+    randomize(model, seed, logit_scale)
 
 
 def tree_hash(path: Path) -> str:
