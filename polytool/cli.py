@@ -33,7 +33,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 # --- inspect ---
 
 
-@main.command()
+@main.command(short_help="Show what an adapter learned: routing, skills, task similarity.")
 @click.argument("adapter_dir", type=click.Path(path_type=Path))
 @json_option
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.png",
@@ -94,7 +94,7 @@ def rank_options(fn):
     return click.option("--rank", type=int, help="LoRA: the best rank-K approximation per module (truncated SVD).")(fn)
 
 
-@main.command()
+@main.command(short_help="One task as a plain LoRA, a GGUF LoRA, or merged dense weights.")
 @click.argument("adapter_dir", type=click.Path(path_type=Path))
 @click.option("--task", "task", required=True,
               help="Task id, 'uniform' (MHR-mu), 'mean' (mean routing over tasks), a mix such as 1,3 or 1:0.7,3:0.3 "
@@ -231,7 +231,7 @@ def _floats(ctx, param, value: str | None) -> list[float] | None:
         raise click.BadParameter(f"{value!r}: expected comma-separated numbers, e.g. 0.5,0.3,0.2") from None
 
 
-@main.command()
+@main.command(short_help="Combine Poly tasks and LoRAs into one LoRA or dense model.")
 @click.argument("sources", nargs=-1, required=True)
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Output directory (written atomically).")
 @click.option("--to", "kind", type=click.Choice(["lora", "dense"]), default="lora", show_default=True,
@@ -311,7 +311,7 @@ def _render_merge(data: dict) -> str:
 # --- verify ---
 
 
-@main.command()
+@main.command(short_help="Prove artifacts compute what the routed model computes (CI gate).")
 @click.argument("adapter_dir", type=click.Path(path_type=Path))
 @click.option("--base", "base_dir", type=click.Path(path_type=Path),
               help="Base model directory (default: the adapter's base_model_name_or_path, local or cached).")
@@ -378,7 +378,7 @@ def verify(adapter_dir: Path, base_dir: Path | None, against: tuple[Path, ...], 
 # --- check ---
 
 
-@main.command()
+@main.command(short_help="Preflight a LoRA for vLLM, TGI, llama.cpp or PEFT.")
 @click.argument("lora_dir", type=click.Path(path_type=Path))
 @click.option("--for", "stack", required=True, type=click.Choice(["vllm", "tgi", "llama.cpp", "peft"]),
               help="The serving stack whose rules apply (docs/serving.md cites the versions they were read from).")
