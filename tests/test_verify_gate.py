@@ -254,3 +254,11 @@ def test_a_truncated_linear_merge_reports_its_truncation_error(merges, tmp_path)
 def test_a_pruning_merge_is_refused_in_one_line(merges):
     res = cli("verify", FIXTURES / "mhr", "--against", merges["ties"])
     assert res.exit_code == 2 and "verify recomputes linear merges only" in res.stderr and "Traceback" not in res.output
+
+
+def test_a_non_finite_floor_allows_nothing():
+    ref = {"logits": [torch.ones(3)]}
+    out = {"logits": [torch.full((3,), 2.0)]}
+    floor = {"logits": (math.inf, 1.0)}
+    assert within(errors(out, ref), 1e-5, 1e-5, floor, 2.0) == ["logits"]
+    assert within(errors(out, ref), 1e-5, 1e-5, {"logits": (1.0, 1.0)}, 2.0) == []  # a finite floor of 1 allows it

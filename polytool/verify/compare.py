@@ -91,7 +91,7 @@ def within(errs: Errors, atol: float, rtol: float, floor: Errors | None = None, 
     bad = []
     for name, (diff, scale) in errs.items():
         allowed = atol + rtol * scale
-        if floor is not None and name in floor:
+        if floor is not None and name in floor and math.isfinite(floor[name][0]):  # a broken floor allows nothing
             allowed = max(allowed, multiple * floor[name][0])
         if not diff <= allowed:  # NaN-proof: a NaN compares False
             bad.append(name)
