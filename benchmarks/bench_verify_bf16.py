@@ -4,8 +4,8 @@
 
 Generates a Llama-shaped bfloat16 model (large: hidden 2048, 8 layers, 1.08 GB; every projection
 targeted, r 8, 8 skills, 4 splits, 6 tasks), merges task 1 into it as bfloat16 (the base's dtype) and as
-float16, and verifies each against the routed model; then nudges one merged weight by two units in the
-last place and verifies again. Prints, per artifact: the verdict, the error beside the ideal rounding's
+float16, and verifies each against the routed model (the bf16 one also with --max-memory 1GB); then nudges
+one merged weight by two units in the last place and verifies again. Prints, per artifact: the verdict, the error beside the ideal rounding's
 (the floor), the adapter's effect, top-1 agreement, KL, wall time and peak RSS. Before the floor rule,
 the correct bf16 merge failed (logits rel err 1.01e-2 against a fixed rtol of 1e-2).
 """
@@ -48,10 +48,10 @@ def nudge(src: Path, dst: Path, key: str) -> None:
         fh.write(np.uint16(bits + 2).tobytes())
 
 
-def verify(adapter: Path, base: Path, artifact: Path, work: Path) -> dict:
+def verify(adapter: Path, base: Path, artifact: Path, work: Path, *extra: str) -> dict:
     report = work / "verify.json"
     cmd = [POLYTOOL, "verify", str(adapter), "--base", str(base), "--against", str(artifact), "--inputs", "2",
-           "--seq-len", "32", "--json"]
+           "--seq-len", "32", "--json", *extra]
     start = time.perf_counter()
     proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(work / "time.txt"), *cmd], capture_output=True,
                           text=True)
@@ -87,6 +87,9 @@ def main() -> None:
                          "--dtype", dtype, "--out", str(out)], work / "t.txt")
             results[dtype] = verify(adapter, base, out, work)
             print(dtype, json.dumps(results[dtype]), flush=True)
+        results["bfloat16, --max-memory 1GB"] = verify(adapter, base, work / "dense-bfloat16", work,
+                                                       "--max-memory", "1GB", "--offload-dir", str(work / "offload"))
+        print("max-memory", json.dumps(results["bfloat16, --max-memory 1GB"]), flush=True)
         bad = work / "dense-bfloat16-nudged"
         if not bad.exists():
             nudge(work / "dense-bfloat16", bad, "model.layers.1.mlp.down_proj.weight")

@@ -333,13 +333,18 @@ def _render_merge(data: dict) -> str:
 @click.option("--reference", type=click.Choice(["polytool", "peft"]), default="polytool", show_default=True,
               help="The routed model trusted: polytool's independent reference, or PEFT's own Poly model (and "
                    "PEFT's loader for LoRA artifacts; needs PEFT).")
+@click.option("--max-memory", metavar="SIZE", help="Keep at most SIZE (e.g. 1GB) of the model in memory; accelerate "
+                                                 "offloads the rest to --offload-dir (needs polytool[auto]).")
+@click.option("--offload-dir", type=click.Path(path_type=Path), help="With --max-memory: where the offloaded "
+                                                                     "weights go (default: a temporary directory).")
 @click.option("--gguf-base", type=click.Path(path_type=Path), metavar="BASE.gguf",
               help="With --against X.gguf: the base as GGUF; both run in llama.cpp (needs llama-cpp-python).")
 @json_option
 @handle_errors
 def verify(adapter_dir: Path, base_dir: Path | None, against: tuple[Path, ...], task: str | None, atol: float | None,
            rtol: float | None, n_inputs: int, seq_len: int | None, prompts: Path | None, device: str,
-           allow_noop: bool, max_kl: float | None, reference: str, gguf_base: Path | None, as_json: bool) -> None:
+           allow_noop: bool, max_kl: float | None, reference: str, max_memory: str | None, offload_dir: Path | None,
+           gguf_base: Path | None, as_json: bool) -> None:
     """Prove collapsed artifacts compute what the live routed Poly model computes.
 
     Exit 0 when every check passes, 1 when any output differs beyond tolerance (or a task is a
@@ -366,7 +371,8 @@ def verify(adapter_dir: Path, base_dir: Path | None, against: tuple[Path, ...], 
     from .verify import render_report, verify as run_verify
 
     report = run_verify(adapter_dir, base_dir, against, task, atol, rtol, n_inputs, seq_len, prompts, device,
-                        allow_noop, max_kl, reference, progress=None if as_json else progress)
+                        allow_noop, max_kl, reference, progress=None if as_json else progress, max_memory=max_memory,
+                        offload_dir=offload_dir)
     result(report, as_json, render_report)
     if not report["passed"]:
         failed = [c for c in report["checks"] if not c["passed"]]

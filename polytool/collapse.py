@@ -67,15 +67,19 @@ def stored_delta(A: Any, B: Any, r: int, transposed: bool, lo: int = 0, hi: int 
     return dense_delta(A, B[:, lo:hi], r)  # (rows, in)
 
 
+def collapse_module(adapter: Any, module: str, spec: Any, dtype: Any = None) -> tuple[Any, Any]:
+    """One module of `collapse_adapter`: A (in, r), B (r, out) of task spec `spec`, float64 by default."""
+    import numpy as np
+
+    dtype = np.float64 if dtype is None else dtype
+    weights = adapter.spec_weights(module, spec).astype(dtype)  # (q, s)
+    return collapse_factors(adapter.poly_A(module, dtype), adapter.poly_B(module, dtype), weights)
+
+
 def collapse_adapter(adapter: Any, spec: Any, dtype: Any = None) -> Iterator[tuple[Any, Any, Any]]:
     """(PolyAdapter, task spec) -> (module, A (in, r), B (r, out)) per adapted module, in file order.
 
     Computed in float64 unless `dtype` says otherwise; callers round once to their output dtype.
     """
-    import numpy as np
-
-    dtype = np.float64 if dtype is None else dtype
     for module in adapter.modules:
-        weights = adapter.spec_weights(module.name, spec).astype(dtype)  # (q, s)
-        A, B = collapse_factors(adapter.poly_A(module.name, dtype), adapter.poly_B(module.name, dtype), weights)
-        yield module, A, B
+        yield (module, *collapse_module(adapter, module.name, spec, dtype))

@@ -492,7 +492,8 @@ def _hook_all(layers: dict, weights: dict, scalings: dict, biases: dict, where: 
                                 f"do not fit the base's layer (in {d_in}, out {d_out})", where)
     handles = []
     for name, (A, B) in weights.items():
-        device = layers[name].weight.device
+        weight = layers[name].weight
+        device = torch.device("cpu") if weight.is_meta else weight.device  # offloaded (--max-memory): CPU
         At = torch.as_tensor(np.ascontiguousarray(A.T), dtype=torch.float32, device=device)  # (in, r)
         Bt = torch.as_tensor(np.ascontiguousarray(B.T), dtype=torch.float32, device=device)  # (r, out)
         b = biases.get(name)

@@ -262,3 +262,21 @@ def test_a_non_finite_floor_allows_nothing():
     floor = {"logits": (math.inf, 1.0)}
     assert within(errors(out, ref), 1e-5, 1e-5, floor, 2.0) == ["logits"]
     assert within(errors(out, ref), 1e-5, 1e-5, {"logits": (1.0, 1.0)}, 2.0) == []  # a finite floor of 1 allows it
+
+
+# ---- larger than memory ---------------------------------------------------------------------------------
+
+
+def test_max_memory_offloads_and_gives_the_same_verdicts(dense2, tmp_path):
+    lora = tmp_path / "lora2"
+    assert cli("collapse", FIXTURES / "mhr", "--task", "2", "--out", lora).exit_code == 0
+    args = ("--against", dense2, "--against", lora, "--inputs", 2, "--seq-len", 12)
+    code, plain = verify_json(FIXTURES / "mhr", *args)
+    code_off, off = verify_json(FIXTURES / "mhr", *args, "--max-memory", "100KB", "--offload-dir", tmp_path / "off")
+    assert code == code_off == 0 and off["offloaded"] and not plain["offloaded"]  # the model (~0.4 MB) left memory
+    for a, b in zip(plain["checks"], off["checks"]):
+        assert a["passed"] and b["passed"] and b["max_rel_err"] == pytest.approx(a["max_rel_err"], rel=0.5, abs=1e-6)
+        assert b["top1_agreement"] == a["top1_agreement"]
+    bad = with_tensor(dense2, tmp_path / "nudged", "model.layers.1.mlp.down_proj.weight", lambda t: t[1, 2].add_(0.5))
+    code, rep = verify_json(FIXTURES / "mhr", "--against", bad, "--max-memory", "100KB")  # the control
+    assert code == 1 and rep["checks"][0]["first_failing_module"] == "model.layers.1.mlp.down_proj"

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..adapter import PolyAdapter, load_adapter
 from ..basemodel import resolve_base_dir
-from ..collapse import LORA_ALPHA, collapse_adapter, lora_weights, stored_delta
+from ..collapse import LORA_ALPHA, collapse_adapter, collapse_module, lora_weights, stored_delta
 from ..errors import CheckpointError, PolytoolError
 from ..lora import LoraArtifact, attach_lora, swap_saved_modules
 from ..routing import TaskSpec, parse_task_spec
@@ -63,13 +63,18 @@ def _saved(adapter: PolyAdapter) -> dict:
             for module, params in adapter.saved_modules.items() for param, key in params.items()}
 
 
-def _merged(layers: dict, deltas: Iterator[tuple[str, Any]], dtype: str) -> Iterator[tuple[str, Any]]:
-    """(module, base weight + delta (float64) rounded once to `dtype`), one module at a time."""
+def _merged(base_weight: Callable[[str], Any], deltas: Iterator[tuple[str, Callable[[], Any]]],
+            dtype: str) -> Iterator[tuple[str, Callable[[], Any]]]:
+    """(module, producer of base weight + delta (float64) rounded once to `dtype`), lazily: a producer
+    computes its weight when called (once in place; at every forward for an offloaded layer)."""
     import torch
 
+    def producer(name, delta):
+        weight = base_weight(name)
+        return (weight.double() + torch.as_tensor(delta()).to(weight.device)).to(getattr(torch, dtype))
+
     for name, delta in deltas:
-        weight = layers[name].weight.detach()
-        yield name, (weight.double() + torch.as_tensor(delta).to(weight.device)).to(getattr(torch, dtype))
+        yield name, (lambda name=name, delta=delta: producer(name, delta))
 
 
 def _is_conv1d(layer) -> bool:
@@ -78,28 +83,41 @@ def _is_conv1d(layer) -> bool:
     return not isinstance(layer, torch.nn.Linear)
 
 
-def _product_dense(adapter: PolyAdapter, spec: TaskSpec, layers: dict, dtype: str) -> Iterator[tuple[str, Any]]:
+def _product_dense(adapter: PolyAdapter, spec: TaskSpec, layers: dict, base_weight: Callable[[str], Any],
+                   dtype: str) -> Iterator[tuple[str, Callable[[], Any]]]:
     """The self-check's dense weights: what `collapse --to dense` computes, through the same formula."""
-    return _merged(layers, ((m.name, stored_delta(A, B, adapter.r, _is_conv1d(layers[m.name])))
-                            for m, A, B in collapse_adapter(adapter, spec)), dtype)
+    def delta(name):
+        return stored_delta(*collapse_module(adapter, name, spec), adapter.r, _is_conv1d(layers[name]))
+
+    return _merged(base_weight, ((m.name, lambda m=m: delta(m.name)) for m in adapter.modules), dtype)
 
 
-def _ideal_dense(delta: Callable[[str], Any], modules: list[str], layers: dict, dtype: str) -> Iterator[tuple[str, Any]]:
+def _ideal_dense(delta: Callable[[str], Any], modules: list[str], layers: dict, base_weight: Callable[[str], Any],
+                 dtype: str) -> Iterator[tuple[str, Callable[[], Any]]]:
     """The ideal dense weights: the reference's float64 update (`delta(module)`, (out, in)) added and
     rounded once to `dtype`."""
-    return _merged(layers, ((m, delta(m).T if _is_conv1d(layers[m]) else delta(m)) for m in modules), dtype)
+    def stored(m):
+        return delta(m).T if _is_conv1d(layers[m]) else delta(m)
+
+    return _merged(base_weight, ((m, lambda m=m: stored(m)) for m in modules), dtype)
 
 
 class Run:
     """One verify run: the base model (loaded once), its adapted layers, the reference, the inputs."""
 
     def __init__(self, adapter: PolyAdapter, base_dir: Path, class_name: str, family: str, batches: list,
-                 device: str, reference: str, one_copy: bool = True):
+                 device: str, reference: str, one_copy: bool = True, max_memory: int | None = None,
+                 offload_dir: Path | None = None):
         from ..reference import ReferenceAdapter
 
         self.adapter, self.base_dir, self.class_name, self.family = adapter, base_dir, class_name, family
         self.batches, self.device, self.reference_kind, self.one_copy = batches, device, reference, one_copy
-        self.model = load_model(base_dir, class_name, device)
+        self.max_memory, self.offload_dir = max_memory, offload_dir
+        self.model = load_model(base_dir, class_name, device, max_memory, offload_dir)
+        self.offloaded = any(p.is_meta for p in self.model.parameters())
+        if self.offloaded and (adapter.saved_modules or adapter.saved_embeddings or reference == "peft"):
+            raise PolytoolError("--max-memory offloads the model, and this check would swap tensors into it (trained "
+                                "heads, saved embeddings) or load PEFT's copy: verify it without --max-memory")
         names = {n for n, _ in self.model.named_modules()}
         absent = [m.name for m in adapter.modules if m.name not in names]
         if absent:
@@ -161,51 +179,78 @@ class Run:
                                 f"comparison can be made: check the adapter and the base", self.adapter.directory)
         return out, modules
 
+    def base_weight(self, name: str):
+        """The base's float32 weight of an adapted module: the model's own, or read from the checkpoint where
+        accelerate offloaded it (--max-memory)."""
+        weight = self.layers[name].weight
+        return self._checkpoint_weight(name) if weight.is_meta else weight.detach()
+
     @contextmanager
-    def weights_in_place(self, weights: Iterator[tuple[str, Any]]) -> Iterator[None]:
-        """Inside the block the adapted layers hold `weights` ((module, tensor), taken one at a time): copied
-        into the model's own tensors, so the run holds one model; afterwards each is read back from the base
-        checkpoint. A weight tied to the embeddings gets a new tensor instead (merged alone, as `--untie`)."""
+    def weights_in_place(self, weights: Iterator[tuple[str, Callable[[], Any]]]) -> Iterator[None]:
+        """Inside the block the adapted layers compute with `weights` ((module, producer of its weight)): copied
+        into the model's own tensors, so the run holds one model, and read back from the base checkpoint
+        after; a weight tied to the embeddings gets a new tensor (merged alone, as `--untie`). A layer that
+        accelerate offloaded (--max-memory) keeps its weight on disk: a forward hook adds x @ (W - W_base)
+        with W produced at each call, so memory stays at one weight."""
         import torch
 
-        from ..checkpoint import SafetensorsFile
-
-        changed = []
+        changed, handles = [], []
         try:
-            for name, weight in weights:
+            for name, produce in weights:
                 layer = self.layers[name]
                 if layer.weight.is_meta:
-                    raise PolytoolError(f"module {name!r} is offloaded (--device auto): verify cannot put the "
-                                        "merged weight in place; use --device cpu or cuda")
-                if self.targets[name].tied_to:
+                    def hook(mod, args, out, name=name, produce=produce, conv1d=_is_conv1d(layer)):
+                        D = produce().to(torch.float32) - self.base_weight(name)  # stored layout
+                        x = args[0].to(torch.float32)
+                        update = x @ D if conv1d else x @ D.T  # (..., in) -> (..., out)
+                        return (out.to(torch.float32) + update.to(out.device)).to(out.dtype)
+
+                    handles.append(layer.register_forward_hook(hook))
+                elif self.targets[name].tied_to:
                     changed.append((layer, layer.weight))
-                    layer.weight = torch.nn.Parameter(weight.to(layer.weight.device, layer.weight.dtype),
+                    layer.weight = torch.nn.Parameter(produce().to(layer.weight.device, layer.weight.dtype),
                                                       requires_grad=False)
                 else:
                     changed.append((layer, None))
                     with torch.no_grad():
-                        layer.weight.copy_(weight)
-                    changed[-1] = (layer, self.targets[name].source)
+                        layer.weight.copy_(produce())
+                    changed[-1] = (layer, name)
             yield
         finally:
+            for handle in handles:
+                handle.remove()
             for layer, original in reversed(changed):
                 if isinstance(original, torch.nn.Parameter):
                     layer.weight = original
                 elif original is not None:
-                    with SafetensorsFile(self.base.directory / self.base.tensors[original].shard) as st, torch.no_grad():
-                        layer.weight.copy_(torch.from_numpy(st.float_array(original, np.float32)))
+                    with torch.no_grad():
+                        layer.weight.copy_(self._checkpoint_weight(original))
 
-    def _artifact_weights(self, path: Path) -> Iterator[tuple[str, Any]]:
-        """A dense artifact's merged weights, read one at a time (float32)."""
+    def _checkpoint_weight(self, name: str):
+        """The base checkpoint's weight of an adapted module, as float32 (one tensor read)."""
+        import torch
+
+        from ..checkpoint import SafetensorsFile
+
+        source = self.targets[name].source
+        with SafetensorsFile(self.base.directory / self.base.tensors[source].shard) as st:
+            return torch.from_numpy(st.float_array(source, np.float32))
+
+    def _artifact_weights(self, path: Path) -> Iterator[tuple[str, Callable[[], Any]]]:
+        """A dense artifact's merged weights, each read when its producer is called (float32)."""
         import torch
 
         from ..basemodel import open_base
         from ..checkpoint import SafetensorsFile
 
         dense = open_base(path)
+
+        def read(key):
+            with SafetensorsFile(path / dense.tensors[key].shard) as st:
+                return torch.from_numpy(st.float_array(key, np.float32))
+
         for name, target in self.targets.items():
-            with SafetensorsFile(path / dense.tensors[target.key].shard) as st:
-                yield name, torch.from_numpy(st.float_array(target.key, np.float32))
+            yield name, (lambda key=target.key: read(key))
 
     def _artifact_heads(self, path: Path) -> dict:
         """A dense artifact's trained heads (modules_to_save), by model tensor name."""
@@ -226,7 +271,7 @@ class Run:
         """(model, {module name: module to capture}) that computes `target`."""
         if target.path is not None and (target.dtype != self.base_dtype or not self.one_copy):
             # every tensor was converted: the artifact's own values differ from the base's everywhere
-            model = load_model(target.path, self.class_name, self.device)
+            model = load_model(target.path, self.class_name, self.device, self.max_memory, self.offload_dir)
             yield model, {name: model.get_submodule(name) for name in self.capture}
             return
         with ExitStack() as stack:
@@ -235,7 +280,7 @@ class Run:
                 stack.enter_context(swap_saved_modules(self.model, self._artifact_heads(target.path)))
             elif target.kind == "dense":
                 stack.enter_context(self.weights_in_place(_product_dense(self.adapter, target.spec, self.layers,
-                                                                         self.base_dtype)))
+                                                                         self.base_weight, self.base_dtype)))
                 stack.enter_context(swap_saved_modules(self.model, _saved(self.adapter)))
             else:
                 lora = target.lora if target.lora is not None else _product_lora(self.adapter, target.spec)
@@ -252,7 +297,7 @@ class Run:
 
     def floor(self, target: Target, live: tuple[dict, dict]) -> tuple[dict, dict]:
         """Errors of the ideal rounding of the dense weights to the target's dtype (outputs, modules)."""
-        ideal = _ideal_dense(self.delta_of(target), list(self.capture), self.layers, target.dtype)
+        ideal = _ideal_dense(self.delta_of(target), list(self.capture), self.layers, self.base_weight, target.dtype)
         heads = {} if target.recipe is not None else _saved(self.adapter)
         with self.weights_in_place(ideal), swap_saved_modules(self.model, heads):
             out, modules = self.run(self.model, self.capture)
@@ -261,12 +306,15 @@ class Run:
 
 def run_checks(adapter: PolyAdapter, base_dir: Path, class_name: str, family: str, targets: list[Target],
                batches: list, device: str, tolerance: tuple, allow_noop: bool, max_kl: float | None = None,
-               reference: str = "polytool", one_copy: bool = True,
-               progress: Callable | None = None) -> tuple[list[str], list[dict]]:
+               reference: str = "polytool", one_copy: bool = True, progress: Callable | None = None,
+               max_memory: int | None = None, offload_dir: Path | None = None,
+               info: dict | None = None) -> tuple[list[str], list[dict]]:
     """Load the base once; per task spec, compare the reference with the base and with each target.
     `one_copy` False loads dense artifacts whole (the old way; tests compare the two); `progress`:
     (items, total, label) -> items, e.g. a bar on a terminal."""
-    run = Run(adapter, base_dir, class_name, family, batches, device, reference, one_copy)
+    run = Run(adapter, base_dir, class_name, family, batches, device, reference, one_copy, max_memory, offload_dir)
+    if info is not None:  # what the caller reports beside the checks
+        info["offloaded"] = run.offloaded
     base_out, base_modules = run.run(run.model, run.capture)
     bad = non_finite({**base_modules, **base_out})
     if bad is not None:
@@ -313,7 +361,7 @@ def verify(adapter_dir: str | Path, base_dir: str | Path | None, against: tuple 
            atol: float | None = None, rtol: float | None = None, n_inputs: int = DEFAULT_INPUTS,
            seq_len: int | None = None, prompts: str | Path | None = None, device: str = "cpu",
            allow_noop: bool = False, max_kl: float | None = None, reference: str = "polytool",
-           progress: Callable | None = None) -> dict:
+           progress: Callable | None = None, max_memory: str | None = None, offload_dir: str | Path | None = None) -> dict:
     """Run every check and return the report (a JSON-ready dict; `passed` says whether all passed)."""
     for name, value in (("--atol", atol), ("--rtol", rtol), ("--max-kl", max_kl)):
         if value is not None and not (math.isfinite(value) and value >= 0):
@@ -338,14 +386,21 @@ def verify(adapter_dir: str | Path, base_dir: str | Path | None, against: tuple 
         batches, inputs = prompt_inputs(base_dir, Path(prompts), seq_len)
     else:
         batches, inputs = random_inputs(config, n_inputs, seq_len or DEFAULT_SEQ_LEN)
-    device = resolve_device(device)
+    device = resolve_device("auto" if max_memory is not None and device == "cpu" else device)
+    limit, info = None, {}
+    if max_memory is not None:
+        from ..merge import parse_size
+
+        limit = parse_size(max_memory)
     outputs, checks = run_checks(adapter, base_dir, class_name, family, targets, batches, device, (atol, rtol),
-                                 allow_noop, max_kl, reference, progress=progress)
+                                 allow_noop, max_kl, reference, progress=progress, max_memory=limit,
+                                 offload_dir=None if offload_dir is None else Path(offload_dir), info=info)
     n_passed = sum(c["passed"] for c in checks)
     tolerances = {d: tuple(TOLERANCES[d][i] if (atol, rtol)[i] is None else (atol, rtol)[i] for i in (0, 1))
                   for d in TOLERANCES}
     return {"passed": n_passed == len(checks), "adapter": str(adapter.directory), "adapter_sha256": adapter.sha256,
             "base": str(base_dir), "model_class": class_name, "family": family, "compute_dtype": "float32",
+            "offloaded": info.get("offloaded", False), "max_memory": limit,
             "reference": "PEFT's PeftModel (--reference peft)" if reference == "peft" else
             "polytool.reference (independent float64 routed model)", "device": device, "inputs": inputs,
             "outputs": outputs, "modules": len(adapter.modules), "tolerances": tolerances,

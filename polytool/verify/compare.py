@@ -30,7 +30,8 @@ def forward(model, family: str, batches: list[dict], capture: dict, **extra) -> 
         return lambda _mod, _args, out: modules.setdefault(name, []).append(_copy(out))
 
     handles = [module.register_forward_hook(recorder(name)) for name, module in capture.items()]
-    device = next(model.parameters()).device  # with device_map="auto", accelerate moves it on
+    # with device_map="auto", accelerate moves it on; offloaded weights (meta) say nothing of where inputs go
+    device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
     try:
         with torch.no_grad():
             for batch in batches:

@@ -66,16 +66,23 @@ def model_class(task_type: str | None, config) -> tuple[str, str]:
     return name, "seq2seq" if seq2seq else "encoder"
 
 
-def load_model(directory: Path, class_name: str, device: str):
-    """A transformers model in eval mode, upcast to float32, on `device` (auto: device_map)."""
+def load_model(directory: Path, class_name: str, device: str, max_memory: int | None = None,
+               offload_dir: Path | None = None):
+    """A transformers model in eval mode, upcast to float32, on `device` (auto: device_map). With `max_memory`
+    (bytes) accelerate keeps at most that much of it in CPU memory and offloads the rest to `offload_dir`."""
     import torch
     import transformers as tf
 
     cls = getattr(tf, class_name)
     # mismatched shapes are reported in `info` (refused below, in one line), not raised after a logged table
     kwargs: dict[str, Any] = {"dtype": torch.float32, "output_loading_info": True, "ignore_mismatched_sizes": True}
-    if device == "auto":
+    if device == "auto" or max_memory is not None:
         kwargs["device_map"] = "auto"
+    if max_memory is not None:
+        import tempfile
+
+        kwargs["max_memory"] = {"cpu": max_memory}
+        kwargs["offload_folder"] = str(offload_dir or tempfile.mkdtemp(prefix="polytool-offload-"))
     bars, verbosity = tf.utils.logging.is_progress_bar_enabled(), tf.utils.logging.get_verbosity()
     if not sys.stderr.isatty():
         tf.utils.logging.disable_progress_bar()  # progress bars only on a terminal

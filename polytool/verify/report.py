@@ -8,6 +8,10 @@ def _fmt(x: float | None, pct: bool = False) -> str:
     return f"{100 * x:.1f}%" if pct else f"{x:.2e}"
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 10**9 else f"{n / 1e6:.1f} MB" if n >= 10**5 else f"{n / 1e3:.1f} KB"
+
+
 def _inputs(inputs: dict) -> str:
     if inputs["source"] == "random":
         return f"{inputs['sequences']} x {inputs['seq_len']} random token ids (seed {inputs['seed']})"
@@ -33,7 +37,9 @@ def render_report(report: dict) -> str:
     used = {c["dtype"] for c in checks}
     report = {**report, "tolerances": {k: v for k, v in report["tolerances"].items() if k in used}}
     lines = [f"adapter   {report['adapter']} (sha256 {report['adapter_sha256'][:12]})",
-             f"base      {report['base']} ({report['model_class']}; computed in float32 on {report['device']})",
+             f"base      {report['base']} ({report['model_class']}; computed in float32 on {report['device']}"
+             + (f"; at most {_size(report['max_memory'])} in memory, the rest offloaded" if report["offloaded"]
+                else "") + ")",
              f"reference {report['reference']}",
              f"inputs    {_inputs(report['inputs'])}",
              f"compared  {', '.join(report['outputs'])} and the outputs of {report['modules']} adapted modules; "
