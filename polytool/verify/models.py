@@ -3,8 +3,9 @@ artifacts, and the device they run on."""
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..basemodel import require_dir
 from ..checkpoint import TORCH_NAMES, least_precise
@@ -74,8 +75,14 @@ def load_model(directory: Path, class_name: str, device: str, max_memory: int | 
     import transformers as tf
 
     cls = getattr(tf, class_name)
+    # Where every floating tensor is stored in one half dtype and the model stays in memory, it is loaded in
+    # that dtype and upcast after (exact): loading straight to float32 holds the float32 model beside every
+    # page of the memory-mapped checkpoint (1.5x the float32 size at the peak, measured in performance.md).
+    stored = stored_dtypes(directory)
+    half = max_memory is None and len(stored) == 1 and next(iter(stored)) in ("BF16", "F16")
+    dtype = getattr(torch, TORCH_NAMES[next(iter(stored))]) if half else torch.float32
     # mismatched shapes are reported in `info` (refused below, in one line), not raised after a logged table
-    kwargs: dict[str, Any] = {"dtype": torch.float32, "output_loading_info": True, "ignore_mismatched_sizes": True}
+    kwargs: dict[str, Any] = {"dtype": dtype, "output_loading_info": True, "ignore_mismatched_sizes": True}
     if device == "auto" or max_memory is not None:
         kwargs["device_map"] = "auto"
     if max_memory is not None:
@@ -99,9 +106,46 @@ def load_model(directory: Path, class_name: str, device: str, max_memory: int | 
     if missing:
         raise CheckpointError(f"incomplete checkpoint: {len(missing)} weights missing or mis-shaped "
                               f"(e.g. {missing[0]})", directory)
+    if half:
+        model.float()  # parameter by parameter: each half copy is freed as its float32 one is made
+        _float32_buffers(model)
     if device == "cuda":
         model.to("cuda")
     return model.eval()
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device (no memory, no init); buffers stay real."""
+    import torch
+
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def _float32_buffers(model) -> None:
+    """The non-persistent floating buffers a float32 model computes at init (e.g. Gemma's embed_scale), put into
+    `model`, which was built in half precision and upcast: computed in half they were rounded."""
+    import torch
+
+    with _parameters_on_meta():
+        skeleton = type(model)._from_config(model.config, dtype=torch.float32)
+    kept = set(model.state_dict())
+    own = dict(model.named_buffers())
+    for name, buffer in skeleton.named_buffers():
+        if name not in kept and name in own and buffer.is_floating_point():
+            module, _, leaf = name.rpartition(".")
+            model.get_submodule(module)._buffers[leaf] = buffer.to(own[name].device)
 
 
 def resolve_device(device: str) -> str:
@@ -119,14 +163,20 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def stored_dtype(directory: Path, config=None) -> str:
-    """The least precise floating dtype of a model directory's safetensors (else its config's)."""
-    from ..checkpoint import SafetensorsFile
+def stored_dtypes(directory: Path) -> set[str]:
+    """The floating safetensors dtypes (F32, BF16, ...) of a model directory's tensors."""
+    from ..checkpoint import FLOAT_DTYPES, SafetensorsFile
 
     found = set()
     for file in sorted(directory.glob("*.safetensors")):
         with SafetensorsFile(file) as st:
             found |= {st.dtype(k) for k in st.keys()}
+    return found & set(FLOAT_DTYPES)
+
+
+def stored_dtype(directory: Path, config=None) -> str:
+    """The least precise floating dtype of a model directory's safetensors (else its config's)."""
+    found = stored_dtypes(directory)
     if least_precise(found):
         return TORCH_NAMES[least_precise(found)]
     dtype = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
