@@ -179,6 +179,30 @@ class SafetensorsFile:
             arr = bf16_to_f32(arr)
         return arr.astype(dtype)
 
+    def tensor(self, name: str):
+        """The tensor as a read-only torch tensor in its stored dtype, zero-copy from the mapped file (it keeps
+        the map alive): for copying into a model's weight (`weight.copy_(t)` converts without a temporary)."""
+        import warnings
+
+        import torch
+
+        entry = self.entries[name]
+        if entry["dtype"] not in TORCH_NAMES or self._mm is None:
+            return torch.from_numpy(self.float_array(name, np.float32))
+        with warnings.catch_warnings():  # read-only buffer: nothing writes to it
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(self.raw(name), dtype=getattr(torch, TORCH_NAMES[entry["dtype"]]))
+        return flat.reshape(entry["shape"])
+
+    def release(self, name: str) -> None:
+        """Drop the mapped pages of a tensor already read from this process's memory (they stay in the page
+        cache): a file read tensor by tensor then holds one tensor's pages, not the whole file's."""
+        begin, end = self.entries[name]["offsets"]
+        if self._mm is None or end == begin or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = (self.data_start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+        self._mm.madvise(mmap.MADV_DONTNEED, start, self.data_start + end - start)
+
     def close(self) -> None:
         if self._mm is not None:
             try:

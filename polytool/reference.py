@@ -137,9 +137,10 @@ class ReferenceAdapter:
         return torch.cat(A_blocks, dim=0), torch.cat(B_blocks, dim=1)  # (in, r), (r, out)
 
     def delta(self, module: str, spec: RoutingSpec) -> torch.Tensor:
-        """The (out, in) float64 update of a Linear's weight: (A @ B / r).T."""
+        """The (out, in) float64 update of a Linear's weight: (A @ B / r).T, computed as B.T @ A.T / r so that
+        it is contiguous in (out, in) (read row by row in weight space)."""
         A, B = self.factors(module, spec)
-        return (A @ B / self.r).T
+        return (B.T @ A.T).div_(self.r)
 
 
 def _normalise(w: torch.Tensor) -> torch.Tensor:
@@ -155,13 +156,38 @@ def _load_tensors(directory: Path) -> dict[str, torch.Tensor]:
             try:
                 if name.endswith(".bin"):
                     return torch.load(file, map_location="cpu", weights_only=True)
-                from safetensors.torch import load_file
-
-                return load_file(str(file))
+                return _Tensors(file)
             except Exception as exc:  # the loaders raise many types for a bad file
                 raise AdapterError(f"the reference cannot load the adapter's tensors ({type(exc).__name__})",
                                    file) from None
     raise AdapterError("no adapter_model.safetensors (or adapter_model.bin) in the adapter directory", directory)
+
+
+class _Tensors(Mapping):
+    """The tensors of a safetensors file by name, each read (by the safetensors library) when it is asked for,
+    so that a large adapter is not held whole beside the model."""
+
+    def __init__(self, file: Path):
+        from safetensors import safe_open
+
+        self.file = str(file)
+        with safe_open(self.file, framework="pt") as f:
+            self.names = list(f.keys())
+        self._known = set(self.names)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if name not in self._known:
+            raise KeyError(name)
+        with safe_open(self.file, framework="pt") as f:
+            return f.get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def _named_tensor(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:

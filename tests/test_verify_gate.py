@@ -142,6 +142,27 @@ def test_one_merged_weight_two_ulps_off_fails(bf16, tmp_path, n, fails):
     code, rep = verify_json(adapter, "--base", base, "--against", bad)
     # one ulp is what rounding float32 vs float64 sums may differ by; two never are
     assert (code, rep["checks"][0]["weights"]["first_bad"]) == ((1, key) if fails else (0, None)), rep["checks"][0]
+    # the nudged element is the one that is not the ideal rounding, measured: between n - 1/2 and n + 1/2 units
+    w = rep["checks"][0]["weights"]
+    assert w["not_ideal"] == 1 and n - 0.5 <= w["max_ulps"] <= n + 0.5
+
+
+def test_the_floor_of_an_ideally_rounded_artifact_is_its_own_forward(bf16, monkeypatch):
+    """When every element is the ideal rounding, verify does not run the floor's forward again: the figures
+    must be those of running it (the control: forced to run, it gives the same numbers)."""
+    import polytool.verify as v
+
+    adapter, base, dense = bf16
+    code, skipped = verify_json(adapter, "--base", base, "--against", dense)
+    assert code == 0 and skipped["checks"][0]["weights"]["not_ideal"] == 0
+    ran = []
+    floor = v.Run.floor
+    monkeypatch.setattr(v, "_ideal_weights", lambda target, dtype: False)
+    monkeypatch.setattr(v.Run, "floor", lambda self, *a: ran.append(1) or floor(self, *a))
+    code, forced = verify_json(adapter, "--base", base, "--against", dense)
+    assert code == 0 and ran == [1]
+    keys = ("rounding_floor_rel", "max_rel_err", "module_max_rel_err")
+    assert {k: forced["checks"][0][k] for k in keys} == {k: skipped["checks"][0][k] for k in keys}
 
 
 def test_ulps():

@@ -31,7 +31,8 @@ from ..routing import TaskSpec, parse_task_spec
 from .artifacts import Target, artifact_targets
 from .compare import errors, forward, kl, make_check, non_finite, top1
 from .inputs import DEFAULT_INPUTS, DEFAULT_SEQ_LEN, prompt_inputs, random_inputs
-from .models import base_config, linear_layers, load_model, model_class, resolve_device, stored_dtype, utf8_path
+from .models import (base_config, linear_layers, load_model, model_class, release_memory, resolve_device, stored_dtype,
+                     utf8_path)
 from .report import render_report
 
 __all__ = ["verify", "render_report", "run_checks", "Target", "TOLERANCES", "FLOOR_MULTIPLE"]
@@ -183,7 +184,7 @@ class Run:
         """The base's float32 weight of an adapted module: the model's own, or read from the checkpoint where
         accelerate offloaded it (--max-memory)."""
         weight = self.layers[name].weight
-        return self._checkpoint_weight(name) if weight.is_meta else weight.detach()
+        return self._checkpoint_weight(name).float() if weight.is_meta else weight.detach()
 
     @contextmanager
     def weights_in_place(self, weights: Iterator[tuple[str, Callable[[], Any]]]) -> Iterator[None]:
@@ -227,30 +228,22 @@ class Run:
                         layer.weight.copy_(self._checkpoint_weight(original))
 
     def _checkpoint_weight(self, name: str):
-        """The base checkpoint's weight of an adapted module, as float32 (one tensor read)."""
-        import torch
-
+        """The base checkpoint's weight of an adapted module in its stored dtype, a view of the mapped file
+        (copied into a float32 weight, it converts without a temporary)."""
         from ..checkpoint import SafetensorsFile
 
         source = self.targets[name].source
-        with SafetensorsFile(self.base.directory / self.base.tensors[source].shard) as st:
-            return torch.from_numpy(st.float_array(source, np.float32))
+        return SafetensorsFile(self.base.directory / self.base.tensors[source].shard).tensor(source)
 
     def _artifact_weights(self, path: Path) -> Iterator[tuple[str, Callable[[], Any]]]:
-        """A dense artifact's merged weights, each read when its producer is called (float32)."""
-        import torch
-
+        """A dense artifact's merged weights, each read when its producer is called (a view of the mapped file,
+        in its stored dtype)."""
         from ..basemodel import open_base
         from ..checkpoint import SafetensorsFile
 
         dense = open_base(path)
-
-        def read(key):
-            with SafetensorsFile(path / dense.tensors[key].shard) as st:
-                return torch.from_numpy(st.float_array(key, np.float32))
-
         for name, target in self.targets.items():
-            yield name, (lambda key=target.key: read(key))
+            yield name, (lambda key=target.key: SafetensorsFile(path / dense.tensors[key].shard).tensor(key))
 
     def _artifact_heads(self, path: Path) -> dict:
         """A dense artifact's trained heads (modules_to_save), by model tensor name."""
@@ -320,6 +313,7 @@ def run_checks(adapter: PolyAdapter, base_dir: Path, class_name: str, family: st
     if bad is not None:
         raise CheckpointError(f"the model's own outputs contain NaN or Inf on these inputs (first: {bad}): its "
                               "weights are broken (or overflow in float32), so no comparison can be made", base_dir)
+    del base_modules  # only the outputs are compared with the base (the adapter's effect)
     checks, live, effect, current = [], None, None, object()
     order = list(dict.fromkeys(t.spec for t in targets))
     ordered = sorted(targets, key=lambda t: order.index(t.spec))  # stable: one reference run per task spec
@@ -333,10 +327,24 @@ def run_checks(adapter: PolyAdapter, base_dir: Path, class_name: str, family: st
         half_dense = target.kind == "dense" and target.dtype in HALF
         defaults = TOLERANCES["float32" if half_dense else target.dtype]
         tol = tuple(defaults[i] if tolerance[i] is None else tolerance[i] for i in (0, 1))
-        floor = run.floor(target, live) if half_dense else None
+        floor = None
+        if half_dense and _ideal_weights(target, run.base_dtype):  # the same model as the ideal rounding's
+            floor = errors(out, live[0]), errors(modules, live[1])
+        elif half_dense:
+            floor = run.floor(target, live)
         checks.append(make_check(target, errors(out, live[0]), errors(modules, live[1]), effect, tol, allow_noop,
                                  top1(out, live[0]), kl(out, live[0]), max_kl, floor, FLOOR_MULTIPLE))
+        del out, modules
+        release_memory()
     return sorted(base_out), checks
+
+
+def _ideal_weights(target: Target, base_dtype: str) -> bool:
+    """The weight-space check found every element of the artifact equal to the ideal rounding (no trained
+    head, no tensor converted): its forward is the rounding floor's, which then need not be run again."""
+    w = target.weights
+    return bool(w) and w["not_ideal"] == 0 and w["replaced"] == 0 and w["first_bad"] is None \
+        and target.dtype == base_dtype
 
 
 def _dense_weight_checks(targets: list[Target], adapter: PolyAdapter, base_dir: Path) -> None:
@@ -378,6 +386,7 @@ def verify(adapter_dir: str | Path, base_dir: str | Path | None, against: tuple 
     if against:
         targets = [t for path in against for t in artifact_targets(Path(path), adapter, base_dir, spec)]
         _dense_weight_checks(targets, adapter, base_dir)
+        release_memory()  # the chunks and updates of the weight check, before the model is loaded
     else:  # self-check: every task (or the one --task names), collapsed in memory by the product code
         base_dtype = stored_dtype(base_dir, config)
         targets = [Target(s, kind, "<in memory>", "float32" if kind == "lora" else base_dtype)

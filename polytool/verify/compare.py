@@ -121,8 +121,10 @@ def kl(out: dict[str, list], ref: dict[str, list]) -> tuple[float, float] | None
         return None
     per_position = []
     for a, b in zip(out["logits"], ref["logits"]):
-        log_p, log_q = b.double().log_softmax(-1), a.double().log_softmax(-1)  # (..., vocab)
-        per_position.append((log_p.exp() * (log_p - log_q)).sum(-1).flatten())  # (positions,)
+        a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])  # (positions, vocab)
+        for lo in range(0, b.shape[0], 8):  # a few positions at a time: float64 copies of all logits are large
+            log_p, log_q = b[lo:lo + 8].double().log_softmax(-1), a[lo:lo + 8].double().log_softmax(-1)
+            per_position.append((log_p.exp() * (log_p - log_q)).sum(-1))
     values = torch.cat(per_position)
     if not bool(torch.isfinite(values).all()):
         return math.inf, math.inf
