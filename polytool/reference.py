@@ -136,11 +136,32 @@ class ReferenceAdapter:
             B_blocks.append(B_q)
         return torch.cat(A_blocks, dim=0), torch.cat(B_blocks, dim=1)  # (in, r), (r, out)
 
+    def update(self, module: str, spec: RoutingSpec) -> "LowRankUpdate":
+        """delta(module, spec), computed a block of rows at a time when indexed (update[lo:hi])."""
+        return LowRankUpdate(*self.factors(module, spec), self.r)
+
     def delta(self, module: str, spec: RoutingSpec) -> torch.Tensor:
         """The (out, in) float64 update of a Linear's weight: (A @ B / r).T, computed as B.T @ A.T / r so that
         it is contiguous in (out, in) (read row by row in weight space)."""
         A, B = self.factors(module, spec)
         return (B.T @ A.T).div_(self.r)
+
+
+class LowRankUpdate:
+    """The (out, in) update (A @ B / r).T of factors A (in, r) and B (r, out), never held whole: indexing rows
+    computes them (B.T[rows] @ A.T / r); `.T` is the (in, out) layout, rows A[rows] @ B / r."""
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, r: int, transposed: bool = False):
+        self.A, self.B, self.r, self.transposed = A, B, r, transposed
+
+    @property
+    def T(self) -> "LowRankUpdate":
+        return LowRankUpdate(self.A, self.B, self.r, not self.transposed)
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        if self.transposed:
+            return (self.A[rows] @ self.B).div_(self.r)
+        return (self.B.T[rows] @ self.A.T).div_(self.r)
 
 
 def _normalise(w: torch.Tensor) -> torch.Tensor:

@@ -361,7 +361,7 @@ def _dense_weight_checks(targets: list[Target], adapter: PolyAdapter, base_dir: 
             delta = recipe.delta
         else:
             reference = reference or ReferenceAdapter(adapter.directory)
-            delta = (lambda ref, spec: lambda module: ref.delta(module, spec))(reference, target.spec)
+            delta = (lambda ref, spec: lambda module: ref.update(module, spec))(reference, target.spec)
         target.weights = check_dense_weights(target.path, base_dir, adapter, delta)
 
 

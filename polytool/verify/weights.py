@@ -27,7 +27,7 @@ from ..export import saved_module_keys
 
 # stored dtype -> (explicit mantissa bits, smallest normal exponent)
 FORMATS = {"F64": (52, -1022), "F32": (23, -126), "BF16": (7, -126), "F16": (10, -14)}
-CHUNK = 1 << 22  # elements compared at once (32 MB in float64)
+CHUNK = 1 << 17  # elements compared at once (1 MB in float64: the passes over a chunk stay in cache)
 
 
 def ulps(got: np.ndarray, want: np.ndarray, dtype: str) -> float:
@@ -97,7 +97,8 @@ def same_bytes(a: SafetensorsFile, b: SafetensorsFile, key: str, key_b: str) -> 
 
 def check_dense_weights(path: Path, base_dir: Path, adapter: PolyAdapter, delta: Any) -> dict:
     """{"merged", "replaced", "identical", "max_ulps", "not_ideal", "first_bad", "first_bad_ulps"} for the dense
-    model at `path`; `delta(module)` is the reference's (out, in) float64 update of each adapted module."""
+    model at `path`; `delta(module)` is the reference's (out, in) float64 update of each adapted module (a tensor,
+    or anything whose rows [lo:hi] are one, with a `.T`: reference.LowRankUpdate)."""
     import torch
 
     dense, base = open_base(path), open_base(base_dir)
@@ -131,7 +132,7 @@ def check_dense_weights(path: Path, base_dir: Path, adapter: PolyAdapter, delta:
                 counts["identical"] += 1
             else:
                 if target is not None:
-                    update = delta(target.module)  # (out, in), float64: the reference's
+                    update = delta(target.module)  # (out, in), float64: the reference's (or rows of it)
                     update = update.T if target.transposed else update  # the stored layout
                     base_values = flat(base_st, source)
                     error, off = compare(st, key, lambda lo, hi: base_values(lo, hi) + update[lo:hi].reshape(-1))
