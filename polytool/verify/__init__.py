@@ -201,7 +201,7 @@ class Run:
                 layer = self.layers[name]
                 if layer.weight.is_meta:
                     def hook(mod, args, out, name=name, produce=produce, conv1d=_is_conv1d(layer)):
-                        D = produce().to(torch.float32) - self.base_weight(name)  # stored layout
+                        D = produce().to(torch.float32, copy=True).sub_(self.base_weight(name))  # stored layout
                         x = args[0].to(torch.float32)
                         update = x @ D if conv1d else x @ D.T  # (..., in) -> (..., out)
                         return (out.to(torch.float32) + update.to(out.device)).to(out.dtype)

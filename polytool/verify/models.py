@@ -95,7 +95,8 @@ def load_model(directory: Path, class_name: str, device: str, max_memory: int | 
         tf.utils.logging.disable_progress_bar()  # progress bars only on a terminal
     tf.utils.logging.set_verbosity_error()  # its load report is multi-line; what matters is raised below
     try:
-        model, info = cls.from_pretrained(directory, **kwargs)
+        with _read_not_mapped():
+            model, info = cls.from_pretrained(directory, **kwargs)
     except Exception as exc:  # transformers raises many types for a bad checkpoint
         raise CheckpointError(f"cannot load the model ({why(exc)})", directory) from None
     finally:
@@ -112,6 +113,27 @@ def load_model(directory: Path, class_name: str, device: str, max_memory: int | 
     if device == "cuda":
         model.to("cuda")
     return model.eval()
+
+
+@contextmanager
+def _read_not_mapped() -> Iterator[None]:
+    """transformers reads safetensors checkpoints through the library's `pread` backend (as it does on Windows)
+    instead of a memory map: a mapped checkpoint stays in the process's resident memory, every page read,
+    until the load ends (the whole checkpoint beside the model), where pread's buffers are freed tensor by
+    tensor."""
+    import transformers.modeling_utils as loading
+
+    mapped = loading.safe_open
+
+    def pread(file, framework="pt", device="cpu", backend=None, **kwargs):
+        return mapped(file, framework=framework, device=device, backend="pread" if device == "cpu" else backend,
+                      **kwargs)
+
+    loading.safe_open = pread
+    try:
+        yield
+    finally:
+        loading.safe_open = mapped
 
 
 @contextmanager
