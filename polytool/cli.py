@@ -333,8 +333,9 @@ def _render_merge(data: dict) -> str:
 @click.option("--reference", type=click.Choice(["polytool", "peft"]), default="polytool", show_default=True,
               help="The routed model trusted: polytool's independent reference, or PEFT's own Poly model (and "
                    "PEFT's loader for LoRA artifacts; needs PEFT).")
-@click.option("--max-memory", metavar="SIZE", help="Keep at most SIZE (e.g. 1GB) of the model in memory; accelerate "
-                                                 "offloads the rest to --offload-dir (needs polytool[auto]).")
+@click.option("--max-memory", metavar="SIZE", help="Run in about SIZE (e.g. 1GB) of memory: accelerate keeps what "
+                                                 "the process does not already hold of it for the model and offloads "
+                                                 "the rest to --offload-dir (needs polytool[auto]).")
 @click.option("--offload-dir", type=click.Path(path_type=Path), help="With --max-memory: where the offloaded "
                                                                      "weights go (default: a temporary directory).")
 @click.option("--gguf-base", type=click.Path(path_type=Path), metavar="BASE.gguf",

@@ -2,6 +2,7 @@
 artifacts, and the device they run on."""
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -70,7 +71,8 @@ def model_class(task_type: str | None, config) -> tuple[str, str]:
 def load_model(directory: Path, class_name: str, device: str, max_memory: int | None = None,
                offload_dir: Path | None = None):
     """A transformers model in eval mode, upcast to float32, on `device` (auto: device_map). With `max_memory`
-    (bytes) accelerate keeps at most that much of it in CPU memory and offloads the rest to `offload_dir`."""
+    (bytes, the run's budget) accelerate keeps at most that much less what the process already holds in CPU
+    memory and offloads the rest to `offload_dir`."""
     import torch
     import transformers as tf
 
@@ -88,7 +90,9 @@ def load_model(directory: Path, class_name: str, device: str, max_memory: int | 
     if max_memory is not None:
         import tempfile
 
-        kwargs["max_memory"] = {"cpu": max_memory}
+        # SIZE is the run's budget: what the process already holds (torch, transformers, ~0.35 GB) is not
+        # the model's to fill
+        kwargs["max_memory"] = {"cpu": max(max_memory - resident_bytes(), 0)}
         kwargs["offload_folder"] = str(offload_dir or tempfile.mkdtemp(prefix="polytool-offload-"))
     bars, verbosity = tf.utils.logging.is_progress_bar_enabled(), tf.utils.logging.get_verbosity()
     if not sys.stderr.isatty():
@@ -169,6 +173,15 @@ def _float32_buffers(model) -> None:
         if name not in kept and name in own and buffer.is_floating_point():
             module, _, leaf = name.rpartition(".")
             model.get_submodule(module)._buffers[leaf] = buffer.to(own[name].device)
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux; 0 where /proc is not there)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def release_memory() -> None:
