@@ -192,3 +192,24 @@ def test_check_output_protects_inputs(tmp_path):
         with pytest.raises(PolytoolError, match="overlaps the input"):
             check_output(out, force=True, inputs=[src])
     check_output(tmp_path / "other", force=False, inputs=[src])
+
+
+def test_released_pages_read_again_and_tensor_views(tmp_path):
+    """SafetensorsFile.release drops a tensor's mapped pages; reading it again must give the same values, and
+    .tensor() is a zero-copy view in the stored dtype (bf16 included) equal to the decoded array."""
+    import torch
+
+    from polytool.checkpoint import SafetensorsFile, save_file
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "t.safetensors"
+    big = rng.standard_normal((300, 1000)).astype(np.float32)  # spans many pages
+    save_file(path, {"big": big, "half": ("BF16", f32_to_bf16(big[:3]))})
+    with SafetensorsFile(path) as st:
+        before = st.float_array("big")
+        st.release("big")
+        assert np.array_equal(st.float_array("big"), before) and np.array_equal(before, big)
+        view = st.tensor("half")
+        assert view.dtype == torch.bfloat16 and view.shape == (3, 1000)
+        assert np.array_equal(view.float().numpy(), st.float_array("half", np.float32))
+        del view

@@ -284,3 +284,16 @@ def test_tied_head_in_modules_to_save_is_untied_as_peft_does(tmp_path):
     assert matrix.rel_err(got, matrix.run(peft, files, 2)) > 100 * BOUND  # control: another task
     assert base.lm_head.weight is base.get_input_embeddings().weight  # tied again after the block
     assert torch.equal(matrix.run(base, files), bare)
+
+
+def test_low_rank_update_rows_are_the_delta(matrix_case):
+    """verify's weight check reads the update a block of rows at a time (LowRankUpdate): each block, in both
+    layouts, must be the whole delta's rows; the control, another task's update, is not."""
+    files = matrix_case("llama-mhr")
+    ref = ReferenceAdapter(files.adapter_dir)
+    module = ref.modules[0]
+    whole, update, other = ref.delta(module, 1), ref.update(module, 1), ref.update(module, 2)
+    for got, want in ((update, whole), (update.T, whole.T)):
+        rows = torch.cat([got[lo:lo + 5] for lo in range(0, want.shape[0], 5)])
+        assert rows.dtype == torch.float64 and float((rows - want).abs().max()) <= 1e-14 * float(want.abs().max())
+    assert float((other[0:5] - whole[0:5]).abs().max()) > 1e-3 * float(whole.abs().max())
