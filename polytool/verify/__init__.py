@@ -347,7 +347,8 @@ def _ideal_weights(target: Target, base_dtype: str) -> bool:
         and target.dtype == base_dtype
 
 
-def _dense_weight_checks(targets: list[Target], adapter: PolyAdapter, base_dir: Path) -> None:
+def _dense_weight_checks(targets: list[Target], adapter: PolyAdapter, base_dir: Path,
+                         progress: Callable | None = None) -> None:
     """Every dense artifact directory checked in weight space against the reference's update (weights.py)."""
     from ..reference import ReferenceAdapter, ReferenceRecipe
     from .weights import check_dense_weights
@@ -362,7 +363,7 @@ def _dense_weight_checks(targets: list[Target], adapter: PolyAdapter, base_dir: 
         else:
             reference = reference or ReferenceAdapter(adapter.directory)
             delta = (lambda ref, spec: lambda module: ref.update(module, spec))(reference, target.spec)
-        target.weights = check_dense_weights(target.path, base_dir, adapter, delta)
+        target.weights = check_dense_weights(target.path, base_dir, adapter, delta, progress)
 
 
 def verify(adapter_dir: str | Path, base_dir: str | Path | None, against: tuple = (), task: str | None = None,
@@ -385,7 +386,7 @@ def verify(adapter_dir: str | Path, base_dir: str | Path | None, against: tuple 
     class_name, family = model_class(adapter.task_type, config)
     if against:
         targets = [t for path in against for t in artifact_targets(Path(path), adapter, base_dir, spec)]
-        _dense_weight_checks(targets, adapter, base_dir)
+        _dense_weight_checks(targets, adapter, base_dir, progress)
         release_memory()  # the chunks and updates of the weight check, before the model is loaded
     else:  # self-check: every task (or the one --task names), collapsed in memory by the product code
         base_dtype = stored_dtype(base_dir, config)
