@@ -305,7 +305,10 @@ def run_checks(adapter: PolyAdapter, base_dir: Path, class_name: str, family: st
     """Load the base once; per task spec, compare the reference with the base and with each target.
     `one_copy` False loads dense artifacts whole (the old way; tests compare the two); `progress`:
     (items, total, label) -> items, e.g. a bar on a terminal."""
-    run = Run(adapter, base_dir, class_name, family, batches, device, reference, one_copy, max_memory, offload_dir)
+    # a bar of one step around the load: transformers' own tqdm bar does not show on every terminal
+    for _ in progress([None], 1, "loading the base") if progress else [None]:
+        run = Run(adapter, base_dir, class_name, family, batches, device, reference, one_copy, max_memory,
+                  offload_dir)
     if info is not None:  # what the caller reports beside the checks
         info["offloaded"] = run.offloaded
     base_out, base_modules = run.run(run.model, run.capture)
