@@ -165,6 +165,41 @@ def test_the_floor_of_an_ideally_rounded_artifact_is_its_own_forward(bf16, monke
     assert {k: forced["checks"][0][k] for k in keys} == {k: skipped["checks"][0][k] for k in keys}
 
 
+def test_the_self_checks_floor_is_skipped_only_when_its_product_is_the_ideal(bf16, monkeypatch):
+    """The self-check compares its product's dense weights with the ideal rounding as it makes them: equal, the
+    floor's forward is not run, and forcing it gives the same figures; a product one ulp off somewhere runs it."""
+    import polytool.verify as v
+
+    adapter, base, _ = bf16
+    ran = []
+    floor = v.Run.floor
+    monkeypatch.setattr(v.Run, "floor", lambda self, *a: ran.append(1) or floor(self, *a))
+    code, skipped = verify_json(adapter, "--base", base, "--task", "1")
+    assert code == 0 and ran == []
+    monkeypatch.setattr(v, "_ideal_weights", lambda target, dtype: False)
+    code, forced = verify_json(adapter, "--base", base, "--task", "1")
+    assert code == 0 and ran == [1]
+    keys = ("rounding_floor_rel", "max_rel_err", "module_max_rel_err")
+    dense = [[c[k] for k in keys] for rep in (skipped, forced) for c in rep["checks"] if c["kind"] == "dense"]
+    assert dense[0] == dense[1]
+    monkeypatch.undo()
+    monkeypatch.setattr(v.Run, "floor", lambda self, *a: ran.append(2) or floor(self, *a))
+    product = v._product_dense
+
+    def one_ulp_off(*args):  # the control: the first weight's first element moved by one bf16 ulp
+        for i, (name, produce) in enumerate(product(*args)):
+            def moved(produce=produce, first=i == 0):
+                weight = produce()
+                if first:
+                    weight.view(torch.int16).view(-1)[0] += 1
+                return weight
+            yield name, moved
+
+    monkeypatch.setattr(v, "_product_dense", one_ulp_off)
+    verify_json(adapter, "--base", base, "--task", "1")
+    assert ran == [1, 2]
+
+
 def test_ulps():
     want = np.array([1.0, 3.0, 0.0])
     assert ulps(want + np.array([2 ** -7, 0, 0]), want, "BF16") == pytest.approx(1.0)

@@ -34,6 +34,7 @@ from .inputs import DEFAULT_INPUTS, DEFAULT_SEQ_LEN, prompt_inputs, random_input
 from .models import (base_config, linear_layers, load_model, model_class, release_memory, resolve_device, stored_dtype,
                      utf8_path)
 from .report import render_report
+from .weights import CHUNK
 
 __all__ = ["verify", "render_report", "run_checks", "Target", "TOLERANCES", "FLOOR_MULTIPLE"]
 
@@ -71,8 +72,13 @@ def _merged(base_weight: Callable[[str], Any], deltas: Iterator[tuple[str, Calla
     import torch
 
     def producer(name, delta):
-        weight = base_weight(name)
-        return (weight.double() + torch.as_tensor(delta()).to(weight.device)).to(getattr(torch, dtype))
+        weight, update = base_weight(name), delta()  # update: a tensor, an array, or a LowRankUpdate
+        out = torch.empty(weight.shape, dtype=getattr(torch, dtype), device=weight.device)
+        step = max(1, CHUNK // max(1, weight[0].numel())) if weight.dim() else 1
+        for lo in range(0, weight.shape[0] if weight.dim() else 1, step):  # rows that stay in cache
+            rows = torch.as_tensor(update[lo:lo + step]).to(weight.device)
+            out[lo:lo + step] = torch.add(rows, weight[lo:lo + step]).to(out.dtype)  # float64, rounded once
+        return out
 
     for name, delta in deltas:
         yield name, (lambda name=name, delta=delta: producer(name, delta))
@@ -151,10 +157,11 @@ class Run:
         return cache[target.spec]
 
     def delta_of(self, target: Target) -> Callable[[str], Any]:
-        """module -> the reference's (out, in) float64 update for `target`'s task spec or merge recipe."""
+        """module -> the reference's (out, in) float64 update for `target`'s task spec or merge recipe (for a
+        task spec, computed a block of rows at a time as it is indexed)."""
         if target.recipe is not None:
             return self.recipe(target).delta
-        return lambda module: self.reference.delta(module, target.spec)
+        return lambda module: self.reference.update(module, target.spec)
 
     def routed(self, target: Target) -> tuple[dict, dict]:
         """The reference's outputs and adapted modules' outputs for `target`'s task spec (or merge recipe)."""
@@ -272,8 +279,8 @@ class Run:
                 stack.enter_context(self.weights_in_place(self._artifact_weights(target.path)))
                 stack.enter_context(swap_saved_modules(self.model, self._artifact_heads(target.path)))
             elif target.kind == "dense":
-                stack.enter_context(self.weights_in_place(_product_dense(self.adapter, target.spec, self.layers,
-                                                                         self.base_weight, self.base_dtype)))
+                product = _product_dense(self.adapter, target.spec, self.layers, self.base_weight, self.base_dtype)
+                stack.enter_context(self.weights_in_place(self._against_ideal(target, product)))
                 stack.enter_context(swap_saved_modules(self.model, _saved(self.adapter)))
             else:
                 lora = target.lora if target.lora is not None else _product_lora(self.adapter, target.spec)
@@ -287,6 +294,23 @@ class Run:
                     stack.callback(handle.remove)
                 stack.enter_context(swap_saved_modules(self.model, lora.saved))
             yield self.model, self.capture
+
+    def _against_ideal(self, target: Target, weights: Iterator[tuple[str, Callable[[], Any]]]) -> Iterator:
+        """`weights` as they are made, each compared with the ideal rounding of the same module (made from the
+        same base weight, before it is replaced): `target.ideal` says whether all were equal, so that the
+        rounding floor's forward, which would compute with the ideal weights, need not be run again."""
+        import torch
+
+        ideal = dict(_ideal_dense(self.delta_of(target), list(self.capture), self.layers, self.base_weight,
+                                  target.dtype))
+        target.ideal = True
+        for name, produce in weights:
+            def made(name=name, produce=produce):
+                weight = produce()
+                target.ideal = bool(target.ideal and torch.equal(weight, ideal[name]()))
+                return weight
+
+            yield name, made
 
     def floor(self, target: Target, live: tuple[dict, dict]) -> tuple[dict, dict]:
         """Errors of the ideal rounding of the dense weights to the target's dtype (outputs, modules)."""
@@ -343,8 +367,11 @@ def run_checks(adapter: PolyAdapter, base_dir: Path, class_name: str, family: st
 
 
 def _ideal_weights(target: Target, base_dtype: str) -> bool:
-    """The weight-space check found every element of the artifact equal to the ideal rounding (no trained
-    head, no tensor converted): its forward is the rounding floor's, which then need not be run again."""
+    """Every element of the artifact equals the ideal rounding (the weight-space check found so, with no trained
+    head and no tensor converted; or the self-check's product was): its forward is the rounding floor's,
+    which then need not be run again."""
+    if target.ideal:  # the self-check's product, compared with the ideal as it was made (Run._against_ideal)
+        return True
     w = target.weights
     return bool(w) and w["not_ideal"] == 0 and w["replaced"] == 0 and w["first_bad"] is None \
         and target.dtype == base_dtype

@@ -29,6 +29,7 @@ class Target:
     notes: list[str] = field(default_factory=list)
     weights: dict[str, Any] | None = None  # a dense artifact's weight-space check (weights.py)
     recipe: dict | None = None  # a `polytool merge` output: its recipe (spec is then "merge:<hash>")
+    ideal: bool | None = None  # the self-check's dense weights all equal the ideal rounding (compared as made)
 
 
 RECIPE_KEY = "polytool.recipe"
