@@ -121,7 +121,16 @@ class ReferenceAdapter:
         return sum(c * self.task_weights(module, t) for t, c in spec.items())  # a mix: sum_i c_i w_i
 
     def factors(self, module: str, spec: RoutingSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        """A (in, r) and B (r, out) in float64, mixed split by split."""
+        """A (in, r) and B (r, out) in float64, mixed split by split (kept per module and task: every forward
+        of a verify run asks for them again, and they are small)."""
+        spec = routing_spec(spec, self.n_tasks)
+        key = (module, spec if not isinstance(spec, dict) else tuple(sorted(spec.items())))
+        cache = self.__dict__.setdefault("_factors", {})
+        if key not in cache:
+            cache[key] = self._mix(module, spec)
+        return cache[key]
+
+    def _mix(self, module: str, spec: RoutingSpec) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.weights(module, spec)  # (q, s)
         poly_A = self._tensor(module, ".poly_lora_A")  # (q, s, in/q, r)
         poly_B = self._tensor(module, ".poly_lora_B")  # (q, s, r, out/q)
