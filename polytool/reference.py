@@ -162,15 +162,14 @@ class LowRankUpdate:
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor, r: int, transposed: bool = False):
         self.A, self.B, self.r, self.transposed = A, B, r, transposed
+        self._right = B / r if transposed else A.T / r  # 1/r on the small factor, once (exact for r = 2^k)
 
     @property
     def T(self) -> "LowRankUpdate":
         return LowRankUpdate(self.A, self.B, self.r, not self.transposed)
 
     def __getitem__(self, rows: slice) -> torch.Tensor:
-        if self.transposed:
-            return (self.A[rows] @ self.B).div_(self.r)
-        return (self.B.T[rows] @ self.A.T).div_(self.r)
+        return (self.A[rows] if self.transposed else self.B.T[rows]) @ self._right
 
 
 def _normalise(w: torch.Tensor) -> torch.Tensor:

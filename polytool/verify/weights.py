@@ -64,6 +64,16 @@ def _elements(st: SafetensorsFile, key: str, lo: int, hi: int):
         return torch.frombuffer(st.raw(key)[lo * size:hi * size], dtype=getattr(torch, TORCH_NAMES[st.dtype(key)]))
 
 
+def _same_bits(a, b) -> bool:
+    """Two flat tensors of one dtype hold the same bits (compared as 64-bit words where the length allows:
+    several times faster than torch.equal on half-precision values)."""
+    import torch
+
+    if a.numel() * a.element_size() % 8 == 0:
+        return torch.equal(a.view(torch.int64), b.view(torch.int64))
+    return torch.equal(a, b)
+
+
 def compare(st: SafetensorsFile, key: str, want: Callable[[int, int], Any]) -> tuple[float, int]:
     """(max ulps among the elements that are not the ideal rounding, how many those are) of tensor `key`
     against `want(lo, hi)`: the exact float64 values of its rows [lo, hi), flattened. An element equal to the
@@ -81,7 +91,7 @@ def compare(st: SafetensorsFile, key: str, want: Callable[[int, int], Any]) -> t
         hi = min(rows, lo + step)
         got, exact = _elements(st, key, lo * row, hi * row), want(lo, hi)
         ideal = exact.to(got.dtype)
-        if torch.equal(got, ideal):
+        if _same_bits(got, ideal):
             continue
         off = got != ideal
         if bool(off.any()):
@@ -147,8 +157,9 @@ def check_dense_weights(path: Path, base_dir: Path, adapter: PolyAdapter, delta:
                     row = int(np.prod(base.tensors[source].shape[1:]))
 
                     def exact(lo, hi, update=update, base_st=base_st, source=source, row=row):
-                        # the update's rows plus the base's (promoted to float64 by the add, exactly); a new tensor
-                        return torch.add(update[lo:hi].reshape(-1), _elements(base_st, source, lo * row, hi * row))
+                        # the update's rows plus the base's (read as float64, exactly), in a new tensor
+                        base_rows = _elements(base_st, source, lo * row, hi * row).double()
+                        return torch.add(update[lo:hi].reshape(-1), base_rows)
 
                     error, off = compare(st, key, exact)
                     counts["merged"] += 1
