@@ -96,6 +96,7 @@ def bench(size: str, work: Path, fraction: float) -> list[dict]:
               f"polytool --max-memory {limit}": verify + ["--max-memory", limit, "--offload-dir", str(d / "offload")]}
     results = []
     for route, cmd in routes.items():
+        shutil.rmtree(d / "offload", ignore_errors=True)  # a run starts from an empty offload directory
         r = timed(cmd, d)
         out = r.pop("out")
         check = out["checks"][0] if "checks" in out else out

@@ -189,7 +189,7 @@ class Run:
 
     def base_weight(self, name: str):
         """The base's float32 weight of an adapted module: the model's own, or read from the checkpoint where
-        accelerate offloaded it (--max-memory)."""
+        accelerate offloaded it (--max-memory; then possibly a read-only view of the mapped file)."""
         weight = self.layers[name].weight
         return self._checkpoint_weight(name).float() if weight.is_meta else weight.detach()
 
@@ -199,7 +199,7 @@ class Run:
         into the model's own tensors, so the run holds one model, and read back from the base checkpoint
         after; a weight tied to the embeddings gets a new tensor (merged alone, as `--untie`). A layer that
         accelerate offloaded (--max-memory) keeps its weight on disk: a forward hook adds x @ (W - W_base)
-        with W produced at each call, so memory stays at one weight."""
+        with W produced at each call and applied a block of rows at a time, so memory stays at one weight."""
         import torch
 
         changed, handles = [], []
@@ -208,16 +208,23 @@ class Run:
                 layer = self.layers[name]
                 if layer.weight.is_meta:
                     def hook(mod, args, out, name=name, produce=produce, conv1d=_is_conv1d(layer)):
-                        D = produce().to(torch.float32, copy=True).sub_(self.base_weight(name))  # stored layout
-                        x = args[0].to(torch.float32)
-                        update = x @ D if conv1d else x @ D.T  # (..., in) -> (..., out)
-                        return (out.to(torch.float32) + update.to(out.device)).to(out.dtype)
+                        W, base = produce(), self._checkpoint_weight(name)  # stored layout and dtypes
+                        x, update = args[0].to(torch.float32), out.to(torch.float32, copy=True)
+                        step = max(1, CHUNK // W.shape[1])
+                        for lo in range(0, W.shape[0], step):  # W - W_base a block of rows at a time
+                            D = W[lo:lo + step].to(torch.float32, copy=True)  # W may be a read-only map
+                            D -= base[lo:lo + step].to(torch.float32)
+                            if conv1d:  # (in, out): these rows are input features
+                                update += x[..., lo:lo + step] @ D
+                            else:  # (out, in): these rows are output features
+                                update[..., lo:lo + step] += x @ D.T
+                        return update.to(out.dtype)
 
                     handles.append(layer.register_forward_hook(hook))
                 elif self.targets[name].tied_to:
                     changed.append((layer, layer.weight))
-                    layer.weight = torch.nn.Parameter(produce().to(layer.weight.device, layer.weight.dtype),
-                                                      requires_grad=False)
+                    weight = produce().to(layer.weight.device, layer.weight.dtype, copy=True)  # never a map
+                    layer.weight = torch.nn.Parameter(weight, requires_grad=False)
                 else:
                     changed.append((layer, None))
                     with torch.no_grad():

@@ -2,6 +2,7 @@
 artifacts, and the device they run on."""
 from __future__ import annotations
 
+import math
 import os
 import sys
 from contextlib import contextmanager, nullcontext
@@ -90,9 +91,9 @@ def load_model(directory: Path, class_name: str, device: str, max_memory: int | 
     if max_memory is not None:
         import tempfile
 
-        # SIZE is the run's budget: what the process already holds (torch, transformers, ~0.35 GB) is not
-        # the model's to fill
-        kwargs["max_memory"] = {"cpu": max(max_memory - resident_bytes(), 0)}
+        # SIZE is the run's budget: what the process already holds (torch, transformers, ~0.4 GB) is not the
+        # model's to fill, nor is room for the weights in flight (accelerate onloads an offloaded layer whole)
+        kwargs["max_memory"] = {"cpu": max(max_memory - resident_bytes() - largest_tensor(directory), 0)}
         kwargs["offload_folder"] = str(offload_dir or tempfile.mkdtemp(prefix="polytool-offload-"))
     bars, verbosity = tf.utils.logging.is_progress_bar_enabled(), tf.utils.logging.get_verbosity()
     if not sys.stderr.isatty():
@@ -219,6 +220,17 @@ def stored_dtypes(directory: Path) -> set[str]:
         with SafetensorsFile(file) as st:
             found |= {st.dtype(k) for k in st.keys()}
     return found & set(FLOAT_DTYPES)
+
+
+def largest_tensor(directory: Path) -> int:
+    """The float32 size in bytes of the largest tensor of a model directory's safetensors."""
+    from ..checkpoint import SafetensorsFile
+
+    largest = 0
+    for file in sorted(directory.glob("*.safetensors")):
+        with SafetensorsFile(file) as st:
+            largest = max([largest, *(4 * math.prod(st.shape(k)) for k in st.keys())])
+    return largest
 
 
 def stored_dtype(directory: Path, config=None) -> str:
