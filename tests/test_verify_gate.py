@@ -336,3 +336,15 @@ def test_max_memory_offloads_and_gives_the_same_verdicts(dense2, tmp_path):
     bad = with_tensor(dense2, tmp_path / "nudged", "model.layers.1.mlp.down_proj.weight", lambda t: t[1, 2].add_(0.5))
     code, rep = verify_json(FIXTURES / "mhr", "--against", bad, "--max-memory", "100KB")  # the control
     assert code == 1 and rep["checks"][0]["first_failing_module"] == "model.layers.1.mlp.down_proj"
+
+
+def test_max_memory_is_the_runs_budget(dense2):
+    """SIZE counts what the process already holds: a budget that leaves room for the model keeps it in memory;
+    one only as large as the process (torch alone holds more than the ~0.4 MB model) offloads it."""
+    from polytool.verify.models import resident_bytes
+
+    held = resident_bytes()
+    assert held > 50 * 10**6  # torch and transformers are loaded in this process
+    for size, offloaded in ((held + 10**9, False), (held, True)):
+        code, rep = verify_json(FIXTURES / "mhr", "--against", dense2, "--inputs", 1, "--max-memory", str(size))
+        assert code == 0 and rep["offloaded"] is offloaded, (size, rep["offloaded"])
