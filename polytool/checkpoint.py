@@ -187,7 +187,7 @@ class SafetensorsFile:
         import torch
 
         entry = self.entries[name]
-        if entry["dtype"] not in TORCH_NAMES or self._mm is None:
+        if entry["dtype"] not in TORCH_NAMES or self._mm is None or self.nbytes(name) == 0:
             return torch.from_numpy(self.float_array(name, np.float32))
         with warnings.catch_warnings():  # read-only buffer: nothing writes to it
             warnings.simplefilter("ignore", UserWarning)
