@@ -221,19 +221,31 @@ def test_kl_is_reported_and_gates(dense2):
 # ---- one model copy -----------------------------------------------------------------------------------
 
 
-def test_one_copy_gives_the_figures_of_loading_the_artifact_whole(dense2):
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_one_copy_gives_the_figures_of_loading_the_artifact_whole(dense2, tmp_path, dtype):
+    """Streamed into the one model (merged weights only; every tensor where the artifact's dtype is not the
+    base's, as --dtype float16 makes it), a dense artifact gives the figures of loading it as a second model."""
     adapter = load_adapter(FIXTURES / "mhr")
     from polytool.verify.inputs import random_inputs
     from polytool.verify.models import base_config
 
+    dense = dense2
+    if dtype != "float32":
+        dense = tmp_path / dtype
+        assert cli("collapse", FIXTURES / "mhr", "--task", "2", "--to", "dense", "--dtype", dtype, "--out",
+                   dense).exit_code == 0
     batches, _ = random_inputs(base_config(FIXTURES / "tiny-llama"), 2, 16)
     figures = []
     for one_copy in (True, False):
-        target = Target(2, "dense", str(dense2), "float32", path=dense2)
+        target = Target(2, "dense", str(dense), dtype, path=dense)
         _, checks = run_checks(adapter, FIXTURES / "tiny-llama", "AutoModelForCausalLM", "causal", [target], batches,
                                "cpu", (None, None), False, one_copy=one_copy)
         figures.append({k: checks[0][k] for k in ("passed", "max_abs_err", "module_max_rel_err", "kl_max")})
-    assert figures[0] == figures[1] and figures[0]["passed"]
+    assert figures[0] == figures[1] and (figures[0]["passed"] or dtype != "float32")
+    # after it the one model holds the base's values again (read back): a check that follows is unchanged
+    _, alone = verify_json(FIXTURES / "mhr", "--against", dense2, "--task", 2)
+    _, after = verify_json(FIXTURES / "mhr", "--against", dense, "--against", dense2, "--task", 2)
+    assert after["checks"][-1]["max_abs_err"] == alone["checks"][0]["max_abs_err"]
 
 
 def test_a_corrupted_untouched_tensor_is_caught_in_weight_space(dense2, tmp_path):

@@ -259,6 +259,49 @@ class Run:
         for name, target in self.targets.items():
             yield name, (lambda key=target.key: SafetensorsFile(path / dense.tensors[key].shard).tensor(key))
 
+    def _all_tensors(self, path: Path) -> dict | None:
+        """{checkpoint key: the model's tensor} for every tensor of the dense artifact at `path`, where each has
+        one in the model (same name and shape; tied tensors given one value) and the base checkpoint holds
+        it too (to read it back); None where that is not so (then the artifact is loaded whole)."""
+        from ..basemodel import open_base
+        from ..checkpoint import FLOAT_DTYPES
+
+        dense = open_base(path)
+        named = self.model.state_dict(keep_vars=True)
+        pairs, seen = {}, set()
+        for key, info in dense.tensors.items():
+            tensor = named.get(key)
+            if tensor is None or tuple(tensor.shape) != tuple(info.shape) or key not in self.base.tensors \
+                    or info.dtype not in FLOAT_DTYPES or not tensor.is_floating_point() \
+                    or tensor.data_ptr() in seen:  # a tied twin written apart (--untie): not this model's layout
+                return None
+            seen.add(tensor.data_ptr())
+            pairs[key] = tensor
+        return pairs
+
+    @contextmanager
+    def _tensors_in_place(self, path: Path, pairs: dict) -> Iterator[None]:
+        """Inside the block the model's tensors hold the artifact's values (converted exactly to float32), copied
+        in one at a time from the mapped files; the base's are read back from its checkpoint after."""
+        import torch
+
+        from ..basemodel import open_base
+        from ..checkpoint import SafetensorsFile
+
+        def copy_from(directory: Path, tensors: dict, keys) -> None:
+            with torch.no_grad():
+                for key in keys:
+                    pairs[key].copy_(SafetensorsFile(directory / tensors[key].shard).tensor(key))
+
+        dense, done = open_base(path), []
+        try:
+            for key in pairs:
+                done.append(key)
+                copy_from(path, dense.tensors, [key])
+            yield
+        finally:
+            copy_from(self.base.directory, self.base.tensors, done)
+
     def _artifact_heads(self, path: Path) -> dict:
         """A dense artifact's trained heads (modules_to_save), by model tensor name."""
         from ..basemodel import open_base
@@ -276,13 +319,16 @@ class Run:
     @contextmanager
     def applied(self, target: Target) -> Iterator[tuple[Any, dict]]:
         """(model, {module name: module to capture}) that computes `target`."""
-        if target.path is not None and (target.dtype != self.base_dtype or not self.one_copy):
-            # every tensor was converted: the artifact's own values differ from the base's everywhere
+        converted = target.path is not None and target.dtype != self.base_dtype  # every tensor differs
+        pairs = self._all_tensors(target.path) if converted and self.one_copy and not self.offloaded else None
+        if target.path is not None and (not self.one_copy or (converted and pairs is None)):
             model = load_model(target.path, self.class_name, self.device, self.max_memory, self.offload_dir)
             yield model, {name: model.get_submodule(name) for name in self.capture}
             return
         with ExitStack() as stack:
-            if target.path is not None:  # one model copy: the merged weights and heads swapped in, streamed
+            if pairs is not None:  # one model copy: every tensor of the artifact copied in, streamed
+                stack.enter_context(self._tensors_in_place(target.path, pairs))
+            elif target.path is not None:  # one model copy: the merged weights and heads swapped in, streamed
                 stack.enter_context(self.weights_in_place(self._artifact_weights(target.path)))
                 stack.enter_context(swap_saved_modules(self.model, self._artifact_heads(target.path)))
             elif target.kind == "dense":
