@@ -2,6 +2,7 @@
 artifacts, and the device they run on."""
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -99,12 +100,16 @@ def load_model(directory: Path, class_name: str, device: str, max_memory: int | 
     if not sys.stderr.isatty():
         tf.utils.logging.disable_progress_bar()  # progress bars only on a terminal
     tf.utils.logging.set_verbosity_error()  # its load report is multi-line; what matters is raised below
+    dispatch = logging.getLogger("accelerate.big_modeling")  # "Some parameters are on the meta device": the
+    dispatch_level = dispatch.level  # report says when the model was offloaded
+    dispatch.setLevel(logging.ERROR)
     try:
         with _read_not_mapped() if max_memory is not None else nullcontext():
             model, info = cls.from_pretrained(directory, **kwargs)
     except Exception as exc:  # transformers raises many types for a bad checkpoint
         raise CheckpointError(f"cannot load the model ({why(exc)})", directory) from None
     finally:
+        dispatch.setLevel(dispatch_level)
         tf.utils.logging.set_verbosity(verbosity)
         if bars:
             tf.utils.logging.enable_progress_bar()
