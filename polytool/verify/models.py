@@ -79,11 +79,12 @@ def load_model(directory: Path, class_name: str, device: str, max_memory: int | 
     import transformers as tf
 
     cls = getattr(tf, class_name)
-    # Where every floating tensor is stored in one half dtype and the model stays in memory, it is loaded in
-    # that dtype and upcast after (exact): loading straight to float32 holds the float32 model beside every
-    # page of the memory-mapped checkpoint (1.5x the float32 size at the peak, measured in performance.md).
+    # Where every floating tensor is stored in one half dtype and the model stays whole on one device, it is
+    # loaded in that dtype and upcast after (exact): loading straight to float32 holds the float32 model beside
+    # every page of the memory-mapped checkpoint (1.5x the float32 size at the peak, see performance.md). Not
+    # with a device map: weights accelerate offloads would stay in the half dtype.
     stored = stored_dtypes(directory)
-    half = max_memory is None and len(stored) == 1 and next(iter(stored)) in ("BF16", "F16")
+    half = max_memory is None and device != "auto" and len(stored) == 1 and next(iter(stored)) in ("BF16", "F16")
     dtype = getattr(torch, TORCH_NAMES[next(iter(stored))]) if half else torch.float32
     # mismatched shapes are reported in `info` (refused below, in one line), not raised after a logged table
     kwargs: dict[str, Any] = {"dtype": dtype, "output_loading_info": True, "ignore_mismatched_sizes": True}
