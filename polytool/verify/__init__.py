@@ -288,19 +288,19 @@ class Run:
         from ..basemodel import open_base
         from ..checkpoint import SafetensorsFile
 
-        def copy_from(directory: Path, tensors: dict, keys) -> None:
+        def copy_in(directory: Path, tensors: dict, key: str) -> None:
             with torch.no_grad():
-                for key in keys:
-                    pairs[key].copy_(SafetensorsFile(directory / tensors[key].shard).tensor(key))
+                pairs[key].copy_(SafetensorsFile(directory / tensors[key].shard).tensor(key))
 
         dense, done = open_base(path), []
         try:
             for key in pairs:
                 done.append(key)
-                copy_from(path, dense.tensors, [key])
+                copy_in(path, dense.tensors, key)
             yield
         finally:
-            copy_from(self.base.directory, self.base.tensors, done)
+            for key in done:
+                copy_in(self.base.directory, self.base.tensors, key)
 
     def _artifact_heads(self, path: Path) -> dict:
         """A dense artifact's trained heads (modules_to_save), by model tensor name."""

@@ -38,8 +38,8 @@ def render_report(report: dict) -> str:
     report = {**report, "tolerances": {k: v for k, v in report["tolerances"].items() if k in used}}
     lines = [f"adapter   {report['adapter']} (sha256 {report['adapter_sha256'][:12]})",
              f"base      {report['base']} ({report['model_class']}; computed in float32 on {report['device']}"
-             + (f"; run in {_size(report['max_memory'])} of memory, the rest of the model offloaded" if report["offloaded"]
-                else "") + ")",
+             + (f"; run in {_size(report['max_memory'])} of memory, the rest of the model offloaded"
+                if report["offloaded"] else "") + ")",
              f"reference {report['reference']}",
              f"inputs    {_inputs(report['inputs'])}",
              f"compared  {', '.join(report['outputs'])} and the outputs of {report['modules']} adapted modules; "

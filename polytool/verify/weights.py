@@ -22,7 +22,7 @@ import numpy as np
 
 from ..adapter import PolyAdapter
 from ..basemodel import match_targets, open_base
-from ..checkpoint import DTYPES, TORCH_NAMES, SafetensorsFile
+from ..checkpoint import SafetensorsFile
 from ..export import saved_module_keys
 
 # stored dtype -> (explicit mantissa bits, smallest normal exponent)
@@ -51,17 +51,9 @@ def _ulps(got, want, dtype: str) -> float:
     return float(worst) if bool(torch.isfinite(err).all()) else float("inf")
 
 
-def _elements(st: SafetensorsFile, key: str, lo: int, hi: int):
-    """Elements [lo, hi) of a floating tensor, flattened, as a read-only torch view of the mapped file in its
-    stored dtype."""
-    import warnings
-
-    import torch
-
-    size = DTYPES[st.dtype(key)][1]
-    with warnings.catch_warnings():  # a read-only buffer: nothing here writes to it
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(st.raw(key)[lo * size:hi * size], dtype=getattr(torch, TORCH_NAMES[st.dtype(key)]))
+def _rows(st: SafetensorsFile, key: str):
+    """A non-empty floating tensor as a (rows, rest) read-only view of the mapped file, in its stored dtype."""
+    return st.tensor(key).reshape(st.shape(key)[0] if st.shape(key) else 1, -1)
 
 
 def _same_bits(a, b) -> bool:
@@ -78,18 +70,13 @@ def compare(st: SafetensorsFile, key: str, want: Callable[[int, int], Any]) -> t
     """(max ulps among the elements that are not the ideal rounding, how many those are) of tensor `key`
     against `want(lo, hi)`: the exact float64 values of its rows [lo, hi), flattened. An element equal to the
     ideal rounding (torch's of the exact value) is within half a unit by construction and is not measured."""
-    import torch
-
-    shape = st.shape(key)
-    if int(np.prod(shape)) == 0:
+    if int(np.prod(st.shape(key))) == 0:
         return 0.0, 0
-    row = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-    rows = shape[0] if shape else 1
-    step = max(1, CHUNK // max(row, 1))
+    rows = _rows(st, key)
+    step = max(1, CHUNK // rows.shape[1])
     worst, not_ideal = 0.0, 0
-    for lo in range(0, rows, step):
-        hi = min(rows, lo + step)
-        got, exact = _elements(st, key, lo * row, hi * row), want(lo, hi)
+    for lo in range(0, rows.shape[0], step):
+        got, exact = rows[lo:lo + step].reshape(-1), want(lo, lo + step)
         ideal = exact.to(got.dtype)
         if _same_bits(got, ideal):
             continue
@@ -133,9 +120,7 @@ def check_dense_weights(path: Path, base_dir: Path, adapter: PolyAdapter, delta:
         return files[file]
 
     def flat(st: SafetensorsFile, key: str):  # rows [lo, hi) of a tensor, exact, flattened
-        shape = st.shape(key)
-        row = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-        return lambda lo, hi: _elements(st, key, lo * row, hi * row).double()
+        return lambda lo, hi: _rows(st, key)[lo:hi].reshape(-1).double()
 
     try:
         items = dense.tensors.items()
@@ -154,12 +139,10 @@ def check_dense_weights(path: Path, base_dir: Path, adapter: PolyAdapter, delta:
                 if target is not None:
                     update = delta(target.module)  # (out, in), float64: the reference's (or rows of it)
                     update = update.T if target.transposed else update  # the stored layout
-                    row = int(np.prod(base.tensors[source].shape[1:]))
+                    base_rows = flat(base_st, source)  # read as float64, exactly
 
-                    def exact(lo, hi, update=update, base_st=base_st, source=source, row=row):
-                        # the update's rows plus the base's (read as float64, exactly), in a new tensor
-                        base_rows = _elements(base_st, source, lo * row, hi * row).double()
-                        return torch.add(update[lo:hi].reshape(-1), base_rows)
+                    def exact(lo, hi, update=update, base_rows=base_rows):  # update's rows + base's, a new tensor
+                        return torch.add(update[lo:hi].reshape(-1), base_rows(lo, hi))
 
                     error, off = compare(st, key, exact)
                     counts["merged"] += 1
