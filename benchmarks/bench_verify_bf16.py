@@ -34,7 +34,7 @@ def nudge(src: Path, dst: Path, key: str) -> None:
     """A copy of the model at `src` with element [1, 2] of `key` moved by two bfloat16 ulps."""
     shutil.copytree(src, dst)
     sys.path.insert(0, str(ROOT))
-    from polytool.checkpoint import SafetensorsFile
+    from polytool.formats.safetensors import SafetensorsFile
 
     index = json.loads((dst / "model.safetensors.index.json").read_text())
     shard = dst / index["weight_map"][key]

@@ -21,9 +21,9 @@ _LAZY = {
     "Linear": "polytool.poly.layer",
     "PolyModel": "polytool.poly.model",
     "get_poly_model": "polytool.poly.model",
-    "load_adapter": "polytool.adapter",
-    "PolyAdapter": "polytool.adapter",
-    "collapse_factors": "polytool.collapse",
+    "load_adapter": "polytool.formats.adapter",
+    "PolyAdapter": "polytool.formats.adapter",
+    "collapse_factors": "polytool.core.collapse",
     "PolytoolError": "polytool.errors",
 }
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from polytool.check import check, read_lora_facts
-from polytool.checkpoint import SafetensorsFile, save_file
+from polytool.check.rules import check
+from polytool.formats.lora import read_lora_facts
+from polytool.formats.safetensors import SafetensorsFile, save_file
 from polytool.cli import main
 
 

@@ -11,9 +11,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from polytool.checkpoint import (SafetensorsFile, SafetensorsWriter, TensorSpec, bf16_to_f32, cast_float, f32_to_bf16,
+from polytool.formats.safetensors import (SafetensorsFile, SafetensorsWriter, TensorSpec, bf16_to_f32, cast_float, f32_to_bf16,
                                  read_index, save_file)
-from polytool.outdir import atomic_output_dir, check_output
+from polytool.formats.atomic import atomic_output_dir, check_output
 from polytool.errors import CheckpointError, OutputExistsError, PolytoolError
 
 RNG = np.random.default_rng(0)
@@ -199,7 +199,7 @@ def test_released_pages_read_again_and_tensor_views(tmp_path):
     .tensor() is a zero-copy view in the stored dtype (bf16 included) equal to the decoded array."""
     import torch
 
-    from polytool.checkpoint import SafetensorsFile, save_file
+    from polytool.formats.safetensors import SafetensorsFile, save_file
 
     rng = np.random.default_rng(0)
     path = tmp_path / "t.safetensors"

@@ -17,9 +17,9 @@ def boom(*_args, **_kwargs):
 
 
 def test_internal_error_is_exit_3_and_one_line(monkeypatch):
-    import polytool.inspect
+    import polytool.inspect.report
 
-    monkeypatch.setattr(polytool.inspect, "build_report", boom)
+    monkeypatch.setattr(polytool.inspect.report, "build_report", boom)
     res = CliRunner().invoke(main, ["inspect", str(FIXTURES / "mhr")])
     assert res.exit_code == 3 and res.stdout == "" and "Traceback" not in res.output
     assert res.stderr == ("internal error: RuntimeError: something polytool did not foresee "
@@ -27,9 +27,9 @@ def test_internal_error_is_exit_3_and_one_line(monkeypatch):
 
 
 def test_internal_error_with_json_prints_one_object(monkeypatch):
-    import polytool.inspect
+    import polytool.inspect.report
 
-    monkeypatch.setattr(polytool.inspect, "build_report", boom)
+    monkeypatch.setattr(polytool.inspect.report, "build_report", boom)
     res = CliRunner().invoke(main, ["inspect", str(FIXTURES / "mhr"), "--json"])
     assert res.exit_code == 3
     assert json.loads(res.stdout) == {"error": "RuntimeError: something polytool did not foresee (rerun with --debug "
@@ -45,9 +45,9 @@ def test_input_error_with_json_prints_one_object(tmp_path):
 
 
 def test_debug_before_and_after_the_subcommand(monkeypatch):
-    import polytool.inspect
+    import polytool.inspect.report
 
-    monkeypatch.setattr(polytool.inspect, "build_report", boom)
+    monkeypatch.setattr(polytool.inspect.report, "build_report", boom)
     for args in (["--debug", "inspect", str(FIXTURES / "mhr")], ["inspect", str(FIXTURES / "mhr"), "--debug"],
                  ["inspect", "--debug", str(FIXTURES / "mhr")]):
         res = CliRunner().invoke(main, args)

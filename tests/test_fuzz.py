@@ -21,12 +21,12 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from polytool.adapter import load_adapter
-from polytool.basemodel import open_base
-from polytool.checkpoint import DTYPES, FLOAT_DTYPES, SafetensorsFile, save_file
+from polytool.formats.adapter import load_adapter
+from polytool.formats.base import open_base
+from polytool.formats.safetensors import DTYPES, FLOAT_DTYPES, SafetensorsFile, save_file
 from polytool.cli import main
 from polytool.errors import PolytoolError
-from polytool.merge import plan_merge
+from polytool.collapse.dense import DenseOptions, plan_merge
 
 ROOT = Path(__file__).resolve().parent.parent
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None,
@@ -208,6 +208,6 @@ def test_base_reader_and_planner(index, config, base_and_adapter):
     (base / "config.json").write_text(json.dumps(config))
     with no_hang():
         try:
-            plan_merge(adapter, 0, open_base(base), "BF16", untie=True, max_shard_size=50_000)
+            plan_merge(adapter, 0, open_base(base), DenseOptions("BF16", untie=True, max_shard_size=50_000))
         except PolytoolError:
             pass

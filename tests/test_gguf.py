@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from polytool.adapter import load_adapter
+from polytool.formats.adapter import load_adapter
 from polytool.cli import main
 from polytool.errors import PolytoolError
 
@@ -127,7 +127,7 @@ def collapse(*args: str) -> dict:
 def test_every_task_matches_the_routed_model_in_llama_cpp(gguf_case, name, tmp_path):
     """collapse --task all --to gguf: every task, run by llama.cpp, within the floor rule; a GGUF of
     another task fails (the negative control)."""
-    from polytool.gguf_verify import FLOOR_MULTIPLE, verify_gguf
+    from polytool.verify.gguf import FLOOR_MULTIPLE, verify_gguf
 
     adapter, base, base_gguf = gguf_case(name)
     out = tmp_path / "ggufs"
@@ -149,7 +149,7 @@ def test_gpt2_conv1d_in_llama_cpp(gguf_case, converters, tmp_path):
     """GPT-2 (Conv1D targets): our untransposed GGUF matches the routed model in llama.cpp, while what
     convert_lora_to_gguf.py writes from the same PEFT LoRA (transposed like the Conv1D weights) is
     refused by llama.cpp and by verify."""
-    from polytool.gguf_verify import verify_gguf
+    from polytool.verify.gguf import verify_gguf
 
     adapter, base, base_gguf = gguf_case("gpt2-conv1d")
     ours = tmp_path / "t1.gguf"
@@ -161,7 +161,7 @@ def test_gpt2_conv1d_in_llama_cpp(gguf_case, converters, tmp_path):
                   "--outfile", str(tmp_path / "theirs.gguf"), "--outtype", "f32")
     with pytest.raises(PolytoolError, match="its tensors are not this adapter's"):
         verify_gguf(adapter, base, tmp_path / "theirs.gguf", base_gguf, task="1")
-    from polytool.gguf_verify import llama_logits
+    from polytool.verify.gguf import llama_logits
 
     with pytest.raises(PolytoolError, match="has incorrect shape"):  # llama.cpp's own refusal, surfaced
         llama_logits(base_gguf, np.zeros((1, 4), dtype=np.int64), tmp_path / "theirs.gguf")
@@ -169,7 +169,7 @@ def test_gpt2_conv1d_in_llama_cpp(gguf_case, converters, tmp_path):
 
 def test_cli_exit_codes(gguf_case, tmp_path):
     """exit 0 for the right GGUF, 1 for another task's, 1 for a wrong q/k permutation, 2 for another base's."""
-    from polytool.gguf import plan_gguf, write_gguf
+    from polytool.collapse.gguf import plan_gguf, write_gguf
 
     adapter, base, base_gguf = gguf_case("llama-mhr")
     runner = CliRunner()
@@ -244,7 +244,7 @@ def test_refusals_are_one_line(matrix_case, tmp_path):
 
 
 def test_tied_lm_head_is_refused(matrix_case, tmp_path):
-    from polytool.checkpoint import SafetensorsFile, save_file
+    from polytool.formats.safetensors import SafetensorsFile, save_file
 
     case = matrix_case("qwen2-tied-lm_head")
     adapter = tmp_path / "adapter"
@@ -272,7 +272,7 @@ def test_output_is_atomic_and_never_replaced_without_force(matrix_case, tmp_path
 
 def test_permute_rows_is_llama_cpp_permutation():
     """permute_rows on lora_b == LlamaModel.permute (convert_hf_to_gguf) on the dense delta B @ A."""
-    from polytool.gguf import permute_rows
+    from polytool.collapse.gguf import permute_rows
 
     rng = np.random.default_rng(0)
     n_head, head_dim, r, d_in = 4, 8, 3, 32

@@ -20,7 +20,8 @@ import torch
 from conftest import VOCAB, build_base
 
 from polytool.errors import AdapterError, PolytoolError
-from polytool.lora import attach_lora, lora_targets, read_lora, swap_saved_modules
+from polytool.formats.lora import read_lora
+from polytool.verify.lora_apply import attach_lora, lora_targets, swap_saved_modules
 
 IDS = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(5))
 LLAMA_QVD = ["q_proj", "v_proj", "down_proj"]
@@ -248,7 +249,7 @@ def test_unknown_keys_are_ignored_as_peft_drops_them(tmp_path):
 def test_lora_targets_are_peft_targets(config):
     from peft import LoraConfig, get_peft_model
 
-    from polytool.lora import LoraArtifact
+    from polytool.formats.lora import LoraArtifact
 
     config = dict(config)
     kind = config.pop("kind", "llama")
@@ -433,5 +434,5 @@ def test_swap_restores_the_same_parameters_and_keeps_tied_partners(tmp_path):
 
 
 def test_import_stays_torch_free():
-    code = "import sys, polytool.lora; assert 'torch' not in sys.modules"
+    code = "import sys, polytool.formats.lora; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -18,7 +18,8 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 from polytool.cli import main
-from polytool.lora_merge import dare_prune, from_recipe, open_merge
+from polytool.merge.recipe import from_recipe, open_merge
+from polytool.core.merge_methods import dare_prune
 
 from conftest import tree_hash
 
@@ -360,3 +361,30 @@ def test_human_output_and_no_torch(sources, tmp_path):
     assert "wrote LoRA for task 0:0.5,2:0.5" in out and "rank 2 (6 modules)" in out
     assert "task 0:0.25,2:0.75: skill weights" in out
     assert res.stderr == ""
+
+
+def test_a_registered_method_merges(sources, monkeypatch):
+    """docs/architecture.md's recipe for a merge method: one function and a `register` line. A toy method (the
+    element-wise maximum of |D_i|, signed by the sum) is taken by open_merge and computes what it says; the
+    built-in methods are the control (it differs from linear's weighted sum)."""
+    from polytool.core import merge_methods
+
+    monkeypatch.setattr(merge_methods, "METHODS", dict(merge_methods.METHODS))  # the registry as it was, after
+
+    @merge_methods.register("toy_max", density=True)
+    def toy_max(deltas, weights, options, module):
+        stack = np.stack([d.astype(np.float64) * w for d, w in zip(deltas, weights)])  # (n, out, in)
+        return np.sign(stack.sum(0)) * np.abs(stack).max(0)
+
+    assert merge_methods.METHODS["toy_max"].density
+    toy = open_merge(srcs(sources), [0.5, 0.5, 1.0, 0.7], "toy_max", 0.5)
+    deltas = [b.astype(np.float32) @ a.astype(np.float32) for b, a in (s.factors(MODULES[0]) for s in toy.sources)]
+    want = toy_max(deltas, toy.weights, toy.options, MODULES[0])
+    np.testing.assert_array_equal(toy.delta(MODULES[0]), want)
+    assert toy.recipe()["method"] == "toy_max" and toy.recipe()["seed"] is None  # no seed: the method takes none
+    linear = open_merge(srcs(sources), [0.5, 0.5, 1.0, 0.7]).delta(MODULES[0])
+    assert np.abs(toy.delta(MODULES[0]) - linear).max() > 1e-3 * np.abs(linear).max()
+    from polytool.errors import PolytoolError
+
+    with pytest.raises(PolytoolError, match="--seed applies to"):
+        open_merge(srcs(sources), None, "toy_max", 0.5, seed=1)

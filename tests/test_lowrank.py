@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from polytool.errors import PolytoolError
-from polytool.lowrank import check_rank_options, truncate_dense, truncate_factored
+from polytool.core.lowrank import check_rank_options, truncate_dense, truncate_factored
 
 
 def optimum(D: np.ndarray, k: int) -> tuple[np.ndarray, float, float]:

@@ -12,11 +12,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from polytool.adapter import load_adapter
-from polytool.basemodel import find_key, open_base
-from polytool.checkpoint import bf16_to_f32
+from polytool.formats.adapter import load_adapter
+from polytool.formats.base import find_key, open_base
+from polytool.formats.safetensors import bf16_to_f32
 from polytool.errors import CheckpointError, PolytoolError
-from polytool.merge import parse_size, plan_merge
+from polytool.collapse.dense import plan_merge
+from polytool.core.units import parse_size
 
 from test_collapse import collapse_json, forward, load_dense, load_lora_silently, rel_err, run
 

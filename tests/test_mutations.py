@@ -4,7 +4,7 @@ Each mutant edits the source text of one or more product functions (collapse, ro
 compiles the edited function and puts it in place of the original everywhere polytool binds it (the
 Poly model's own fast path included: a wrong shared formula breaks every user of it). Then, through
 the CLI in-process (so the patches apply): `collapse --to lora` and `--to dense`, `verify --against`
-each artifact, and the self-check. verify's reference (polytool/reference.py) shares no code with
+each artifact, and the self-check. verify's reference (polytool/verify/reference.py) shares no code with
 the mutated functions, so every artifact the mutated code writes must fail (exit 1), and every
 artifact it does not write must still pass (exit 0: the gate does not cry wolf).
 
@@ -52,7 +52,7 @@ class Mutant:
     case: str = "mhr"  # "mhr": fixtures/mhr on fixtures/tiny-llama (4 splits); "gpt2": the gpt2-conv1d matrix case
 
 
-FACTORS = "polytool.collapse", "collapse_factors"
+FACTORS = "polytool.core.collapse", "collapse_factors"
 RETURN_AB = "return A.reshape(lead + (n_splits * d_in, r)), B.reshape(lead + (r, n_splits * d_out))"
 PRODUCT = """B_s = einsum("qsrd->srqd", poly_B).reshape((poly_B.shape[1], r, n_splits * d_out))  # (s, r, out)
     delta = einsum("...qs,qsdr,sre->...qde", weights, poly_A, B_s)  # (..., q, in/q, out): sum_s w A_s B_s
@@ -74,23 +74,23 @@ MUTANTS = [
     Mutant("product-mixed", "sum_s w A_s B_s (the product mixed, then its best rank-r factors) for A and B mixed apart", (
         Patch(*FACTORS, RETURN_AB, PRODUCT),), ("lora", "dense", "self")),
     Mutant("softmax", "softmax of the logits per split instead of sigmoid then normalisation", (
-        Patch("polytool.routing", "eval_weights",
+        Patch("polytool.core.routing", "eval_weights",
               "probs = sigmoid(np.asarray(logits, dtype=np.float64))\n"
               "    return normalize_per_split(probs.reshape(n_tasks, n_splits, n_skills))", SOFTMAX),),
         ("lora", "dense", "self")),
     Mutant("no-div-r", "the update without its 1/r (dense delta; LoRA lora_alpha = r)", (
-        Patch("polytool.collapse", "dense_delta", "return (B.T @ A.T) / r", "return B.T @ A.T"),
-        Patch("polytool.export", "lora_config", '"lora_alpha": LORA_ALPHA', '"lora_alpha": adapter.r')),
+        Patch("polytool.core.collapse", "dense_delta", "return (B.T @ A.T) / r", "return B.T @ A.T"),
+        Patch("polytool.collapse.lora", "lora_config", '"lora_alpha": LORA_ALPHA', '"lora_alpha": adapter.r')),
         ("lora", "dense", "self")),
     Mutant("double-div-r", "the update divided by r twice (dense delta; LoRA lora_alpha = 1/r)", (
-        Patch("polytool.collapse", "dense_delta", "return (B.T @ A.T) / r", "return (B.T @ A.T) / r / r"),
-        Patch("polytool.export", "lora_config", '"lora_alpha": LORA_ALPHA', '"lora_alpha": LORA_ALPHA / adapter.r')),
+        Patch("polytool.core.collapse", "dense_delta", "return (B.T @ A.T) / r", "return (B.T @ A.T) / r / r"),
+        Patch("polytool.collapse.lora", "lora_config", '"lora_alpha": LORA_ALPHA', '"lora_alpha": LORA_ALPHA / adapter.r')),
         ("lora", "dense", "self")),
     Mutant("wrong-task", "the next task's router row", (
-        Patch("polytool.routing", "spec_weights", "return weights[int(spec)]",
+        Patch("polytool.core.routing", "spec_weights", "return weights[int(spec)]",
               "return weights[(int(spec) + 1) % weights.shape[0]]"),), ("lora", "dense", "self")),
     Mutant("conv1d-untransposed", "a Conv1D's delta laid out as a Linear's (reshaped, not transposed) in the dense merge", (
-        Patch("polytool.collapse", "stored_delta", "return dense_delta(A[lo:hi], B, r).T",
+        Patch("polytool.core.collapse", "stored_delta", "return dense_delta(A[lo:hi], B, r).T",
               "return dense_delta(A, B, r).reshape(A.shape[0], B.shape[1])[lo:hi]"),),
         ("dense", "self"), case="gpt2"),
 ]

@@ -1,4 +1,4 @@
-"""verify's reference (polytool/reference.py) is PEFT's routed model, on every matrix architecture, and
+"""verify's reference (polytool/verify/reference.py) is PEFT's routed model, on every matrix architecture, and
 stands on its own: it imports none of the code that writes artifacts."""
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import matrix
-from polytool.reference import ReferenceAdapter, routed
+from polytool.verify.reference import ReferenceAdapter, routed
 
 BOUND = 1e-5
 ROOT = Path(__file__).resolve().parent.parent
-PRODUCT_MODULES = {"adapter", "routing", "collapse", "poly", "lora", "merge", "export", "inspect", "checkpoint"}
+PRODUCT_MODULES = {"formats", "core", "collapse", "merge", "poly", "inspect", "check", "cli", "adapter", "routing", "lora",
+                   "export", "checkpoint"}
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,7 @@ def test_named_specs_equal_peft_with_rewritten_logits(peft_models, spec):
 
 @pytest.mark.parametrize("file, seen", [("reference.py", {"errors", "torch"}), ("reference_peft.py", {"reference", "peft"})])
 def test_reference_imports_none_of_the_code_it_checks(file, seen):
-    tree = ast.parse((ROOT / "polytool" / file).read_text())
+    tree = ast.parse((ROOT / "polytool" / "verify" / file).read_text())
     imported = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
@@ -102,7 +103,7 @@ def test_reference_imports_none_of_the_code_it_checks(file, seen):
 
 def test_routing_spec_forms():
     from polytool.errors import PolytoolError
-    from polytool.reference import routing_spec
+    from polytool.verify.reference import routing_spec
 
     assert routing_spec(2, 4) == routing_spec("2", 4) == routing_spec({2: 5.0}, 4) == 2
     assert routing_spec(" Mean ", 4) == "mean" and routing_spec("uniform", 4) == "uniform"
@@ -193,7 +194,7 @@ def test_reference_reads_bin_adapters_and_refuses_bad_ones(tmp_path):
 def test_peft_reference_equals_the_reference(peft_models, name):
     """reference_peft.routed (PEFT's model, task ids by pre-hook) = polytool's reference, for a task id,
     uniform and a mix; GPT-2 through the Conv1D -> Linear swap; SEQ_CLS with its trained head."""
-    from polytool import reference_peft
+    from polytool.verify import reference_peft
 
     files, peft_std, base = peft_models(name)
     ref = ReferenceAdapter(files.adapter_dir)
@@ -213,7 +214,7 @@ def test_peft_lora_loader_applies_a_collapsed_lora(tmp_path):
     import transformers as tf
     from click.testing import CliRunner
 
-    from polytool import reference_peft
+    from polytool.verify import reference_peft
     from polytool.cli import main
 
     adapter, base_dir = ROOT / "fixtures" / "mhr", ROOT / "fixtures" / "tiny-llama"
@@ -242,7 +243,7 @@ def test_reference_peft_without_peft(monkeypatch):
     import importlib
     import sys
 
-    from polytool import reference_peft
+    from polytool.verify import reference_peft
     from polytool.errors import PolytoolError
 
     monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` raises ImportError

@@ -27,7 +27,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from polytool.checkpoint import SafetensorsFile, TensorSpec, SafetensorsWriter, save_file, write_json
+from polytool.formats.safetensors import SafetensorsFile, TensorSpec, SafetensorsWriter, save_file
+from polytool.formats.jsonfile import write_json
 from polytool.cli import main
 
 from conftest import tree_hash
@@ -665,12 +666,12 @@ def test_an_unforeseen_system_error_is_one_line(adapter, tmp_path, monkeypatch):
     --debug shows the traceback instead."""
     import errno
 
-    import polytool.adapter
+    import polytool.formats.adapter
 
     def failing(*_args, **_kwargs):
         raise OSError(errno.EIO, os.strerror(errno.EIO), str(adapter / "adapter_model.safetensors"))
 
-    monkeypatch.setattr(polytool.adapter, "load_adapter", failing)
+    monkeypatch.setattr(polytool.formats.adapter, "load_adapter", failing)
     res = CliRunner().invoke(main, ["inspect", str(adapter)])
     assert res.exit_code == 2 and "Traceback" not in res.output
     assert res.stderr.strip().splitlines() == [

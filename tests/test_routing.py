@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from polytool import routing
+from polytool.core import routing, taskspec
 from polytool.errors import PolytoolError
 
 
@@ -47,14 +47,14 @@ def test_spec_weights(logits):
     np.testing.assert_allclose(routing.spec_weights(logits, 3, 4, 2), expected[2], atol=1e-15)
     np.testing.assert_allclose(routing.spec_weights(logits, 3, 4, "mean"), expected.mean(0), atol=1e-15)
     np.testing.assert_array_equal(routing.spec_weights(logits, 3, 4, "uniform"), np.full((3, 4), 0.25))
-    assert routing.spec_label(2) == "task-2" and routing.spec_label("mean") == "mean"
+    assert taskspec.spec_label(2) == "task-2" and taskspec.spec_label("mean") == "mean"
 
 
 @pytest.mark.parametrize("text, allow_all, expected", [
     ("3", False, 3), (0, False, 0), (" Mean ", False, "mean"), ("UNIFORM", False, "uniform"), ("all", True, "all"),
 ])
 def test_parse_task_spec(text, allow_all, expected):
-    assert routing.parse_task_spec(text, 4, allow_all=allow_all) == expected
+    assert taskspec.parse_task_spec(text, 4, allow_all=allow_all) == expected
 
 
 @pytest.mark.parametrize("text, allow_all, message", [
@@ -66,7 +66,7 @@ def test_parse_task_spec(text, allow_all, expected):
 ])
 def test_parse_task_spec_errors(text, allow_all, message):
     with pytest.raises(PolytoolError) as err:
-        routing.parse_task_spec(text, 4, allow_all=allow_all)
+        taskspec.parse_task_spec(text, 4, allow_all=allow_all)
     assert str(err.value) == message
 
 
@@ -78,15 +78,15 @@ def test_parse_task_spec_errors(text, allow_all, message):
     ("0:1,1:1,2:2", (0, 1, 2), (0.25, 0.25, 0.5), "0:0.25,1:0.25,2:0.5"),
 ])
 def test_parse_task_mix(text, tasks, coefficients, canonical):
-    mix = routing.parse_task_spec(text, 4)
-    assert isinstance(mix, routing.TaskMix) and mix.tasks == tasks and str(mix) == canonical
+    mix = taskspec.parse_task_spec(text, 4)
+    assert isinstance(mix, taskspec.TaskMix) and mix.tasks == tasks and str(mix) == canonical
     np.testing.assert_allclose(mix.coefficients, coefficients, rtol=1e-15)
-    assert routing.parse_task_spec(str(mix), 4) == mix  # the canonical form reads back to itself
-    assert routing.spec_label(mix) == canonical
+    assert taskspec.parse_task_spec(str(mix), 4) == mix  # the canonical form reads back to itself
+    assert taskspec.spec_label(mix) == canonical
 
 
 def test_a_mix_of_one_task_is_that_task():
-    assert routing.parse_task_spec("2:0.4", 4) == 2
+    assert taskspec.parse_task_spec("2:0.4", 4) == 2
 
 
 @pytest.mark.parametrize("text, message", [
@@ -100,18 +100,18 @@ def test_a_mix_of_one_task_is_that_task():
 ])
 def test_parse_task_mix_errors(text, message):
     with pytest.raises(PolytoolError) as err:
-        routing.parse_task_spec(text, 4)
+        taskspec.parse_task_spec(text, 4)
     assert str(err.value) == message
 
 
 def test_mix_weights_are_the_mix_of_eval_weights(logits):
     expected = torch_eval_weights(logits, 3, 4).numpy()  # (t, q, s)
-    mix = routing.parse_task_spec("1:0.7,3:0.3", 5)
+    mix = taskspec.parse_task_spec("1:0.7,3:0.3", 5)
     got = routing.spec_weights(logits, 3, 4, mix)
     np.testing.assert_allclose(got, 0.7 * expected[1] + 0.3 * expected[3], rtol=1e-14)
     np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-11)  # still per-split normalised: a routed task's weights
     # negative control: the other weighting differs
-    assert np.abs(got - routing.spec_weights(logits, 3, 4, routing.parse_task_spec("1:0.3,3:0.7", 5))).max() > 0.01
+    assert np.abs(got - routing.spec_weights(logits, 3, 4, taskspec.parse_task_spec("1:0.3,3:0.7", 5))).max() > 0.01
     # logits logit(w / 2) route exactly as the mix (what a PEFT router set to the mix computes)
     w2 = torch.from_numpy(got / 2)
     back = torch_eval_weights(torch.logit(w2).reshape(1, -1).numpy(), 3, 4).numpy()[0]

@@ -16,9 +16,10 @@ from safetensors.torch import load_file, save_file
 
 from conftest import TASK_TYPES, build_base, tree_hash
 from polytool import verify as V
-from polytool.adapter import load_adapter
+from polytool.formats.adapter import load_adapter
 from polytool.cli import main
-from polytool.lora import attach_lora, read_lora
+from polytool.formats.lora import read_lora
+from polytool.verify.lora_apply import attach_lora
 from polytool.verify.models import linear_layers
 
 B_KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
@@ -38,7 +39,7 @@ def collapse(adapter: Path, out: Path, task: str, *extra) -> Path:
 def edit_tensor(src: Path, dst: Path, file: str, key: str, change, **metadata: str) -> Path:
     """A copy of the directory `src` with one tensor of `file` changed in place (metadata kept, updated)."""
     shutil.copytree(src, dst)
-    from polytool.checkpoint import SafetensorsFile
+    from polytool.formats.safetensors import SafetensorsFile
 
     with SafetensorsFile(dst / file) as st:
         metadata = {**st.metadata, **metadata}
@@ -118,7 +119,7 @@ def strip_provenance(src: Path, dst: Path) -> Path:
 
 def test_dense_provenance_is_read_from_shard_metadata(llama):
     sha = load_adapter(llama["adapter"]).sha256
-    from polytool.checkpoint import SafetensorsFile
+    from polytool.formats.safetensors import SafetensorsFile
 
     with SafetensorsFile(llama["dense1"] / "model.safetensors") as st:  # collapse stamped it
         assert st.metadata["polytool.source_sha256"] == sha and st.metadata["polytool.task"] == "1"
@@ -257,7 +258,7 @@ def test_one_wrong_element_in_any_module_is_caught(make_peft_adapter, tmp_path):
         nudged = dataclasses.replace(lora, weights={**lora.weights, name: (A, B)})
         targets.append(V.Target(2, "lora", name, "float32", lora=nudged))
     batches, _ = V.random_inputs(V.base_config(base), V.DEFAULT_INPUTS, V.DEFAULT_SEQ_LEN)
-    _, checks = V.run_checks(adapter, base, "AutoModel", "encoder", targets, batches, "cpu", (None, None), False)
+    _, checks = V.run_checks(adapter, base, ("AutoModel", "encoder"), targets, batches)
     assert len(checks) == len(adapter.modules) == 11
     assert all(not c["passed"] and c["first_failing_module"] == c["artifact"] for c in checks), checks
 

@@ -13,9 +13,9 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from polytool.adapter import load_adapter
+from polytool.formats.adapter import load_adapter
 from polytool.cli import main
-from polytool.verify import Target, run_checks
+from polytool.verify import Target, VerifyOptions, run_checks
 from polytool.verify.compare import errors, within
 from polytool.verify.inputs import prompt_inputs
 from polytool.verify.weights import ulps
@@ -43,7 +43,7 @@ def dense2(tmp_path_factory):
 def with_tensor(src: Path, dst: Path, key: str, change) -> Path:
     shutil.copytree(src, dst)
     tensors = load_file(dst / "model.safetensors")
-    from polytool.checkpoint import SafetensorsFile
+    from polytool.formats.safetensors import SafetensorsFile
 
     with SafetensorsFile(dst / "model.safetensors") as st:
         metadata = dict(st.metadata)
@@ -85,12 +85,11 @@ def test_nan_in_the_last_prompt_only_fails_in_the_forward(tmp_path):
     assert all(token not in b["input_ids"] for b in batches[:2]) and token in batches[2]["input_ids"]
     for path, passes in ((bad, False), (dense, True)):  # the unbroken merge is the control
         target = Target(2, "dense", str(path), "bfloat16", path=path)
-        _, checks = run_checks(adapter, FIXTURES / "tiny-llama", "AutoModelForCausalLM", "causal", [target],
-                               batches, "cpu", (None, None), False)
+        _, checks = run_checks(adapter, FIXTURES / "tiny-llama", ("AutoModelForCausalLM", "causal"), [target],
+                               batches)
         assert checks[0]["passed"] is passes, checks[0]
-    assert "NaN or Inf" in run_checks(adapter, FIXTURES / "tiny-llama", "AutoModelForCausalLM", "causal",
-                                      [Target(2, "dense", str(bad), "bfloat16", path=bad)], batches, "cpu",
-                                      (None, None), False)[1][0]["reason"]
+    assert "NaN or Inf" in run_checks(adapter, FIXTURES / "tiny-llama", ("AutoModelForCausalLM", "causal"),
+                                      [Target(2, "dense", str(bad), "bfloat16", path=bad)], batches)[1][0]["reason"]
     code, rep = verify_json(FIXTURES / "mhr", "--against", bad, "--prompts", prompts)
     assert code == 1 and EMBED in rep["checks"][0]["reason"]
 
@@ -184,7 +183,9 @@ def test_the_self_checks_floor_is_skipped_only_when_its_product_is_the_ideal(bf1
     assert dense[0] == dense[1]
     monkeypatch.undo()
     monkeypatch.setattr(v.Run, "floor", lambda self, *a: ran.append(2) or floor(self, *a))
-    product = v._product_dense
+    import polytool.verify.run as vrun
+
+    product = vrun._product_dense
 
     def one_ulp_off(*args):  # the control: the first weight's first element moved by one bf16 ulp
         for i, (name, produce) in enumerate(product(*args)):
@@ -195,7 +196,7 @@ def test_the_self_checks_floor_is_skipped_only_when_its_product_is_the_ideal(bf1
                 return weight
             yield name, moved
 
-    monkeypatch.setattr(v, "_product_dense", one_ulp_off)
+    monkeypatch.setattr(vrun, "_product_dense", one_ulp_off)
     verify_json(adapter, "--base", base, "--task", "1")
     assert ran == [1, 2]
 
@@ -238,8 +239,8 @@ def test_one_copy_gives_the_figures_of_loading_the_artifact_whole(dense2, tmp_pa
     figures = []
     for one_copy in (True, False):
         target = Target(2, "dense", str(dense), dtype, path=dense)
-        _, checks = run_checks(adapter, FIXTURES / "tiny-llama", "AutoModelForCausalLM", "causal", [target], batches,
-                               "cpu", (None, None), False, one_copy=one_copy)
+        _, checks = run_checks(adapter, FIXTURES / "tiny-llama", ("AutoModelForCausalLM", "causal"), [target], batches,
+                               VerifyOptions(one_copy=one_copy))
         figures.append({k: checks[0][k] for k in ("passed", "max_abs_err", "module_max_rel_err", "kl_max")})
     assert figures[0] == figures[1] and (figures[0]["passed"] or dtype != "float32")
     # after it the one model holds the base's values again (read back): a check that follows is unchanged
@@ -296,7 +297,7 @@ def test_a_linear_merge_is_verified_against_its_recipe(merges):
 
 
 def test_a_merge_with_other_weights_fails(merges, tmp_path):
-    from polytool.checkpoint import SafetensorsFile
+    from polytool.formats.safetensors import SafetensorsFile
 
     bad = tmp_path / "swapped"
     shutil.copytree(merges["lora"], bad)

@@ -12,27 +12,14 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional, Union
 
-from ..adapter import CONFIG_NAME
+from ..architectures import DEFAULT_TARGET_MODULES
+from ..formats.peft import CONFIG_NAME
 from ..errors import PolytoolError
 
 PEFT_TYPE = "POLY"
 # The PEFT release whose adapter format polytool writes (PEFT fills a missing value silently).
 PEFT_FORMAT_VERSION = "0.21.2"
 
-# model_type -> default target modules (the facts of PEFT's LoRA/Poly table for these models).
-DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"], "llama4": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"],
-    "mixtral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"], "gemma3_text": ["q_proj", "v_proj"],
-    "stablelm": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj", "fc1", "fc2"],
-    "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
-    "electra": ["query", "value"], "layoutlm": ["query", "value"],
-    "deberta-v2": ["query_proj", "value_proj"], "deberta": ["in_proj"],
-    "t5": ["q", "v"], "mt5": ["q", "v"], "bart": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"],
-    "gptj": ["q_proj", "v_proj"], "gpt_neo": ["q_proj", "v_proj"], "gpt2": ["c_attn"],
-    "gpt_bigcode": ["c_attn"], "gpt_neox": ["query_key_value"], "falcon": ["query_key_value"],
-    "bloom": ["query_key_value"], "chatglm": ["query_key_value"], "mpt": ["Wqkv"], "codegen": ["qkv_proj"],
-}
 
 
 class PolyValueError(PolytoolError, ValueError):

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..collapse import collapse_factors
+from ..core.collapse import collapse_factors
 from ..errors import PolytoolError
 from .config import PolyConfig, PolyValueError
 from .router import PolyRouter, TaskIds, TaskRoute

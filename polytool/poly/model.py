@@ -17,15 +17,15 @@ from typing import Any, Iterator, Union
 import torch
 from torch import nn
 
-from ..adapter import EMBEDDING_NAMES, PREFIX, SAFETENSORS_NAME
-from ..adapter import load_adapter as read_adapter
+from ..architectures import PEFT_EMBEDDING_TARGETS, SAVED_EMBEDDING_NAMES
+from ..formats.peft import PREFIX, WEIGHTS_NAME
+from ..formats.adapter import load_adapter as read_adapter
 from ..errors import AdapterError
 from .config import CONFIG_NAME, PolyConfig, PolyValueError, default_target_modules
 from .layer import Linear, PolyLayer
 from .router import TaskIds, TaskRoute
 
 
-PEFT_EMBEDDING_TARGETS = ("embed_tokens", "lm_head")  # peft.utils.constants.EMBEDDING_LAYER_NAMES
 
 
 def _matches(spec: Union[str, list, None], name: str) -> bool:
@@ -244,7 +244,7 @@ class PolyModel(nn.Module):
         for name, config in self.peft_config.items():
             out = Path(save_directory) if name == "default" else Path(save_directory) / name
             out.mkdir(parents=True, exist_ok=True)
-            save_file(self._adapter_state_dict(name), str(out / SAFETENSORS_NAME), metadata={"format": "pt"})
+            save_file(self._adapter_state_dict(name), str(out / WEIGHTS_NAME), metadata={"format": "pt"})
             auto = config.auto_mapping
             if config.task_type is None:  # PEFT records the base class so AutoPeftModel can rebuild it
                 auto = {"base_model_class": type(self.model).__name__, "parent_library": type(self.model).__module__}
@@ -260,7 +260,7 @@ class PolyModel(nn.Module):
             expected.update({f"{PREFIX}{path}.{k}": t for k, t in module.state_dict(keep_vars=True).items()})
         optional = {}  # embedding weights PEFT saves whole: loaded where present, as PEFT loads them
         for path, module in self.model.named_modules():
-            if path.rpartition(".")[2] in EMBEDDING_NAMES:
+            if path.rpartition(".")[2] in SAVED_EMBEDDING_NAMES:
                 layer = module.base_layer if isinstance(module, PolyLayer) else module
                 key = f"{PREFIX}{path}.base_layer.weight" if isinstance(module, PolyLayer) else f"{PREFIX}{path}.weight"
                 if key in tensors and isinstance(getattr(layer, "weight", None), torch.Tensor):

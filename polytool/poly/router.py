@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.distributions.relaxed_bernoulli import RelaxedBernoulli
 
-from ..routing import normalize_per_split
+from ..core.routing import normalize_per_split
 from .config import PolyConfig, PolyValueError
 
 TaskIds = Union[int, Sequence[int], torch.Tensor]

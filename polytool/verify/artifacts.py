@@ -6,13 +6,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..adapter import PolyAdapter
-from ..basemodel import require_dir
-from ..checkpoint import parse_json
+from ..formats.adapter import PolyAdapter
+from ..formats.base import require_dir
+from ..formats.jsonfile import parse_json
 from ..errors import AdapterError, CheckpointError, PolytoolError
-from ..export import SHA_KEY, TASK_KEY, TASKS_INDEX
-from ..lora import LoraArtifact, read_lora
-from ..routing import TaskSpec, parse_task_spec
+from ..formats.provenance import RECIPE_KEY, SHA_KEY, TASK_KEY, TASKS_INDEX
+from ..formats.lora import LoraArtifact, read_lora
+from ..core.taskspec import TaskSpec, parse_task_spec
 from .models import stored_dtype, utf8_path, why
 
 
@@ -32,7 +32,6 @@ class Target:
     ideal: bool | None = None  # the self-check's dense weights all equal the ideal rounding (compared as made)
 
 
-RECIPE_KEY = "polytool.recipe"
 
 
 def _recipe_spec(where: Path, metadata: dict) -> tuple[str, dict] | None:
@@ -98,7 +97,7 @@ def _lora_target(path: Path, adapter: PolyAdapter, override: TaskSpec | None) ->
 
 
 def _dense_target(path: Path, adapter: PolyAdapter, base_dir: Path, override: TaskSpec | None) -> Target:
-    from ..basemodel import match_targets, open_base
+    from ..formats.base import match_targets, open_base
 
     dense, base = open_base(path), open_base(base_dir)
     if dense.model_type != base.model_type:

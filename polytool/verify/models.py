@@ -10,15 +10,12 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..basemodel import require_dir
-from ..checkpoint import TORCH_NAMES, least_precise
+from ..formats.base import require_dir
+from ..formats.safetensors import TORCH_NAMES, least_precise
+from ..architectures import TASK_CLASSES
 from ..errors import CheckpointError, PolytoolError
 
 DEVICES = ("cpu", "cuda", "auto")
-# PEFT's task types -> the transformers auto class of the model the adapter was trained on
-TASK_CLASSES = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-                "SEQ_CLS": "AutoModelForSequenceClassification", "TOKEN_CLS": "AutoModelForTokenClassification",
-                "QUESTION_ANS": "AutoModelForQuestionAnswering", "FEATURE_EXTRACTION": "AutoModel"}
 FLOAT_NAMES = ("float64", "float32", "bfloat16", "float16")
 
 
@@ -219,7 +216,7 @@ def resolve_device(device: str) -> str:
 
 def stored_dtypes(directory: Path) -> set[str]:
     """The floating safetensors dtypes (F32, BF16, ...) of a model directory's tensors."""
-    from ..checkpoint import FLOAT_DTYPES, SafetensorsFile
+    from ..formats.safetensors import FLOAT_DTYPES, SafetensorsFile
 
     found = set()
     for file in sorted(directory.glob("*.safetensors")):
@@ -230,7 +227,7 @@ def stored_dtypes(directory: Path) -> set[str]:
 
 def largest_tensor(directory: Path) -> int:
     """The float32 size in bytes of the largest tensor of a model directory's safetensors."""
-    from ..checkpoint import SafetensorsFile
+    from ..formats.safetensors import SafetensorsFile
 
     largest = 0
     for file in sorted(directory.glob("*.safetensors")):

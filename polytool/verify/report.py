@@ -1,15 +1,13 @@
 """The human report of a verify run: a header, one PASS/FAIL line per check, a summary line."""
 from __future__ import annotations
 
+from ..core.units import human_size
+
 
 def _fmt(x: float | None, pct: bool = False) -> str:
     if x is None:
         return "-"
     return f"{100 * x:.1f}%" if pct else f"{x:.2e}"
-
-
-def _size(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 10**9 else f"{n / 1e6:.1f} MB" if n >= 10**5 else f"{n / 1e3:.1f} KB"
 
 
 def _inputs(inputs: dict) -> str:
@@ -38,7 +36,7 @@ def render_report(report: dict) -> str:
     report = {**report, "tolerances": {k: v for k, v in report["tolerances"].items() if k in used}}
     lines = [f"adapter   {report['adapter']} (sha256 {report['adapter_sha256'][:12]})",
              f"base      {report['base']} ({report['model_class']}; computed in float32 on {report['device']}"
-             + (f"; run in {_size(report['max_memory'])} of memory, the rest of the model offloaded"
+             + (f"; run in {human_size(report['max_memory'])} of memory, the rest of the model offloaded"
                 if report["offloaded"] else "") + ")",
              f"reference {report['reference']}",
              f"inputs    {_inputs(report['inputs'])}",

@@ -20,10 +20,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..adapter import PolyAdapter
-from ..basemodel import match_targets, open_base
-from ..checkpoint import SafetensorsFile
-from ..export import saved_module_keys
+from ..formats.adapter import PolyAdapter
+from ..formats.base import match_targets, open_base
+from ..formats.safetensors import SafetensorsFile
+from ..collapse.fit import saved_module_keys
 
 # stored dtype -> (explicit mantissa bits, smallest normal exponent)
 FORMATS = {"F64": (52, -1022), "F32": (23, -126), "BF16": (7, -126), "F16": (10, -14)}

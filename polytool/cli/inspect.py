@@ -1,0 +1,60 @@
+"""`polytool inspect`: what an adapter learned (no torch, no matplotlib unless --plot)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .options import force_option, json_option
+from .render import handle_errors, result
+
+
+@click.command(short_help="Show what an adapter learned: routing, skills, task similarity.")
+@click.argument("adapter_dir", type=click.Path(path_type=Path))
+@json_option
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.png",
+              help="Also write a tasks x skills heatmap PNG (needs polytool[plot]).")
+@click.option("--base", "base_dir", type=click.Path(path_type=Path),
+              help="Base model directory, to compare saved embeddings and name Conv1D layers "
+                   "(default: the adapter's base_model_name_or_path when found locally).")
+@click.option("--task", help="Also show the mixing weights of this task spec per module: an id, uniform, mean, "
+                             "or a mix such as 1:0.7,3:0.3 (JSON key task_weights).")
+@force_option
+@handle_errors
+def inspect(adapter_dir: Path, as_json: bool, plot_file: Path | None, base_dir: Path | None, task: str | None,
+            force: bool) -> None:
+    """Show a Poly/MHR adapter: configuration, modules, parameters, routing (no torch needed).
+
+    ADAPTER_DIR holds adapter_config.json and adapter_model.safetensors (or one subfolder that
+    does). The JSON schema is documented in docs/inspect.md.
+    """
+    from ..formats.adapter import load_adapter
+    from ..inspect.report import build_report, render_report
+    from .render import info
+    from ..inspect.report import spec_report
+    from ..core.taskspec import parse_task_spec
+
+    adapter = load_adapter(adapter_dir)
+    report = build_report(adapter, base_dir)
+    if task is not None:
+        report["task_weights"] = spec_report(adapter, parse_task_spec(task, adapter.n_tasks))
+        render_report = _with_task_weights(render_report)
+    if plot_file is not None:
+        from ..formats.atomic import check_output
+        from ..inspect.plot import write_heatmap
+
+        # never into the adapter (its files may be links into a cache: those are protected too)
+        check_output(plot_file, True, inputs=[adapter.directory, adapter.weights_file,
+                                              adapter.directory / "adapter_config.json"])
+
+        info(f"wrote {write_heatmap(report, plot_file, force=force)}")
+    result(report, as_json, render_report)
+
+
+def _with_task_weights(render):
+    def both(report: dict) -> str:
+        tw = report["task_weights"]
+        skills = " ".join(f"{w:.3f}" for w in tw["skill_weights"])
+        return (f"{render(report)}\n\ntask {tw['task']}: skill weights (mean over modules and splits) {skills}; "
+                f"effective skills {tw['effective_skills']:.2f}; per module: --json")
+    return both

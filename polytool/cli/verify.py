@@ -1,0 +1,69 @@
+"""`polytool verify`: the CI gate (exit 1 on a mismatch); imports torch and transformers when it runs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import VerificationError
+from .options import json_option, packed
+from .render import handle_errors, progress, result
+
+
+@click.command(short_help="Prove artifacts compute what the routed model computes (CI gate).")
+@click.argument("adapter_dir", type=click.Path(path_type=Path))
+@click.option("--base", "base_dir", type=click.Path(path_type=Path),
+              help="Base model directory (default: the adapter's base_model_name_or_path, local or cached).")
+@click.option("--against", "against", multiple=True, type=click.Path(path_type=Path),
+              help="A collapsed artifact to check: LoRA dir, `collapse --task all` dir or dense model dir (repeatable). "
+                   "Without it: a self-check of the in-memory collapse.")
+@click.option("--task", help="Task id, uniform or mean: the only task to self-check, or the task of artifacts "
+                             "without provenance (overrides the recorded one).")
+@click.option("--atol", type=float, help="Absolute tolerance (default: by the dtype the artifact stores, docs/ci.md).")
+@click.option("--rtol", type=float, help="Tolerance relative to each output's scale max|b| (default: by that dtype).")
+@click.option("--inputs", "n_inputs", type=int, default=4, show_default=True, help="Number of random sequences.")
+@click.option("--seq-len", type=int, help="Random sequence length (default 32); with --prompts, truncate to it.")
+@click.option("--prompts", type=click.Path(path_type=Path), help="Text file, one prompt per line (base's tokenizer).")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+              help="auto: device_map='auto' through accelerate, for bases larger than one device.")
+@click.option("--allow-noop", is_flag=True, help="Accept tasks where the adapter does not change the base's output.")
+@click.option("--max-kl", type=float, help="Also fail when the KL divergence of an artifact's next-token distribution "
+                                           "from the routed one exceeds this at any position (language models).")
+@click.option("--reference", type=click.Choice(["polytool", "peft"]), default="polytool", show_default=True,
+              help="The routed model trusted: polytool's independent reference, or PEFT's own Poly model (and "
+                   "PEFT's loader for LoRA artifacts; needs PEFT).")
+@click.option("--max-memory", metavar="SIZE", help="Run in about SIZE (e.g. 1GB) of memory: accelerate keeps what "
+                                                 "the process does not already hold of it for the model and offloads "
+                                                 "the rest to --offload-dir (needs polytool[auto]).")
+@click.option("--offload-dir", type=click.Path(path_type=Path), help="With --max-memory: where the offloaded "
+                                                                     "weights go (default: a temporary directory).")
+@click.option("--gguf-base", type=click.Path(path_type=Path), metavar="BASE.gguf",
+              help="With --against X.gguf: the base as GGUF; both run in llama.cpp (needs llama-cpp-python).")
+@json_option
+@handle_errors
+@packed("polytool.verify.options:VerifyOptions")
+def verify(options, as_json: bool) -> None:
+    """Prove collapsed artifacts compute what the live routed Poly model computes.
+
+    Exit 0 when every check passes, 1 when any output differs beyond tolerance (or a task is a
+    no-op), 2 for bad input. The report goes to stdout; docs/ci.md documents it.
+    """
+    if options.gguf_base is not None or any(str(p).endswith(".gguf") for p in options.against):
+        from ..verify.gguf import gguf_report, render_gguf_report  # llama.cpp runs the artifacts
+
+        report = gguf_report(options)
+        result(report, as_json, render_gguf_report)
+        if not report["passed"]:
+            first = next(c for c in report["checks"] if not c["passed"])
+            raise VerificationError(f"{report['summary']['failed']} of {report['summary']['checks']} checks failed "
+                                    f"(first: task {first['task']}, gguf {first['artifact']})")
+        return
+    from ..verify import render_report, verify as run_verify
+
+    report = run_verify(options, progress=None if as_json else progress)
+    result(report, as_json, render_report)
+    if not report["passed"]:
+        failed = [c for c in report["checks"] if not c["passed"]]
+        first = failed[0]
+        raise VerificationError(f"{len(failed)} of {len(report['checks'])} checks failed "
+                                f"(first: task {first['task']}, {first['kind']} {first['artifact']})")

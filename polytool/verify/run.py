@@ -1,0 +1,154 @@
+"""One verify run: the base model loaded once, its adapted layers, the reference, the inputs, and what each
+target's forward runs with (`Run.applied`)."""
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from ..errors import CheckpointError, PolytoolError
+from ..formats.adapter import PolyAdapter
+from .artifacts import Target
+from .compare import errors, forward, non_finite
+from .lora_apply import attach_lora, swap_saved_modules
+from .options import VerifyOptions
+from .models import linear_layers, load_model, stored_dtype
+from .product import _product_dense, _product_lora, _saved
+from .swap import ModelWeights, _ideal_dense
+
+
+class Run(ModelWeights):
+    """One verify run: the base model (loaded once), its adapted layers, the reference, the inputs."""
+
+    def __init__(self, adapter: PolyAdapter, base_dir: Path, model: tuple[str, str], batches: list,
+                 options: VerifyOptions):
+        from .reference import ReferenceAdapter
+
+        (class_name, self.family), reference = model, options.reference
+        self.adapter, self.base_dir, self.class_name, self.batches = adapter, base_dir, class_name, batches
+        self.device, self.reference_kind, self.one_copy = options.device, reference, options.one_copy
+        self.max_memory, self.offload_dir = options.max_memory, options.offload_dir
+        device, max_memory, offload_dir = self.device, self.max_memory, self.offload_dir
+        self.model = load_model(base_dir, class_name, device, max_memory, offload_dir)
+        self.offloaded = any(p.is_meta for p in self.model.parameters())
+        if self.offloaded and (adapter.saved_modules or adapter.saved_embeddings or reference == "peft"):
+            raise PolytoolError("--max-memory offloads the model, and this check would swap tensors into it (trained "
+                                "heads, saved embeddings) or load PEFT's copy: verify it without --max-memory")
+        names = {n for n, _ in self.model.named_modules()}
+        absent = [m.name for m in adapter.modules if m.name not in names]
+        if absent:
+            raise CheckpointError(f"module {absent[0]!r} of the adapter is not in this base model (loaded as "
+                                  f"{class_name}): wrong base model?", base_dir)
+        self.layers = linear_layers(self.model)
+        self.capture = {m.name: self.layers[m.name] for m in adapter.modules}
+        self.base_dtype = stored_dtype(base_dir, self.model.config)
+        self.reference = ReferenceAdapter(adapter.directory)
+        from ..formats.base import match_targets, open_base
+
+        self.base = open_base(base_dir)
+        self.targets = {t.module: t for t in match_targets(self.base, adapter.modules, untie=True)}
+        self.peft = None
+        if reference == "peft":
+            from .reference_peft import peft_poly
+
+            self.peft = peft_poly(load_model(base_dir, class_name, device), adapter.directory)
+
+    def run(self, model, capture: dict, **extra) -> tuple[dict, dict]:
+        return forward(model, self.family, self.batches, capture, **extra)
+
+    def recipe(self, target: Target):
+        """The reference of a merged artifact's recipe (built once per recipe)."""
+        from .reference import ReferenceRecipe
+
+        cache = self.__dict__.setdefault("_recipes", {})
+        if target.spec not in cache:
+            cache[target.spec] = ReferenceRecipe(target.recipe)
+        return cache[target.spec]
+
+    def delta_of(self, target: Target) -> Callable[[str], Any]:
+        """module -> the reference's (out, in) float64 update for `target`'s task spec or merge recipe (for a
+        task spec, computed a block of rows at a time as it is indexed)."""
+        if target.recipe is not None:
+            return self.recipe(target).delta
+        return lambda module: self.reference.update(module, target.spec)
+
+    def routed(self, target: Target) -> tuple[dict, dict]:
+        """The reference's outputs and adapted modules' outputs for `target`'s task spec (or merge recipe)."""
+        spec = target.spec
+        if target.recipe is not None:
+            from .reference import merged
+
+            with merged(self.model, self.recipe(target)):
+                out, modules = self.run(self.model, self.capture)
+        elif self.peft is not None:
+            from .reference_peft import routed
+
+            with routed(self.peft, spec) as inner:
+                out, modules = self.run(inner, {name: inner.get_submodule(name) for name in self.capture})
+        else:
+            from .reference import routed
+
+            with routed(self.model, self.reference, spec):
+                out, modules = self.run(self.model, self.capture)
+        bad = non_finite({**modules, **out})
+        if bad is not None:
+            raise PolytoolError(f"the routed model produces NaN or Inf on these inputs (first: {bad}), so no "
+                                f"comparison can be made: check the adapter and the base", self.adapter.directory)
+        return out, modules
+
+    @contextmanager
+    def applied(self, target: Target) -> Iterator[tuple[Any, dict]]:
+        """(model, {module name: module to capture}) that computes `target`."""
+        converted = target.path is not None and target.dtype != self.base_dtype  # every tensor differs
+        pairs = self._all_tensors(target.path) if converted and self.one_copy and not self.offloaded else None
+        if target.path is not None and (not self.one_copy or (converted and pairs is None)):
+            model = load_model(target.path, self.class_name, self.device, self.max_memory, self.offload_dir)
+            yield model, {name: model.get_submodule(name) for name in self.capture}
+            return
+        with ExitStack() as stack:
+            if pairs is not None:  # one model copy: every tensor of the artifact copied in, streamed
+                stack.enter_context(self._tensors_in_place(target.path, pairs))
+            elif target.path is not None:  # one model copy: the merged weights and heads swapped in, streamed
+                stack.enter_context(self.weights_in_place(self._artifact_weights(target.path)))
+                stack.enter_context(swap_saved_modules(self.model, self._artifact_heads(target.path)))
+            elif target.kind == "dense":
+                product = _product_dense(self.adapter, target.spec, self.layers, self.base_weight, self.base_dtype)
+                stack.enter_context(self.weights_in_place(self._against_ideal(target, product)))
+                stack.enter_context(swap_saved_modules(self.model, _saved(self.adapter)))
+            else:
+                lora = target.lora if target.lora is not None else _product_lora(self.adapter, target.spec)
+                if target.lora is not None and self.peft is not None:  # PEFT's own loader
+                    from .reference_peft import peft_lora
+
+                    model = peft_lora(load_model(self.base_dir, self.class_name, self.device), target.lora.directory)
+                    yield model, {name: model.get_submodule(name) for name in self.capture}
+                    return
+                for handle in attach_lora(self.layers, lora):
+                    stack.callback(handle.remove)
+                stack.enter_context(swap_saved_modules(self.model, lora.saved))
+            yield self.model, self.capture
+
+    def _against_ideal(self, target: Target, weights: Iterator[tuple[str, Callable[[], Any]]]) -> Iterator:
+        """`weights` as they are made, each compared with the ideal rounding of the same module (made from the
+        same base weight, before it is replaced): `target.ideal` says whether all were equal, so that the
+        rounding floor's forward, which would compute with the ideal weights, need not be run again."""
+        import torch
+
+        ideal = dict(_ideal_dense(self.delta_of(target), list(self.capture), self.layers, self.base_weight,
+                                  target.dtype))
+        target.ideal = True
+        for name, produce in weights:
+            def made(name=name, produce=produce):
+                weight = produce()
+                target.ideal = bool(target.ideal and torch.equal(weight, ideal[name]()))
+                return weight
+
+            yield name, made
+
+    def floor(self, target: Target, live: tuple[dict, dict]) -> tuple[dict, dict]:
+        """Errors of the ideal rounding of the dense weights to the target's dtype (outputs, modules)."""
+        ideal = _ideal_dense(self.delta_of(target), list(self.capture), self.layers, self.base_weight, target.dtype)
+        heads = {} if target.recipe is not None else _saved(self.adapter)
+        with self.weights_in_place(ideal), swap_saved_modules(self.model, heads):
+            out, modules = self.run(self.model, self.capture)
+        return errors(out, live[0]), errors(modules, live[1])
