@@ -363,20 +363,24 @@ def test_human_output_and_no_torch(sources, tmp_path):
     assert res.stderr == ""
 
 
-def test_a_registered_method_merges(sources, monkeypatch):
+def test_a_registered_method_merges(sources):
     """docs/architecture.md's recipe for a merge method: one function and a `register` line. A toy method (the
     element-wise maximum of |D_i|, signed by the sum) is taken by open_merge and computes what it says; the
     built-in methods are the control (it differs from linear's weighted sum)."""
     from polytool.core import merge_methods
-
-    monkeypatch.setattr(merge_methods, "METHODS", dict(merge_methods.METHODS))  # the registry as it was, after
 
     @merge_methods.register("toy_max", density=True)
     def toy_max(deltas, weights, options, module):
         stack = np.stack([d.astype(np.float64) * w for d, w in zip(deltas, weights)])  # (n, out, in)
         return np.sign(stack.sum(0)) * np.abs(stack).max(0)
 
-    assert merge_methods.METHODS["toy_max"].density
+    try:
+        _check_toy_method(sources, toy_max)
+    finally:
+        del merge_methods.METHODS["toy_max"]  # the registry as it was
+
+
+def _check_toy_method(sources, toy_max):
     toy = open_merge(srcs(sources), [0.5, 0.5, 1.0, 0.7], "toy_max", 0.5)
     deltas = [b.astype(np.float32) @ a.astype(np.float32) for b, a in (s.factors(MODULES[0]) for s in toy.sources)]
     want = toy_max(deltas, toy.weights, toy.options, MODULES[0])

@@ -6,7 +6,7 @@ file); adapted ones are read in blocks of rows, merged in float32 or wider (floa
 is float32) and rounded once to the output dtype. Peak memory is one block, not the model.
 `plan_merge` validates everything (targets, shapes, tied weights) before `write_merge` writes.
 The deltas come from a DeltaSource (module -> rows of its delta): one task's collapse here, or a
-merge of several sources (lora_merge.py); one module's delta is computed at a time.
+merge of several sources (merge/); one module's delta is computed at a time.
 """
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ class MergePlan:
     """Everything a dense merge will write, validated."""
 
     base: BaseCheckpoint
-    spec: TaskSpec | None  # None: a merge of several sources (lora_merge.py)
+    spec: TaskSpec | None  # None: a merge of several sources (merge/)
     targets: list[WeightTarget]
     shards: list[OutShard]
     index: dict | None  # the index file's content; None for one model.safetensors

@@ -267,9 +267,20 @@ def _check_combinations(config: dict, init: bool | str, file: Path) -> None:
                            file)
 
 
+# a group repeated by * + or {}, itself holding a repeat: (.*)*, (a+)+ ... backtracks exponentially
+NESTED_REPEAT = re.compile(r"\([^()]*[*+}][^()]*\)[*+{]")
+
+
 def _pattern_value(pattern: dict, module: str, default: Any) -> Any:
-    """PEFT's get_pattern_key: the value of the first key (in file order) whose regex ends the module path."""
+    """PEFT's get_pattern_key: the value of the first key (in file order) whose regex ends the module path.
+    A key that is the path or its dotted suffix matches without a regex; a key with a nested repeat, which could
+    make the match run for hours on a crafted file, is refused."""
     for key in pattern:
+        if module == key or module.endswith("." + key):
+            return pattern[key]
+        if NESTED_REPEAT.search(key):
+            raise AdapterError(f"rank_pattern / alpha_pattern key {key!r} repeats a repeated group (e.g. (.*)*), "
+                               "which can take exponential time to match: write the module names instead")
         if re.match(rf"(.*\.)?({key})$", module):
             return pattern[key]
     return default

@@ -130,6 +130,9 @@ class SafetensorsFile:
         for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
             if b1 < e0:
                 raise self._error(f"corrupt safetensors header: tensors {n0!r} and {n1!r} overlap")
+        end = max((e for _, e, _ in spans), default=0)
+        if end != data_len:  # the safetensors library (and so PEFT and transformers) refuses such a file
+            raise self._error(f"{data_len - end} bytes after the last tensor's data: not a valid safetensors file")
         # file order: by position in the data buffer
         self.entries = {name: self.entries[name] for _, _, name in spans}
 

@@ -1,7 +1,7 @@
 """`polytool inspect`: a validated adapter -> one report dict (numpy only, no torch import).
 
 The report is plain JSON-able data (its schema is in docs/inspect.md); `render_report` turns it
-into the human text. Every number comes from routing.py: eval mixing weights (sigmoid, per-split
+into the human text. Every number comes from core/routing.py: eval mixing weights (sigmoid, per-split
 normalisation) and the routing statistics of Ponti et al. 2022.
 """
 from __future__ import annotations

@@ -79,7 +79,7 @@ def write_lora_merge(merge: Merge, out: Path, rank: int | None = None, energy: f
 
 def write_dense_merge(merge: Merge, base_dir: Path, out: Path, options: DenseOptions = DenseOptions(),
                       progress=None) -> dict:
-    """The merged delta added to the base's weights, streamed shard by shard (merge.py's streaming merge)."""
+    """The merged delta added to the base's weights, streamed shard by shard (collapse/dense.py's streaming merge)."""
 
     base = open_base(base_dir)
     check_output(out, options.force, inputs=_inputs(merge) + [base.directory])

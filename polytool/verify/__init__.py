@@ -3,10 +3,10 @@
 One copy of the base, loaded in float32 with the class the adapter was trained for (task_type), serves
 every model of the run. For each task spec the same inputs go through:
 
-    reference  the routed Poly/MHR model of polytool/reference.py (a second implementation, float64
+    reference  the routed Poly/MHR model of polytool/verify/reference.py (a second implementation, float64
                mixing, no code shared with what wrote the artifact), or PEFT's with --reference peft
     base       the bare base: if the reference equals it, the check proves nothing (a no-op)
-    artifact   a LoRA applied as PEFT applies it (polytool/lora.py), a dense model directory, or, for
+    artifact   a LoRA applied as PEFT applies it (verify/lora_apply.py), a dense model directory, or, for
                the self-check, the product path's collapse put in memory (LoRA hooks, merged weights)
 
 Compared: every floating output tensor and every adapted module's output, NaN-proof (compare.py); for

@@ -48,7 +48,28 @@ def _recipe_spec(where: Path, metadata: dict) -> tuple[str, dict] | None:
         recipe = None
     if not isinstance(recipe, dict) or not isinstance(recipe.get("sources"), list):
         raise PolytoolError(f"its {RECIPE_KEY} metadata is not a merge recipe", where)
+    _check_recipe(where, recipe)
     return "merge:" + hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8], recipe
+
+
+def _check_recipe(where: Path, recipe: dict) -> None:
+    """The recipe's fields, as `polytool merge` writes them: an artifact's metadata is untrusted input."""
+    import math
+
+    sources, weights = recipe["sources"], recipe.get("weights")
+    fields_ok = all(isinstance(s, dict) and isinstance(s.get("path"), str) and isinstance(s.get("sha256"), str)
+                    and s.get("kind") in ("poly", "lora") and isinstance(s.get("task"), (str, type(None)))
+                    for s in sources)
+    if not sources or not fields_ok:
+        raise PolytoolError(f"its {RECIPE_KEY} metadata: sources must be a non-empty list of objects with a path, "
+                            "a sha256, a kind (poly or lora) and a task", where)
+    numbers = isinstance(weights, list) and all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                                                and math.isfinite(w) for w in weights)
+    if not numbers or len(weights) != len(sources):
+        raise PolytoolError(f"its {RECIPE_KEY} metadata: weights must be {len(sources)} finite numbers, one per "
+                            "source", where)
+    if not isinstance(recipe.get("method"), str):
+        raise PolytoolError(f"its {RECIPE_KEY} metadata: method must be a name", where)
 
 
 def _check_source(where: Path, sha: Any, adapter: PolyAdapter) -> None:
@@ -108,7 +129,11 @@ def _dense_target(path: Path, adapter: PolyAdapter, base_dir: Path, override: Ta
             shown = "missing" if got is None else f"of shape {list(got.shape)}"
             raise CheckpointError(f"does not belong to this base: tensor {key!r} is {shown}, "
                                   f"the base's is {list(info.shape)}", path)
-    match_targets(dense, adapter.modules, untie=True)  # every adapted weight present, of the right shape
+    written = {t.key for t in match_targets(dense, adapter.modules, untie=True)}  # every adapted weight, its shape
+    extra = sorted(set(dense.tensors) - set(base.tensors) - written)
+    if extra:
+        raise CheckpointError(f"holds tensor {extra[0]!r}, which the base does not have: not a merge into this "
+                              "base", path)
     metadata = {}
     for shard in dense.shards:
         metadata.update({k: v for k, v in dense.shard_metadata[shard].items() if k.startswith("polytool.")})

@@ -6,7 +6,7 @@ The same token ids go through two runtimes:
                   base        BASE.gguf alone
                   lora        BASE.gguf with X.gguf applied (scale 1)
     transformers  (float32)   hf_base     the HF base
-                              routed      verify's independent reference (polytool/reference.py) on it
+                              routed      verify's independent reference (polytool/verify/reference.py) on it
 
 llama.cpp's arithmetic is not PyTorch's, so no fixed tolerance fits. The gate measures the
 runtime's own floor first and judges the adapter against it:
@@ -113,7 +113,7 @@ def llama_logits(model_path: Path, ids: np.ndarray, lora_path: Path | None = Non
 
 def _hf_logits(base_dir: Path, adapter_dir: Path, ids: np.ndarray, specs: list) -> tuple[np.ndarray, dict]:
     """transformers, float32: the bare base's logits and the routed model's for each spec (verify's
-    independent reference, polytool/reference.py)."""
+    independent reference, polytool/verify/reference.py)."""
     import torch
 
     from .reference import ReferenceAdapter, routed

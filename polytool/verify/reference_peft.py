@@ -1,7 +1,7 @@
 """`verify --reference peft`: PEFT's own Poly model as the reference, PEFT's own loader for LoRA artifacts.
 
 polytool imports PEFT here only, and only when this is asked for; without PEFT, `require_peft` says how
-to install it. The API mirrors polytool/reference.py, so verify drives both the same way:
+to install it. The API mirrors polytool/verify/reference.py, so verify drives both the same way:
 
     peft_poly(model, adapter_dir)        -> PeftModel: PeftModel.from_pretrained on `model` (a fresh base,
                                             loaded with the adapter's class; PEFT wraps it in place)
@@ -13,7 +13,7 @@ to install it. The API mirrors polytool/reference.py, so verify drives both the 
 Task ids: PEFT's Poly layers need `task_ids` of the batch size; a forward pre-hook on each Poly layer
 passes them, sized by that layer's input, so any batch works and every task type (even none) behaves
 the same. uniform, mean and mixes rewrite every router's logits for the block to logit(w / 2), whose
-eval weights are w (the per-split normalisation undoes the / 2; w from polytool/reference.py's routing).
+eval weights are w (the per-split normalisation undoes the / 2; w from polytool/verify/reference.py's routing).
 
 GPT-2's Conv1D: PEFT's Poly accepts only nn.Linear (TypeError), so `peft_poly` replaces each Conv1D the
 adapter targets by the equal nn.Linear (weight transposed, bias kept) before PEFT wraps it. PEFT's LoRA

@@ -6,7 +6,7 @@
     any other tensor  == the base's, byte for byte (or, where the artifact was written in another dtype,
                          the base's value rounded once)
 
-The update comes from polytool/reference.py, not from the code that wrote the artifact, so a wrong
+The update comes from polytool/verify/reference.py, not from the code that wrote the artifact, so a wrong
 formula there shows up here even where rounding would hide it in the forward (one weight two ulps off).
 Tensors are compared CHUNK elements at a time, and each file's mapped pages are dropped once a tensor is
 done, so memory holds one update and a few chunks, not a model. `not_ideal` counts the elements that

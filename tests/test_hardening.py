@@ -1,0 +1,93 @@
+"""Untrusted artifacts: what a crafted or mangled file cannot make polytool do (hang, accept what the
+official loaders refuse). Each case has its control: the unmangled file passes."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from safetensors import safe_open
+
+from polytool.cli import main
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+
+
+def run(*args):
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    return res.exit_code, res.output
+
+
+def test_trailing_bytes_after_the_data_are_refused_as_the_safetensors_library_refuses_them(tmp_path):
+    adapter = tmp_path / "mhr"
+    shutil.copytree(FIXTURES / "mhr", adapter)
+    assert run("inspect", adapter)[0] == 0  # control: the file as written
+    with open(adapter / "adapter_model.safetensors", "ab") as fh:
+        fh.write(b"\0" * 16)
+    with pytest.raises(Exception):  # the official reader refuses it: polytool must not be more lenient
+        with safe_open(str(adapter / "adapter_model.safetensors"), framework="pt") as f:
+            list(f.keys())
+    for command in (("inspect", adapter), ("collapse", adapter, "--task", 1, "--out", tmp_path / "out")):
+        code, out = run(*command)
+        assert code == 2 and "16 bytes after the last tensor's data" in out, out
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_catastrophic_rank_pattern_is_refused_not_matched(tmp_path):
+    lora = tmp_path / "lora"
+    assert run("collapse", FIXTURES / "poly", "--task", 1, "--base", FIXTURES / "tiny-llama", "--out", lora)[0] == 0
+    config = json.loads((lora / "adapter_config.json").read_text())
+    assert run("merge", lora, "--out", tmp_path / "ok")[0] == 0  # control
+    (lora / "adapter_config.json").write_text(json.dumps({**config, "rank_pattern": {"(.*)*" * 7 + "Z": 8}}))
+    code, out = run("merge", lora, "--out", tmp_path / "bad")  # matched, the regex would run for hours
+    assert code == 2 and "repeats a repeated group" in out, out
+    (lora / "adapter_config.json").write_text(json.dumps({**config, "rank_pattern": {"q_proj": config["r"]}}))
+    assert run("merge", lora, "--out", tmp_path / "named")[0] == 0  # a plain name still works
+
+
+def _rewrite_metadata(file: Path, change) -> None:
+    """Rewrite a safetensors file with its metadata changed by `change(dict)` (tensors as they are)."""
+    from safetensors.numpy import load_file, save_file
+
+    with safe_open(str(file), framework="np") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(str(file))
+    change(meta)
+    save_file(tensors, str(file), metadata=meta)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("weights", None, "weights must be 2 finite numbers"),
+    ("weights", ["x", 1.0], "weights must be 2 finite numbers"),
+    ("sources", [5], "sources must be a non-empty list of objects"),
+    ("method", 3, "method must be a name"),
+])
+def test_a_crafted_recipe_is_exit_2_naming_the_field(tmp_path, field, value, message):
+    merged = tmp_path / "merged"
+    assert run("merge", f"{FIXTURES / 'mhr'}:1", f"{FIXTURES / 'mhr'}:3", "--out", merged)[0] == 0
+    assert run("verify", FIXTURES / "mhr", "--against", merged, "--inputs", 1, "--seq-len", 8)[0] == 0  # control
+
+    def change(meta):
+        recipe = json.loads(meta["polytool.recipe"])
+        meta["polytool.recipe"] = json.dumps({**recipe, field: value})
+    _rewrite_metadata(merged / "adapter_model.safetensors", change)
+    code, out = run("verify", FIXTURES / "mhr", "--against", merged, "--inputs", 1, "--seq-len", 8)
+    assert code == 2 and message in out, out
+
+
+def test_an_extra_tensor_in_a_dense_artifact_is_exit_2(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    dense = tmp_path / "dense"
+    assert run("collapse", FIXTURES / "mhr", "--task", 2, "--to", "dense", "--out", dense)[0] == 0
+    shard = next(dense.glob("*.safetensors"))
+    with safe_open(str(shard), framework="np") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(str(shard))
+    key = next(k for k in tensors if k.endswith("q_proj.weight"))
+    tensors[key.replace(".weight", ".bias")] = tensors[key][:, 0].copy()
+    save_file(tensors, str(shard), metadata=meta)
+    code, out = run("verify", FIXTURES / "mhr", "--against", dense, "--inputs", 1, "--seq-len", 8)
+    assert code == 2 and "q_proj.bias" in out and "which the base does not have" in out, out
