@@ -269,8 +269,13 @@ def test_output_refused_without_force(llama, tmp_path):
         res = run("collapse", adapter, "--task", "0", "--out", out, "--to", to)
         assert res.exit_code == 2 and "already exists" in res.stderr and "--force" in res.stderr
         assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "keep").exists()
+    # --force replaces only what polytool wrote: a folder of someone's files is not (issue 21)
+    res = run("collapse", adapter, "--task", "0", "--out", out, "--to", "dense", "--force")
+    assert res.exit_code == 2 and "not an output polytool wrote" in res.stderr and (out / "keep").exists()
+    (out / "keep").unlink()  # an empty folder may be replaced
     collapse_json(adapter, "--task", "0", "--out", out, "--to", "dense", "--force")
-    assert not (out / "keep").exists() and (out / "config.json").exists()
+    collapse_json(adapter, "--task", "1", "--out", out, "--to", "lora", "--force")  # polytool's own: replaced
+    assert (out / "adapter_config.json").exists() and not (out / "config.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 

@@ -264,7 +264,13 @@ def test_output_is_atomic_and_never_replaced_without_force(matrix_case, tmp_path
     out.write_text("keep")
     refused = CliRunner().invoke(main, args + [str(out)])
     assert refused.exit_code == 2 and out.read_text() == "keep"
-    assert CliRunner().invoke(main, args + [str(out), "--force"]).exit_code == 0
+    refused = CliRunner().invoke(main, args + [str(out), "--force"])  # not polytool's: --force does not take it
+    assert refused.exit_code == 2 and "not an output polytool wrote" in refused.output and out.read_text() == "keep"
+    out.unlink()
+    stale = tmp_path / ".t.gguf.polytool-tmp-999999999"  # what a killed export leaves (its pid is gone)
+    stale.write_bytes(b"half a GGUF")
+    assert CliRunner().invoke(main, args + [str(out)]).exit_code == 0
+    assert CliRunner().invoke(main, args + [str(out), "--force"]).exit_code == 0  # polytool's own: replaced
     assert out.read_bytes()[:4] == b"GGUF" and sorted(p.name for p in tmp_path.iterdir()) == ["t.gguf"]
     bad = CliRunner().invoke(main, args + [str(tmp_path / "u.gguf"), "--dtype", "float16", "--untie"])
     assert bad.exit_code == 2

@@ -91,3 +91,52 @@ def test_an_extra_tensor_in_a_dense_artifact_is_exit_2(tmp_path):
     save_file(tensors, str(shard), metadata=meta)
     code, out = run("verify", FIXTURES / "mhr", "--against", dense, "--inputs", 1, "--seq-len", 8)
     assert code == 2 and "q_proj.bias" in out and "which the base does not have" in out, out
+
+
+# ---- outputs never clobber -----------------------------------------------------------------------------
+
+
+def test_the_final_rename_never_replaces_what_appeared_meanwhile(tmp_path, monkeypatch):
+    """Two runs to one new --out: the one that finishes second fails in one line and leaves the first's output."""
+    from polytool.formats import atomic
+
+    out = tmp_path / "out"
+    fsync_tree = atomic.fsync_tree
+
+    def other_run_finishes_first(root):  # called just before the final rename
+        fsync_tree(root)
+        out.mkdir()
+        (out / "adapter_model.safetensors").write_bytes(b"the other run's")
+    monkeypatch.setattr(atomic, "fsync_tree", other_run_finishes_first)
+    code, text = run("collapse", FIXTURES / "mhr", "--task", 1, "--out", out)
+    assert code == 2 and "appeared while this run wrote it" in text, text
+    assert (out / "adapter_model.safetensors").read_bytes() == b"the other run's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary left behind
+    monkeypatch.undo()
+    assert run("collapse", FIXTURES / "mhr", "--task", 1, "--out", tmp_path / "alone")[0] == 0  # control
+
+
+def test_rename_noreplace_refuses_even_an_empty_directory(tmp_path):
+    from polytool.formats.atomic import _rename_noreplace
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "dst").mkdir()  # os.rename would silently replace an empty directory
+    with pytest.raises(FileExistsError):
+        _rename_noreplace(tmp_path / "src", tmp_path / "dst")
+    _rename_noreplace(tmp_path / "src", tmp_path / "new")  # control
+    assert (tmp_path / "new").is_dir() and not (tmp_path / "src").exists()
+
+
+def test_force_replaces_only_what_polytool_wrote(tmp_path):
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "thesis.tex").write_text("four years")
+    for args in (("collapse", FIXTURES / "mhr", "--task", 1), ("merge", f"{FIXTURES / 'mhr'}:1")):
+        code, text = run(*args, "--out", thesis, "--force")
+        assert code == 2 and "not an output polytool wrote" in text, text
+        assert (thesis / "thesis.tex").read_text() == "four years"
+    lora = tmp_path / "lora"
+    assert run("collapse", FIXTURES / "mhr", "--task", 1, "--out", lora)[0] == 0
+    assert run("collapse", FIXTURES / "mhr", "--task", 2, "--out", lora, "--force")[0] == 0  # polytool's: replaced
+    assert run("collapse", FIXTURES / "mhr", "--task", "all", "--out", lora, "--force")[0] == 0
+    assert run("collapse", FIXTURES / "mhr", "--task", 0, "--out", lora, "--force")[0] == 0  # a --task all folder

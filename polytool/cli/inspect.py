@@ -40,11 +40,11 @@ def inspect(adapter_dir: Path, as_json: bool, plot_file: Path | None, base_dir: 
         report["task_weights"] = spec_report(adapter, parse_task_spec(task, adapter.n_tasks))
         render_report = _with_task_weights(render_report)
     if plot_file is not None:
-        from ..formats.atomic import check_output
+        from ..formats.atomic import check_not_input
         from ..inspect.plot import write_heatmap
 
         # never into the adapter (its files may be links into a cache: those are protected too)
-        check_output(plot_file, True, inputs=[adapter.directory, adapter.weights_file,
+        check_not_input(plot_file, [adapter.directory, adapter.weights_file,
                                               adapter.directory / "adapter_config.json"])
 
         info(f"wrote {write_heatmap(report, plot_file, force=force)}")
