@@ -50,6 +50,7 @@ class Mutant:
     patches: tuple[Patch, ...]
     writes: tuple[str, ...]  # which of KINDS the mutated code produces: those must fail, the others pass
     case: str = "mhr"  # "mhr": fixtures/mhr on fixtures/tiny-llama (4 splits); "gpt2": the gpt2-conv1d matrix case
+    task: str = "1"  # the --task given to collapse (and to the self-check)
 
 
 FACTORS = "polytool.core.collapse", "collapse_factors"
@@ -93,7 +94,20 @@ MUTANTS = [
         Patch("polytool.core.collapse", "stored_delta", "return dense_delta(A[lo:hi], B, r).T",
               "return dense_delta(A, B, r).reshape(A.shape[0], B.shape[1])[lo:hi]"),),
         ("dense", "self"), case="gpt2"),
+    # the gate takes the task from the user (or the request recorded as typed), never the product's parse of it
+    Mutant("cli-wrong-task", "collapse writes the next task when asked for one (and records it)", (
+        Patch("polytool.collapse.command", "collapse", "spec = parse_task_spec(o.task, adapter.n_tasks, allow_all=True)",
+              "spec = parse_task_spec(str((int(o.task) + 1) % adapter.n_tasks), adapter.n_tasks, allow_all=True)"),),
+        ("lora", "dense")),
+    Mutant("mix-missorted", "a mix's coefficients left in the order given while its tasks are sorted", (
+        Patch("polytool.core.taskspec", "parse_task_mix", "tuple(raw[i] / total for i in order)",
+              "tuple(raw[i] / total for i in range(len(raw)))"),), ("lora", "dense"), task="3:0.7,1:0.3"),
+    # the streaming dense writer, in blocks of rows (BLOCK_BYTES is made small for these runs: many blocks)
+    Mutant("block-offset", "every block of rows after the first merged with the delta of the rows one above", (
+        Patch("polytool.collapse.dense", "_blocks", "x += delta(lo, hi, op.target.transposed)",
+              "x += delta(max(lo - 1, 0), max(lo - 1, 0) + hi - lo, op.target.transposed)"),), ("dense",)),
 ]
+BLOCK_BYTES = 4096  # the dense writer's block in these runs: every merged weight is written in several blocks
 
 
 def mutated(patch: Patch, name: str):
@@ -130,7 +144,7 @@ def cli(*args) -> int:
     return res.exit_code
 
 
-def exit_codes(adapter: Path, base: Path, task: int, out: Path) -> dict[str, int]:
+def exit_codes(adapter: Path, base: Path, task: str, out: Path) -> dict[str, int]:
     """collapse + verify --against for a LoRA and a dense artifact, and the self-check: their exit codes."""
     codes = {}
     for kind in ("lora", "dense"):
@@ -150,18 +164,25 @@ def cases(matrix_case):
 @pytest.fixture(scope="module")
 def table(cases, tmp_path_factory):
     """{(mutant name, case): {kind: exit code}}, the controls (no mutant) first."""
+    from polytool.collapse import dense
+
     rows = {}
-    for case in ("mhr", "gpt2"):
-        rows[("none", case)] = exit_codes(*cases[case], 1, tmp_path_factory.mktemp(f"control-{case}"))
-    for mutant in MUTANTS:
-        with pytest.MonkeyPatch.context() as mp:
-            assert inject(mp, mutant) >= len(mutant.patches)
-            rows[(mutant.name, mutant.case)] = exit_codes(*cases[mutant.case], 1, tmp_path_factory.mktemp(mutant.name))
+    with pytest.MonkeyPatch.context() as blocks:
+        blocks.setattr(dense, "BLOCK_BYTES", BLOCK_BYTES)
+        for case in ("mhr", "gpt2"):
+            rows[("none", case)] = exit_codes(*cases[case], "1", tmp_path_factory.mktemp(f"control-{case}"))
+        rows[("none-mix", "mhr")] = exit_codes(*cases["mhr"], "3:0.7,1:0.3", tmp_path_factory.mktemp("control-mix"))
+        for mutant in MUTANTS:
+            with pytest.MonkeyPatch.context() as mp:
+                assert inject(mp, mutant) >= len(mutant.patches)
+                out = tmp_path_factory.mktemp(mutant.name)
+                rows[(mutant.name, mutant.case)] = exit_codes(*cases[mutant.case], mutant.task, out)
     return rows
 
 
 def render(rows: dict) -> str:
-    what = {m.name: m.what for m in MUTANTS} | {"none": "no mutant: the product code as shipped (the control)"}
+    what = {m.name: m.what for m in MUTANTS} | {"none": "no mutant: the product code as shipped (the control)",
+                                                  "none-mix": "no mutant, the mix 3:0.7,1:0.3 (the control)"}
     case = {"mhr": "fixtures/mhr", "gpt2": "GPT-2 (Conv1D)"}
     lines = [BEGIN, "| mutant | wrong formula | adapter | LoRA: `verify --against` | dense: `verify --against` "
              "| self-check |", "| --- | --- | --- | --- | --- | --- |"]
@@ -171,7 +192,7 @@ def render(rows: dict) -> str:
 
 
 def test_controls_pass(table):
-    assert table[("none", "mhr")] == table[("none", "gpt2")] == {k: 0 for k in KINDS}
+    assert table[("none", "mhr")] == table[("none", "gpt2")] == table[("none-mix", "mhr")] == {k: 0 for k in KINDS}
 
 
 @pytest.mark.parametrize("mutant", MUTANTS, ids=lambda m: m.name)

@@ -235,7 +235,7 @@ def test_nudged_merged_weight_fails(request, which):
 
 def test_swapped_task_fails(llama):
     got = run("verify", llama["adapter"], "--base", llama["base"], "--against", llama["lora1"], "--task", "0")
-    assert_fails(got, "task 0", llama["lora1"], "checked as 0 (--task); its provenance says 1")
+    assert_fails(got, "task 0", llama["lora1"], "its provenance says it holds task 1, but task 0 was asked (--task)")
 
 
 def test_wrong_scaling_fails(llama):
@@ -286,7 +286,7 @@ def test_bad_inputs_exit_2(llama, tmp_path):
     cases = [
         (("--base", tmp_path / "nope"), "no such base model directory"),
         (("--base", b, "--against", corrupt), "truncated"),
-        (("--base", b, "--task", "7"), "task 7 is out of range: this adapter has tasks 0..2"),
+        (("--base", b, "--task", "7"), "task '7' is not a task spec of this adapter: expected a task id in [0, 3)"),
         (("--base", b, "--task", "seven"), "invalid task 'seven'"),
         (("--base", b, "--against", strip_provenance(llama["dense1"], tmp_path / "bare")), "has no polytool provenance"),
         (("--base", b, "--against", tmp_path), "not a collapsed artifact"),

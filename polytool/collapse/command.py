@@ -58,13 +58,13 @@ def _base(o: CollapseOptions, adapter: PolyAdapter) -> Path:
 def _to_gguf(o: CollapseOptions, adapter: PolyAdapter, spec: TaskSpec, warn, progress) -> dict:
     from .gguf import export_gguf
 
-    data = export_gguf(adapter, spec, _base(o, adapter), o.out, OUTPUT_DTYPES[o.dtype] or "F32", o.force)
+    data = export_gguf(adapter, spec, _base(o, adapter), o.out, OUTPUT_DTYPES[o.dtype] or "F32", o.force, o.task)
     return {**data, "dtype": o.dtype if o.dtype != "auto" else "float32"}
 
 
 def _to_lora(o: CollapseOptions, adapter: PolyAdapter, spec: TaskSpec, warn, progress) -> dict:
     from .fit import base_uses_conv1d, lora_base
-    from .lora import export_lora, lora_config
+    from .lora import LoraOptions, export_lora, lora_config
 
     base = lora_base(adapter, o.base_dir)  # read for its checks even without --base: never written
     check_output(o.out, o.force, inputs=[adapter.directory] + ([base] if base else []))
@@ -80,7 +80,7 @@ def _to_lora(o: CollapseOptions, adapter: PolyAdapter, spec: TaskSpec, warn, pro
 
         facts = collapse_facts(adapter, lora_config(adapter, conv1d), dtype)
         refuse_problems(report(facts, o.stack, open_base(base) if base else None))
-    data = export_lora(adapter, spec, o.out, dtype, conv1d, o.force, o.rank, o.energy)
+    data = export_lora(adapter, spec, o.out, LoraOptions(dtype, conv1d, o.rank, o.energy, o.force, o.task))
     return {**data, "dtype": o.dtype if o.dtype != "auto" else "float32", "n_tasks": adapter.n_tasks}
 
 
@@ -91,5 +91,5 @@ def _to_dense(o: CollapseOptions, adapter: PolyAdapter, spec: TaskSpec, warn, pr
     if o.rank is not None or o.energy is not None:
         raise PolytoolError("--rank and --energy apply to a LoRA output: a dense merge adds the exact delta")
     size = None if o.max_shard_size is None else parse_size(o.max_shard_size)
-    dense = DenseOptions(OUTPUT_DTYPES[o.dtype], o.untie, size, o.force)
+    dense = DenseOptions(OUTPUT_DTYPES[o.dtype], o.untie, size, o.force, o.task)
     return merge_dense(adapter, spec, _base(o, adapter), o.out, dense, progress)

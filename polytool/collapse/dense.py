@@ -46,6 +46,7 @@ class DenseOptions:
     untie: bool = False
     max_shard_size: int | None = None
     force: bool = False
+    request: str | None = None  # the task as the user asked for it (provenance, for verify)
 
 
 @dataclass(frozen=True)
@@ -206,7 +207,7 @@ def plan_merge(adapter: PolyAdapter, spec: TaskSpec, base: BaseCheckpoint,
     check_collapsible(adapter, base)
     heads = {key: (lambda k=adapter_key: adapter.tensor(k, np.float64))
              for key, adapter_key in saved_module_keys(adapter, base).items()}
-    return plan_dense(base, adapter.modules, provenance(adapter, spec, routing=False), options, spec, heads)
+    return plan_dense(base, adapter.modules, provenance(adapter, spec, routing=False, request=options.request), options, spec, heads)
 
 
 def plan_dense(base: BaseCheckpoint, modules: Iterable, stamp: dict[str, str], options: DenseOptions = DenseOptions(),

@@ -148,7 +148,8 @@ def gguf_tensors(adapter: PolyAdapter, spec: TaskSpec, plan: GgufPlan) -> Iterat
         yield f"{target.name}.lora_b", lora_b
 
 
-def write_gguf(adapter: PolyAdapter, spec: TaskSpec, plan: GgufPlan, path: Path, dtype: str = "F32") -> dict:
+def write_gguf(adapter: PolyAdapter, spec: TaskSpec, plan: GgufPlan, path: Path, dtype: str = "F32",
+               request: str | None = None) -> dict:
     """Write one task's GGUF LoRA to `path` (a new file); returns tensors and bytes."""
     gguf = import_gguf()
     writer = gguf.GGUFWriter(path, plan.arch)
@@ -157,7 +158,7 @@ def write_gguf(adapter: PolyAdapter, spec: TaskSpec, plan: GgufPlan, path: Path,
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(LORA_ALPHA))
     writer.add_string("adapter.lora.task_name", spec_label(spec))
     writer.add_name(f"polytool {spec_label(spec)}")
-    for key, value in provenance(adapter, spec).items():
+    for key, value in provenance(adapter, spec, request=request).items():
         if key != "format":
             writer.add_string(key, value)
     n = 0
@@ -173,7 +174,7 @@ def write_gguf(adapter: PolyAdapter, spec: TaskSpec, plan: GgufPlan, path: Path,
 
 
 def export_gguf(adapter: PolyAdapter, spec: TaskSpec, base_dir: Path, out: Path, dtype: str = "F32",
-                force: bool = False) -> dict:
+                force: bool = False, request: str | None = None) -> dict:
     """`spec` as OUT (a .gguf file), or "all": OUT/task-<id>.gguf per task + the task index."""
     if dtype not in GGUF_DTYPES:
         raise PolytoolError(f"GGUF dtype {dtype!r} is not allowed: {', '.join(GGUF_DTYPES)}")
@@ -181,14 +182,14 @@ def export_gguf(adapter: PolyAdapter, spec: TaskSpec, base_dir: Path, out: Path,
     check_output(out, force, inputs=[adapter.directory, base_dir])
     if spec != "all":
         with atomic_output_file(out, force) as tmp:
-            one = write_gguf(adapter, spec, plan, tmp, dtype)
+            one = write_gguf(adapter, spec, plan, tmp, dtype, request)
         return {"files": [out.name], "arch": plan.arch, **one}
     written = {"files": [], "tensors": 0, "bytes": 0, "arch": plan.arch}
     with atomic_output_dir(out, force) as tmp:
         tasks = {}
         for task in range(adapter.n_tasks):
             name = f"{spec_label(task)}.gguf"
-            one = write_gguf(adapter, task, plan, tmp / name, dtype)
+            one = write_gguf(adapter, task, plan, tmp / name, dtype, request)
             written["files"].append(name)
             written["tensors"] += one["tensors"]
             written["bytes"] += one["bytes"]

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -85,9 +86,23 @@ def truncation_report(kept: dict[str, Truncation]) -> list[dict]:
     return [{"module": m, **t.as_dict()} for m, t in kept.items()]
 
 
-def write_truncated(adapter: PolyAdapter, spec: TaskSpec, directory: Path, dtype: str, fan_in_fan_out: bool,
-                    rank: int | None, energy: float | None) -> dict:
+@dataclass(frozen=True)
+class LoraOptions:
+    """How a LoRA output is written: its dtype, the Conv1D layout (`fan_in_fan_out`), a rank control (`rank` or
+    `energy`, at most one), an existing output replaced (`force`), and the task as the user asked for it
+    (`request`, recorded in the provenance for verify)."""
+
+    dtype: str = "F32"
+    fan_in_fan_out: bool = False
+    rank: int | None = None
+    energy: float | None = None
+    force: bool = False
+    request: str | None = None
+
+
+def write_truncated(adapter: PolyAdapter, spec: TaskSpec, directory: Path, o: LoraOptions) -> dict:
     """The best rank-`rank` (or `energy`) LoRA of the collapsed task, per module, from the rank-r factors."""
+    dtype, rank, energy = o.dtype, o.rank, o.energy
     factors, kept = {}, {}
     for module, A, B in collapse_adapter(adapter, spec):  # A (in, r), B (r, out): delta B.T A.T / r
         Bk, Ak, kept[module.name] = truncate_factored(B.T / adapter.r, A.T, rank, energy)  # (out, k), (k, in)
@@ -95,59 +110,58 @@ def write_truncated(adapter: PolyAdapter, spec: TaskSpec, directory: Path, dtype
     what = f"rank {rank}" if rank is not None else f"energy {energy}"
     note = (f"This is the best {what} approximation of that task's LoRA, module by module (truncated SVD): "
             f"per-module ranks and errors are in the safetensors metadata (`{TRUNCATION_KEY}`).")
-    meta = {**provenance(adapter, spec), TRUNCATION_KEY: truncation_record(rank, energy, kept)}
-    write_factors(directory, factors, dtype, meta, lora_config(adapter, fan_in_fan_out))
+    meta = {**provenance(adapter, spec, request=o.request), TRUNCATION_KEY: truncation_record(rank, energy, kept)}
+    write_factors(directory, factors, dtype, meta, lora_config(adapter, o.fan_in_fan_out))
     (directory / "README.md").write_text(lora_card(adapter, spec, note), encoding="utf-8", errors="backslashreplace")
     files = [CONFIG_NAME, WEIGHTS_NAME, "README.md"]
     return {"files": files, "tensors": 2 * len(factors), "bytes": sum((directory / f).stat().st_size for f in files),
             "truncation": truncation_report(kept)}
 
 
-def write_lora(adapter: PolyAdapter, spec: TaskSpec, directory: Path, dtype: str = "F32",
-               fan_in_fan_out: bool = False, rank: int | None = None, energy: float | None = None) -> dict:
+def write_lora(adapter: PolyAdapter, spec: TaskSpec, directory: Path, o: LoraOptions = LoraOptions()) -> dict:
     """Write one collapsed LoRA into the existing empty `directory`; returns files, tensors, bytes
     (and, with `rank` or `energy`, the per-module truncation)."""
-    if rank is not None or energy is not None:
-        return write_truncated(adapter, spec, directory, dtype, fan_in_fan_out, rank, energy)
+    if o.rank is not None or o.energy is not None:
+        return write_truncated(adapter, spec, directory, o)
+    dtype = o.dtype
     specs = []
     for m in adapter.modules:
         specs += [TensorSpec(f"{PREFIX}{m.name}.lora_A.weight", dtype, (adapter.r, m.in_features)),
                   TensorSpec(f"{PREFIX}{m.name}.lora_B.weight", dtype, (m.out_features, adapter.r))]
     saved = [key for params in adapter.saved_modules.values() for key in params.values()]
     specs += [TensorSpec(key, dtype, adapter.tensor_shape(key)) for key in saved]
-    with SafetensorsWriter(directory / WEIGHTS_NAME, specs, provenance(adapter, spec)) as writer:
+    with SafetensorsWriter(directory / WEIGHTS_NAME, specs, provenance(adapter, spec, request=o.request)) as writer:
         for module, A, B in collapse_adapter(adapter, spec):  # in module order, float64
             lora_A, lora_B = lora_weights(A, B)  # (r, in), (out, r)
             writer.write(f"{PREFIX}{module.name}.lora_A.weight", cast_float(lora_A, dtype))
             writer.write(f"{PREFIX}{module.name}.lora_B.weight", cast_float(lora_B, dtype))
         for key in saved:  # trained heads (modules_to_save), under the keys PEFT saves them with
             writer.write(key, cast_float(adapter.tensor(key, np.float64), dtype))
-    write_json(directory / CONFIG_NAME, lora_config(adapter, fan_in_fan_out))
+    write_json(directory / CONFIG_NAME, lora_config(adapter, o.fan_in_fan_out))
     # backslashreplace: a path that is not valid UTF-8 is shown escaped, not refused
     (directory / "README.md").write_text(lora_card(adapter, spec), encoding="utf-8", errors="backslashreplace")
     files = [CONFIG_NAME, WEIGHTS_NAME, "README.md"]
     return {"files": files, "tensors": len(specs), "bytes": sum((directory / f).stat().st_size for f in files)}
 
 
-def export_lora(adapter: PolyAdapter, spec: TaskSpec, out: Path, dtype: str = "F32", fan_in_fan_out: bool = False,
-                force: bool = False, rank: int | None = None, energy: float | None = None) -> dict:
+def export_lora(adapter: PolyAdapter, spec: TaskSpec, out: Path, o: LoraOptions = LoraOptions()) -> dict:
     """Collapse `spec` ("all": every task, one subdirectory each) into LoRA directories at `out`, atomically.
     `rank` / `energy`: the best rank-K LoRA per module, or the smallest rank keeping that share (lowrank.py)."""
-    if dtype not in LORA_DTYPES:
-        raise PolytoolError(f"LoRA dtype {dtype!r} is not allowed: {', '.join(LORA_DTYPES)}")
-    check_rank_options(rank, energy)
+    if o.dtype not in LORA_DTYPES:
+        raise PolytoolError(f"LoRA dtype {o.dtype!r} is not allowed: {', '.join(LORA_DTYPES)}")
+    check_rank_options(o.rank, o.energy)
     check_collapsible(adapter)
-    check_output(out, force, inputs=[adapter.directory])
-    with atomic_output_dir(out, force) as tmp:
+    check_output(out, o.force, inputs=[adapter.directory])
+    with atomic_output_dir(out, o.force) as tmp:
         if spec != "all":
-            written = write_lora(adapter, spec, tmp, dtype, fan_in_fan_out, rank, energy)
+            written = write_lora(adapter, spec, tmp, o)
         else:
             written = {"files": [], "tensors": 0, "bytes": 0}
             tasks = {}
             for task in range(adapter.n_tasks):
                 sub = spec_label(task)
                 (tmp / sub).mkdir()
-                one = write_lora(adapter, task, tmp / sub, dtype, fan_in_fan_out, rank, energy)
+                one = write_lora(adapter, task, tmp / sub, o)
                 if "truncation" in one:
                     written.setdefault("truncation", []).extend({"task": task, **t} for t in one.pop("truncation"))
                 written.update({"files": written["files"] + [f"{sub}/{f}" for f in one["files"]],

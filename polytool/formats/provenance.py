@@ -22,6 +22,7 @@ from ..core.taskspec import TaskSpec
 from .jsonfile import write_json
 
 RECIPE_KEY = "polytool.recipe"
+REQUEST_KEY = "polytool.request"
 
 
 def sha256_file(file: str | Path) -> str:
@@ -43,7 +44,7 @@ SHA_KEY, TASK_KEY = "polytool.source_sha256", "polytool.task"
 TRUNCATION_KEY = "polytool.truncation"  # JSON: the rank control asked for, and per module what was kept
 
 
-def provenance(adapter: Any, spec: TaskSpec, routing: bool = True) -> dict[str, str]:
+def provenance(adapter: Any, spec: TaskSpec, routing: bool = True, request: str | None = None) -> dict[str, str]:
     """safetensors metadata: format pt, and where these factors came from (routing: per-module weights)."""
     meta = {
         "format": "pt",
@@ -52,6 +53,8 @@ def provenance(adapter: Any, spec: TaskSpec, routing: bool = True) -> dict[str, 
         TASK_KEY: str(spec),
         "polytool.n_tasks": str(adapter.n_tasks),
     }
+    if request is not None:  # the --task text as given, before any parsing: what verify checks the task against
+        meta[REQUEST_KEY] = request
     if routing:
         weights = {m.name: adapter.spec_weights(m.name, spec).tolist() for m in adapter.modules}  # (q, s) each
         meta["polytool.routing"] = json.dumps(weights, separators=(",", ":"))

@@ -20,12 +20,11 @@ import dataclasses
 from pathlib import Path
 from typing import Callable
 
-from ..core.taskspec import parse_task_spec
 from ..core.units import parse_size
 from ..errors import CheckpointError, PolytoolError
 from ..formats.adapter import PolyAdapter, load_adapter
 from ..formats.base import resolve_base_dir
-from .artifacts import Target, artifact_targets
+from .artifacts import Target, artifact_targets, spec_under_test
 from .compare import errors, kl, make_check, non_finite, top1
 from .inputs import DEFAULT_INPUTS, DEFAULT_SEQ_LEN, prompt_inputs, random_inputs  # noqa: F401 (the defaults: part of the API)
 from .models import base_config, model_class, release_memory, resolve_device, stored_dtype, utf8_path
@@ -126,13 +125,13 @@ def _check_options(o: VerifyOptions) -> None:
 def _targets(o: VerifyOptions, adapter: PolyAdapter, base_dir: Path, config, progress: Callable | None) -> list[Target]:
     """What to compare: each artifact of --against (checked in weight space first, where dense), or for the
     self-check every task (or the one --task names), collapsed in memory by the product code."""
-    spec = None if o.task is None else parse_task_spec(o.task, adapter.n_tasks)
     if o.against:
-        targets = [t for path in o.against for t in artifact_targets(Path(path), adapter, base_dir, spec)]
+        targets = [t for path in o.against for t in artifact_targets(Path(path), adapter, base_dir, o.task)]
         _dense_weight_checks(targets, adapter, base_dir, progress)
         release_memory()  # the chunks and updates of the weight check, before the model is loaded
         return targets
     base_dtype = stored_dtype(base_dir, config)
+    spec = None if o.task is None else spec_under_test(o.task, adapter.n_tasks)
     return [Target(s, kind, "<in memory>", "float32" if kind == "lora" else base_dtype)
             for s in (range(adapter.n_tasks) if spec is None else [spec]) for kind in ("lora", "dense")]
 

@@ -2,6 +2,7 @@
 a dense model directory, each checked to come from this adapter; one Target per thing to compare."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,17 +11,40 @@ from ..formats.adapter import PolyAdapter
 from ..formats.base import require_dir
 from ..formats.jsonfile import parse_json
 from ..errors import AdapterError, CheckpointError, PolytoolError
-from ..formats.provenance import RECIPE_KEY, SHA_KEY, TASK_KEY, TASKS_INDEX
+from ..formats.provenance import RECIPE_KEY, REQUEST_KEY, SHA_KEY, TASK_KEY, TASKS_INDEX
 from ..formats.lora import LoraArtifact, read_lora
-from ..core.taskspec import TaskSpec, parse_task_spec
 from .models import stored_dtype, utf8_path, why
+from .reference import routing_spec
+
+Spec = Any  # a task spec under test, verify's own canonical form: an int, "uniform", "mean" or "1:0.7,3:0.3"
+
+
+def spec_under_test(text: Any, n_tasks: int) -> Spec:
+    """A task spec as the user wrote it, parsed by verify's own parser (the reference's, never the product's):
+    an int, "uniform", "mean", or a mix as canonical text "t:c,t:c" (coefficients normalised, tasks ascending)."""
+    try:
+        spec = routing_spec(str(text), n_tasks)
+    except PolytoolError:
+        raise PolytoolError(f"task {text!r} is not a task spec of this adapter: expected a task id in [0, {n_tasks}), "
+                            "uniform, mean or a mix such as 1:0.7,3:0.3") from None
+    if isinstance(spec, dict):
+        return ",".join(f"{t}:{c!r}" for t, c in spec.items())
+    return spec
+
+
+def _same_spec(a: Spec, b: Spec, n_tasks: int) -> bool:
+    """Two specs give the same routing (a mix's coefficients compared to within float rounding)."""
+    if isinstance(a, str) and isinstance(b, str) and ":" in a and ":" in b:
+        x, y = routing_spec(a, n_tasks), routing_spec(b, n_tasks)
+        return x.keys() == y.keys() and all(abs(x[t] - y[t]) <= 1e-12 for t in x)
+    return a == b
 
 
 @dataclass
 class Target:
     """One thing to compare with the routed model for one task spec."""
 
-    spec: TaskSpec
+    spec: Spec
     kind: str  # "lora" or "dense"
     label: str  # the artifact's path, or "<in memory>" for the self-check
     dtype: str  # the dtype the artifact stores its weights in
@@ -30,6 +54,7 @@ class Target:
     weights: dict[str, Any] | None = None  # a dense artifact's weight-space check (weights.py)
     recipe: dict | None = None  # a `polytool merge` output: its recipe (spec is then "merge:<hash>")
     ideal: bool | None = None  # the self-check's dense weights all equal the ideal rounding (compared as made)
+    problem: str | None = None  # a reason it fails whatever its outputs (a recorded task that was not asked)
 
 
 
@@ -37,7 +62,6 @@ class Target:
 def _recipe_spec(where: Path, metadata: dict) -> tuple[str, dict] | None:
     """("merge:<hash>", recipe) for a `polytool merge` artifact, else None."""
     import hashlib
-    import json
 
     text = metadata.get(RECIPE_KEY)
     if text is None:
@@ -80,22 +104,30 @@ def _check_source(where: Path, sha: Any, adapter: PolyAdapter) -> None:
 
 
 def _task_of(where: Path, metadata: dict, adapter: PolyAdapter,
-             override: TaskSpec | None) -> tuple[TaskSpec, list[str]]:
-    """The task an artifact holds: --task if given, else its provenance; checks it came from `adapter`."""
+             override: str | None) -> tuple[Spec, list[str], str | None]:
+    """The task an artifact is checked as, and a problem if its provenance disagrees: the task the user asked
+    for (--task, else the request polytool recorded as the user typed it, before parsing), parsed by verify's
+    own parser; the recorded task only where neither is there. The artifact must come from `adapter`."""
     _check_source(where, metadata.get(SHA_KEY), adapter)
-    recorded = metadata.get(TASK_KEY)
-    if override is not None:
-        differs = recorded is not None and recorded != str(override)
-        return override, [f"checked as {override} (--task); its provenance says {recorded}"] if differs else []
-    if recorded is None:
-        raise PolytoolError("has no polytool provenance (made elsewhere?): pass --task to say which task it holds", where)
+    recorded, request = metadata.get(TASK_KEY), metadata.get(REQUEST_KEY)
+    asked, notes = (override, "--task") if override is not None else (request, "the request it records")
+    if asked is None:
+        if recorded is None:
+            raise PolytoolError("has no polytool provenance (made elsewhere?): pass --task to say which task it holds",
+                                where)
+        asked, notes = recorded, "its provenance (pass --task to check it holds the task you asked for)"
     try:
-        return parse_task_spec(recorded, adapter.n_tasks), []
+        spec = spec_under_test(asked, adapter.n_tasks)
+        held = None if recorded is None else spec_under_test(recorded, adapter.n_tasks)
     except PolytoolError as exc:
-        raise PolytoolError(f"provenance task: {exc.message}", where) from None
+        raise PolytoolError(f"task: {exc.message}", where) from None
+    problem = None
+    if held is not None and not _same_spec(spec, held, adapter.n_tasks):
+        problem = f"its provenance says it holds task {recorded}, but task {asked} was asked ({notes})"
+    return spec, [f"task {spec} from {notes}"] if override is None and request is None else [], problem
 
 
-def _lora_target(path: Path, adapter: PolyAdapter, override: TaskSpec | None) -> Target:
+def _lora_target(path: Path, adapter: PolyAdapter, override: str | None) -> Target:
     lora = read_lora(path)
     merged = _recipe_spec(path, lora.metadata)
     if merged is not None:  # modules and shapes are checked against the base and the config when applied
@@ -104,7 +136,7 @@ def _lora_target(path: Path, adapter: PolyAdapter, override: TaskSpec | None) ->
                  "merge, so the error shown is the truncation's (recorded per module in polytool.truncation)"] \
             if recipe.get("rank") is not None or recipe.get("energy") is not None else []
         return Target(merged[0], "lora", str(path), lora.dtype, lora=lora, recipe=recipe, notes=notes)
-    spec, notes = _task_of(path, lora.metadata, adapter, override)
+    spec, notes, problem = _task_of(path, lora.metadata, adapter, override)
     modules = {m.name: m for m in adapter.modules}
     if set(lora.weights) != set(modules):
         extra, missing = sorted(set(lora.weights) - set(modules)), sorted(set(modules) - set(lora.weights))
@@ -114,10 +146,10 @@ def _lora_target(path: Path, adapter: PolyAdapter, override: TaskSpec | None) ->
         if (A.shape, B.shape) != want:
             raise AdapterError(f"module {name!r}: lora_A {list(A.shape)} / lora_B {list(B.shape)}, but the adapter "
                                f"collapses to {list(want[0])} / {list(want[1])}", path)
-    return Target(spec, "lora", str(path), lora.dtype, lora=lora, notes=notes)
+    return Target(spec, "lora", str(path), lora.dtype, lora=lora, notes=notes, problem=problem)
 
 
-def _dense_target(path: Path, adapter: PolyAdapter, base_dir: Path, override: TaskSpec | None) -> Target:
+def _dense_target(path: Path, adapter: PolyAdapter, base_dir: Path, override: str | None) -> Target:
     from ..formats.base import match_targets, open_base
 
     dense, base = open_base(path), open_base(base_dir)
@@ -140,12 +172,13 @@ def _dense_target(path: Path, adapter: PolyAdapter, base_dir: Path, override: Ta
     merged = _recipe_spec(path, metadata)
     if merged is not None:
         return Target(merged[0], "dense", str(path), stored_dtype(path), path=utf8_path(path), recipe=merged[1])
-    spec, notes = _task_of(path, metadata, adapter, override)
-    return Target(spec, "dense", str(path), stored_dtype(path), path=utf8_path(path), notes=notes)
+    spec, notes, problem = _task_of(path, metadata, adapter, override)
+    return Target(spec, "dense", str(path), stored_dtype(path), path=utf8_path(path), notes=notes, problem=problem)
 
 
-def _task_dirs(path: Path, adapter: PolyAdapter, override: TaskSpec | None) -> list[Target]:
-    """A `collapse --task all` directory: one LoRA per task, listed in its index file."""
+def _task_dirs(path: Path, adapter: PolyAdapter, override: str | None) -> list[Target]:
+    """A `collapse --task all` directory: one LoRA per task of the adapter, every one of them present and
+    listed in its index file, each holding the task the index gives it; the serving manifest names them all."""
     index_file = path / TASKS_INDEX
     try:
         index = parse_json(index_file.read_text(encoding="utf-8"))
@@ -156,20 +189,57 @@ def _task_dirs(path: Path, adapter: PolyAdapter, override: TaskSpec | None) -> l
     if outside:
         raise AdapterError(f"the task index names {outside[0]!r}, not a subdirectory of its own", index_file)
     _check_source(index_file, index.get("source_sha256"), adapter)
+    missing = sorted(set(range(adapter.n_tasks)) - set(tasks))
+    if missing or len(tasks) != adapter.n_tasks:
+        raise AdapterError(f"the task index lists tasks {sorted(tasks)}, but the adapter has tasks 0..{adapter.n_tasks - 1}"
+                           f"{f' (task {missing[0]} is missing)' if missing else ''}: an incomplete --task all output",
+                           index_file)
+    _check_served(path, tasks)
     if override is not None:
-        if override not in tasks:
+        task = spec_under_test(override, adapter.n_tasks)
+        if task not in tasks:
             raise PolytoolError(f"holds no LoRA for task {override} (it has tasks {sorted(tasks)})", path)
-        tasks = {override: tasks[override]}
-    targets = []
-    for task, sub in tasks.items():
-        target = _lora_target(path / sub, adapter, None)
-        if target.spec != task:
-            raise AdapterError(f"the index lists it as task {task}, its provenance says {target.spec}", path / sub)
-        targets.append(target)
-    return targets
+        tasks = {task: tasks[task]}
+    return [_lora_target(path / sub, adapter, str(task)) for task, sub in tasks.items()]
 
 
-def artifact_targets(path: Path, adapter: PolyAdapter, base_dir: Path, override: TaskSpec | None) -> list[Target]:
+def _served(manifest: Any) -> list[list[tuple[str, str]]]:
+    """[(name, path), ...] per serving line that names LoRAs: vLLM's --lora-modules NAME=PATH and TGI's
+    LORA_ADAPTERS=NAME=PATH,... (read as a shell and as TGI read them)."""
+    import re
+    import shlex
+
+    found = []
+    for line in (manifest.get("vllm") or {}).get("lines", [])[:1]:
+        words = shlex.split(line)
+        start = words.index("--lora-modules") + 1 if "--lora-modules" in words else len(words)
+        found.append([tuple(w.split("=", 1)) for w in words[start:]])
+    for line in (manifest.get("tgi") or {}).get("lines", []):
+        body = line.partition("LORA_ADAPTERS=")[2]
+        found.append([tuple(e.split("=", 1)) for e in re.split(r",(?=task-\d+=)", body) if e])
+    return found
+
+
+def _check_served(path: Path, tasks: dict[int, str]) -> None:
+    """serving.json (where present) serves every task, each as task-<id> from that task's own LoRA."""
+    file = path / "serving.json"
+    if not file.is_file():
+        return
+    try:
+        lines = _served(parse_json(file.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, TypeError) as exc:
+        raise AdapterError(f"cannot read the serving manifest ({why(exc)})", file) from None
+    want = {f"task-{t}": sub for t, sub in tasks.items()}
+    for entries in lines:
+        got = {e[0]: e[1] for e in entries if len(e) == 2}
+        wrong = sorted(n for n in set(got) | set(want) if n not in got or n not in want
+                       or Path(got[n]).name != want[n])
+        if wrong:
+            shown = got.get(wrong[0], "nothing")
+            raise AdapterError(f"serves {wrong[0]} from {shown}, which is not that task's LoRA in the task index", file)
+
+
+def artifact_targets(path: Path, adapter: PolyAdapter, base_dir: Path, override: str | None) -> list[Target]:
     """Recognise an artifact by its contents: a task-all dir, a LoRA dir or a dense model dir."""
     require_dir(path, "artifact directory")
     if (path / TASKS_INDEX).is_file():

@@ -161,7 +161,10 @@ def make_check(target: Any, final: Errors, modules: Errors, effect: Errors, tole
             notes.append(f"rounding to {target.dtype} alone moves the output by {floor_err:.2e} (relative), "
                          f"{100 * floor_err / effect_rel:.0f}% of the adapter's effect {effect_rel:.2e}: consider "
                          "--dtype float32 or serving the LoRA")
-    if weights_bad:
+    problem = getattr(target, "problem", None)
+    if problem:
+        reason = problem
+    elif weights_bad:
         u = weights["first_bad_ulps"]
         detail = f"{u:.3g} units in the last place; 1 allowed" if u is not None else "NaN/Inf, or not the base's bytes"
         reason = (f"weight {weights['first_bad']} is not what it should be (the base's, plus the routed update "
@@ -192,5 +195,6 @@ def make_check(target: Any, final: Errors, modules: Errors, effect: Errors, tole
             "adapter_effect_rel": number(max(rel(*e) for e in effect.values())),
             "rounding_floor_rel": floor_err, "floor_multiple": multiple if floor is not None else None,
             "noop": noop, "atol": atol, "rtol": rtol,
-            "passed": not weights_bad and not bad and not final_bad and not kl_bad and (allow_noop or not noop),
+            "passed": not problem and not weights_bad and not bad and not final_bad and not kl_bad
+            and (allow_noop or not noop),
             "reason": reason, "weights": weights, "notes": notes}

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterator
 
 from ..core.collapse import LORA_ALPHA, collapse_adapter, collapse_module, lora_weights, stored_delta
-from ..core.taskspec import TaskSpec
+from ..core.taskspec import TaskSpec, parse_task_spec
 from ..formats.adapter import PolyAdapter
 from ..formats.lora import LoraArtifact
 from .swap import _is_conv1d, _merged
@@ -18,6 +18,7 @@ def _product_lora(adapter: PolyAdapter, spec: TaskSpec) -> LoraArtifact:
     """The self-check's LoRA: what `collapse --to lora` computes, held in memory."""
     import numpy as np
 
+    spec = parse_task_spec(str(spec), adapter.n_tasks)  # the product's parser: this is the product's path
     weights = {m.name: tuple(np.asarray(t, np.float32) for t in lora_weights(A, B))
                for m, A, B in collapse_adapter(adapter, spec)}
     config = {"peft_type": "LORA", "r": adapter.r, "lora_alpha": LORA_ALPHA, "target_modules": list(weights)}
@@ -35,6 +36,8 @@ def _saved(adapter: PolyAdapter) -> dict:
 def _product_dense(adapter: PolyAdapter, spec: TaskSpec, layers: dict, base_weight: Callable[[str], Any],
                    dtype: str) -> Iterator[tuple[str, Callable[[], Any]]]:
     """The self-check's dense weights: what `collapse --to dense` computes, through the same formula."""
+    spec = parse_task_spec(str(spec), adapter.n_tasks)  # the product's parser: this is the product's path
+
     def delta(name):
         return stored_delta(*collapse_module(adapter, name, spec), adapter.r, _is_conv1d(layers[name]))
 
