@@ -140,3 +140,40 @@ def test_force_replaces_only_what_polytool_wrote(tmp_path):
     assert run("collapse", FIXTURES / "mhr", "--task", 2, "--out", lora, "--force")[0] == 0  # polytool's: replaced
     assert run("collapse", FIXTURES / "mhr", "--task", "all", "--out", lora, "--force")[0] == 0
     assert run("collapse", FIXTURES / "mhr", "--task", 0, "--out", lora, "--force")[0] == 0  # a --task all folder
+
+
+# ---- the gate believes nothing the artifact says about itself -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dense2(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dense") / "task2"
+    assert run("collapse", FIXTURES / "mhr", "--task", 2, "--to", "dense", "--out", out)[0] == 0
+    return out
+
+
+@pytest.mark.parametrize("field, value", [("hidden_act", "gelu"), ("rms_norm_eps", 0.5), ("rope_theta", 10.0)])
+def test_a_dense_artifact_with_an_edited_config_is_loaded_as_itself_and_fails(dense2, tmp_path, field, value):
+    code, text = run("verify", FIXTURES / "mhr", "--against", dense2, "--task", 2, "--inputs", 2, "--seq-len", 8)
+    assert code == 0, text  # control
+    edited = tmp_path / "edited"
+    shutil.copytree(dense2, edited)
+    config = json.loads((edited / "config.json").read_text())
+    assert field in config or field == "rope_theta"
+    if field == "rope_theta" and field not in config:  # transformers 5 keeps it in rope_parameters
+        config["rope_parameters"] = {**config.get("rope_parameters", {}), "rope_theta": value}
+    else:
+        config[field] = value
+    (edited / "config.json").write_text(json.dumps(config))
+    code, text = run("verify", FIXTURES / "mhr", "--against", edited, "--task", 2, "--inputs", 2, "--seq-len", 8)
+    assert code == 1 and "config.json differs from the base's" in text and "loaded as itself" in text, text
+
+
+def test_the_recorded_task_is_checked_against_the_request(dense2, tmp_path):
+    """An artifact that says it holds task 3 while the request it records (the --task the user typed) was 2."""
+    edited = tmp_path / "lies"
+    shutil.copytree(dense2, edited)
+    for shard in edited.glob("*.safetensors"):
+        _rewrite_metadata(shard, lambda meta: meta.update({"polytool.task": "3"}))
+    code, text = run("verify", FIXTURES / "mhr", "--against", edited, "--inputs", 2, "--seq-len", 8)
+    assert code == 1 and "its provenance says it holds task 3, but task 2 was asked" in text, text

@@ -55,6 +55,7 @@ class Target:
     recipe: dict | None = None  # a `polytool merge` output: its recipe (spec is then "merge:<hash>")
     ideal: bool | None = None  # the self-check's dense weights all equal the ideal rounding (compared as made)
     problem: str | None = None  # a reason it fails whatever its outputs (a recorded task that was not asked)
+    whole: bool = False  # a dense artifact loaded as itself (its config differs from the base's), not swapped in
 
 
 
@@ -166,14 +167,49 @@ def _dense_target(path: Path, adapter: PolyAdapter, base_dir: Path, override: st
     if extra:
         raise CheckpointError(f"holds tensor {extra[0]!r}, which the base does not have: not a merge into this "
                               "base", path)
+    config_notes = _config_differences(dense, base, written - set(base.tensors))
     metadata = {}
     for shard in dense.shards:
         metadata.update({k: v for k, v in dense.shard_metadata[shard].items() if k.startswith("polytool.")})
     merged = _recipe_spec(path, metadata)
+    whole = bool(config_notes)
     if merged is not None:
-        return Target(merged[0], "dense", str(path), stored_dtype(path), path=utf8_path(path), recipe=merged[1])
+        return Target(merged[0], "dense", str(path), stored_dtype(path), path=utf8_path(path), recipe=merged[1],
+                      notes=config_notes, whole=whole)
     spec, notes, problem = _task_of(path, metadata, adapter, override)
-    return Target(spec, "dense", str(path), stored_dtype(path), path=utf8_path(path), notes=notes, problem=problem)
+    return Target(spec, "dense", str(path), stored_dtype(path), path=utf8_path(path), notes=config_notes + notes,
+                  problem=problem, whole=whole)
+
+
+# config.json fields a dense merge may change (and what they must then say)
+MERGE_MAY_CHANGE = ("tie_word_embeddings", "dtype", "torch_dtype")
+
+
+def _config_differences(dense: Any, base: Any, untied: set[str]) -> list[str]:
+    """Notes where the artifact's config.json is not the base's: fields a merge may change must say what the
+    artifact holds (tie_word_embeddings false only where a tied weight was written apart; the dtype its weights
+    are stored in); any other difference means the base's model is not the artifact's, so it is loaded as
+    itself (the notes say so) instead of having its weights swapped into the base."""
+    def flat(config: dict) -> dict:
+        text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+        return {**{k: v for k, v in config.items() if k != "text_config"},
+                **{f"text_config.{k}": v for k, v in text.items()}}
+
+    a, b = flat(dense.config), flat(base.config)
+    changed = sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
+    may = {k for k in changed if k.rpartition(".")[2] in MERGE_MAY_CHANGE}
+    bad = [k for k in changed if k not in may]
+    stored = stored_dtype(dense.directory)
+    for key in may:
+        value = a.get(key)
+        if key.endswith("tie_word_embeddings") and not (value is False and untied):
+            bad.append(key)
+        elif key.endswith("dtype") and value != stored:
+            bad.append(key)
+    if not bad:
+        return []
+    return [f"config.json differs from the base's in {', '.join(sorted(bad))}: loaded as itself, not swapped into "
+            "the base"]
 
 
 def _task_dirs(path: Path, adapter: PolyAdapter, override: str | None) -> list[Target]:

@@ -101,7 +101,7 @@ class Run(ModelWeights):
         """(model, {module name: module to capture}) that computes `target`."""
         converted = target.path is not None and target.dtype != self.base_dtype  # every tensor differs
         pairs = self._all_tensors(target.path) if converted and self.one_copy and not self.offloaded else None
-        if target.path is not None and (not self.one_copy or (converted and pairs is None)):
+        if target.path is not None and (not self.one_copy or target.whole or (converted and pairs is None)):
             model = load_model(target.path, self.class_name, self.device, self.max_memory, self.offload_dir)
             yield model, {name: model.get_submodule(name) for name in self.capture}
             return
