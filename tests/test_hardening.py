@@ -20,6 +20,11 @@ def run(*args):
     return res.exit_code, res.output
 
 
+def run_json(*args):
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    return res.exit_code, json.loads(res.stdout)
+
+
 def test_trailing_bytes_after_the_data_are_refused_as_the_safetensors_library_refuses_them(tmp_path):
     adapter = tmp_path / "mhr"
     shutil.copytree(FIXTURES / "mhr", adapter)
@@ -177,3 +182,50 @@ def test_the_recorded_task_is_checked_against_the_request(dense2, tmp_path):
         _rewrite_metadata(shard, lambda meta: meta.update({"polytool.task": "3"}))
     code, text = run("verify", FIXTURES / "mhr", "--against", edited, "--inputs", 2, "--seq-len", 8)
     assert code == 1 and "its provenance says it holds task 3, but task 2 was asked" in text, text
+
+
+# ---- a correct merge whose sums nearly cancel passes (issue 21: the scale false failure) ----------------
+
+
+def _cancelling_base(tmp_path: Path, module: str) -> Path:
+    """fixtures/tiny-llama in bfloat16, with `module`'s weight set to minus the bfloat16 rounding of task 2's
+    update: every element of base + update then nearly cancels, far below the operands' magnitude."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from polytool.verify.reference import ReferenceAdapter
+
+    base = tmp_path / "bf16-base"
+    shutil.copytree(FIXTURES / "tiny-llama", base)
+    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(str(base / "model.safetensors")).items()}
+    delta = ReferenceAdapter(FIXTURES / "mhr").delta(module, 2)  # (out, in), float64
+    tensors[f"{module}.weight"] = (-delta).to(torch.bfloat16)
+    save_file(tensors, str(base / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    return base
+
+
+def test_a_correct_merge_whose_sums_cancel_passes_and_a_wrong_weight_still_fails(tmp_path):
+    module = "model.layers.0.self_attn.q_proj"
+    base = _cancelling_base(tmp_path, module)
+    dense = tmp_path / "dense"
+    assert run("collapse", FIXTURES / "mhr", "--task", 2, "--to", "dense", "--base", base, "--out", dense)[0] == 0
+    args = ("verify", FIXTURES / "mhr", "--base", base, "--task", 2, "--inputs", 2, "--seq-len", 8, "--json")
+    code, report = run_json(*args, "--against", dense)
+    weights = report["checks"][0]["weights"]
+    assert weights["not_ideal"] > 0, weights  # the float32 update's error shows where the sums cancel
+    assert code == 0 and weights["first_bad"] is None, weights
+    # the control: one element of another weight moved by two units in the last place fails
+    from safetensors.torch import load_file, save_file
+    import torch
+
+    bad = tmp_path / "bad"
+    shutil.copytree(dense, bad)
+    tensors = load_file(str(bad / "model.safetensors"))
+    key = "model.layers.1.self_attn.v_proj.weight"
+    tensors[key].view(torch.int16).view(-1)[3] += 2
+    save_file(tensors, str(bad / "model.safetensors"), metadata=dict(safe_open(str(dense / "model.safetensors"),
+                                                                                 framework="pt").metadata()))
+    code, report = run_json(*args, "--against", bad)
+    assert code == 1 and report["checks"][0]["weights"]["first_bad"] == key

@@ -168,6 +168,10 @@ class LowRankUpdate:
     def T(self) -> "LowRankUpdate":
         return LowRankUpdate(self.A, self.B, self.r, not self.transposed)
 
+    def __abs__(self) -> "LowRankUpdate":
+        """|B|.T @ |A|.T / r: per element, the sum of the magnitudes of the r products that make the update."""
+        return LowRankUpdate(self.A.abs(), self.B.abs(), self.r, self.transposed)
+
     def __getitem__(self, rows: slice) -> torch.Tensor:
         return (self.A[rows] if self.transposed else self.B.T[rows]) @ self._right
 

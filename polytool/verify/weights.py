@@ -1,7 +1,9 @@
 """A dense artifact checked in weight space, exactly, tensor by tensor (streamed: one tensor at a time).
 
     merged tensor     == base weight + the reference's float64 update, rounded once to the stored dtype,
-                         within one unit in the last place (ulp) of that dtype
+                         within one unit in the last place (ulp) of that dtype, plus the rounding of the
+                         writer's arithmetic bounded by the operands: COMPUTE_EPS[dtype] * (|W0| + |U|),
+                         |U| = |B|.T @ |A|.T / r (where the sum cancels, that bound is larger than its ulp)
     trained head      == the adapter's modules_to_save copy, rounded once (within one ulp)
     any other tensor  == the base's, byte for byte (or, where the artifact was written in another dtype,
                          the base's value rounded once)
@@ -28,6 +30,10 @@ from ..collapse.fit import saved_module_keys
 # stored dtype -> (explicit mantissa bits, smallest normal exponent)
 FORMATS = {"F64": (52, -1022), "F32": (23, -126), "BF16": (7, -126), "F16": (10, -14)}
 CHUNK = 1 << 18  # elements compared at once (2 MB in float64: the passes over a chunk stay in cache)
+# The precision a writer may compute a merged weight in before its one rounding to the stored dtype: float32
+# for half-precision outputs (float64 for wider ones), times a margin for the r products and the add.
+# docs/ci.md: near-cancelling sums (base -2.46e-4, update +2.46e-4) exceed one ulp of their tiny result.
+COMPUTE_EPS = {"BF16": 64 * 2.0 ** -24, "F16": 64 * 2.0 ** -24, "F32": 64 * 2.0 ** -53, "F64": 64 * 2.0 ** -53}
 
 
 def ulps(got: np.ndarray, want: np.ndarray, dtype: str) -> float:
@@ -37,8 +43,9 @@ def ulps(got: np.ndarray, want: np.ndarray, dtype: str) -> float:
     return _ulps(torch.as_tensor(np.asarray(got, np.float64)), torch.as_tensor(np.asarray(want, np.float64)), dtype)
 
 
-def _ulps(got, want, dtype: str) -> float:
-    """ulps() on float64 torch tensors of one shape."""
+def _ulps(got, want, dtype: str, scale=None) -> float:
+    """ulps() on float64 torch tensors of one shape; with `scale` (|W0| + |U| per element), in units of the
+    allowed error: one ulp plus COMPUTE_EPS[dtype] * scale."""
     import torch
 
     if got.numel() == 0:
@@ -46,7 +53,10 @@ def _ulps(got, want, dtype: str) -> float:
     bits, emin = FORMATS[dtype]
     _, exponent = torch.frexp(want)  # want = m 2^e, 0.5 <= |m| < 1: floor(log2 |want|) = e - 1
     exponent = torch.where(want == 0, emin, exponent - 1).clamp_(min=emin) - bits
-    err = (got - want).abs_().div_(torch.ldexp(torch.ones_like(want), exponent))
+    unit = torch.ldexp(torch.ones_like(want), exponent)
+    if scale is not None:
+        unit = unit.add_(scale, alpha=COMPUTE_EPS[dtype])
+    err = (got - want).abs_().div_(unit)
     worst = err.max()
     return float(worst) if bool(torch.isfinite(err).all()) else float("inf")
 
@@ -66,9 +76,11 @@ def _same_bits(a, b) -> bool:
     return torch.equal(a, b)
 
 
-def compare(st: SafetensorsFile, key: str, want: Callable[[int, int], Any]) -> tuple[float, int]:
+def compare(st: SafetensorsFile, key: str, want: Callable[[int, int], Any],
+            scale: Callable[[int, int], Any] | None = None) -> tuple[float, int]:
     """(max ulps among the elements that are not the ideal rounding, how many those are) of tensor `key`
-    against `want(lo, hi)`: the exact float64 values of its rows [lo, hi), flattened. An element equal to the
+    against `want(lo, hi)`: the exact float64 values of its rows [lo, hi), flattened; with `scale(lo, hi)` (the
+    operands' |W0| + |U|, flattened) in units of the allowed error instead (see _ulps). An element equal to the
     ideal rounding (torch's of the exact value) is within half a unit by construction and is not measured."""
     if int(np.prod(st.shape(key))) == 0:
         return 0.0, 0
@@ -83,7 +95,8 @@ def compare(st: SafetensorsFile, key: str, want: Callable[[int, int], Any]) -> t
         off = got != ideal
         if bool(off.any()):
             not_ideal += int(off.sum())
-            worst = max(worst, _ulps(got[off].double(), exact[off], st.dtype(key)))
+            bound = None if scale is None else scale(lo, lo + step)[off]
+            worst = max(worst, _ulps(got[off].double(), exact[off], st.dtype(key), bound))
     return worst, not_ideal
 
 
@@ -144,7 +157,12 @@ def check_dense_weights(path: Path, base_dir: Path, adapter: PolyAdapter, delta:
                     def exact(lo, hi, update=update, base_rows=base_rows):  # update's rows + base's, a new tensor
                         return torch.add(update[lo:hi].reshape(-1), base_rows(lo, hi))
 
-                    error, off = compare(st, key, exact)
+                    size = abs(update)  # |B|.T @ |A|.T / r for a low-rank update, |U| for one held whole
+
+                    def operands(lo, hi, size=size, base_rows=base_rows):  # |W0| + |U| of rows [lo, hi)
+                        return torch.add(size[lo:hi].reshape(-1).abs(), base_rows(lo, hi).abs())
+
+                    error, off = compare(st, key, exact, operands)
                     counts["merged"] += 1
                 else:
                     head = torch.from_numpy(adapter.tensor(replaced[key], np.float64))
