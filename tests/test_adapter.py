@@ -19,6 +19,7 @@ from polytool.cli import main
 
 from conftest import tree_hash
 
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 ST, CONFIG, BIN = "adapter_model.safetensors", "adapter_config.json", "adapter_model.bin"
 Q_PROJ = "base_model.model.model.layers.0.self_attn.q_proj"
 DOWN = "base_model.model.model.layers.0.mlp.down_proj"
@@ -180,7 +181,8 @@ def test_single_adapter_in_a_subfolder_is_found(good_adapter, tmp_path):
     assert tree_hash(tmp_path) == before
 
 
-def test_bin_adapter_loads_with_weights_only(good_adapter, tmp_path):
+def test_bin_adapter_loads_with_weights_only(good_adapter, tmp_path, monkeypatch):
+    monkeypatch.setenv("POLYTOOL_ALLOW_PICKLE", "1")  # asked for explicitly; refused without (test below)
     adapter = tmp_path / "adapter"
     shutil.copytree(good_adapter, adapter)
     tensors = load_file(str(adapter / ST))
@@ -209,7 +211,8 @@ class _Payload:
 
 
 @pytest.mark.parametrize("writer", ["torch.save", "pickle"])
-def test_malicious_bin_is_refused(writer, good_adapter, tmp_path):
+def test_malicious_bin_is_refused(writer, good_adapter, tmp_path, monkeypatch):
+    monkeypatch.setenv("POLYTOOL_ALLOW_PICKLE", "1")  # even when .bin files are allowed
     adapter = tmp_path / "adapter"
     shutil.copytree(good_adapter, adapter)
     (adapter / ST).unlink()
@@ -226,3 +229,17 @@ def test_malicious_bin_is_refused(writer, good_adapter, tmp_path):
     assert "adapter_model.bin: refused by torch.load(weights_only=True): not a plain state dict of tensors" in line
     assert "weights_only` set to `False`" not in line  # never advise the unsafe retry
     assert tree_hash(tmp_path) == before
+
+
+def test_a_bin_adapter_is_not_unpickled_unless_asked(good_adapter, tmp_path):
+    """Without POLYTOOL_ALLOW_PICKLE=1, adapter_model.bin is refused in one line before anything reads it: a
+    malicious pickle runs nothing, even one torch's weights_only loader would let through."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(good_adapter, adapter)
+    (adapter / ST).unlink()
+    marker = tmp_path.parent / "pwned-unasked"
+    (adapter / BIN).write_bytes(pickle.dumps({"x": _Payload(marker)}))
+    for args in (("inspect", adapter), ("collapse", adapter, "--task", "0", "--out", tmp_path / "out"),
+                 ("verify", adapter, "--base", FIXTURES / "tiny-llama")):
+        res = CliRunner().invoke(main, [str(a) for a in args])
+        assert res.exit_code == 2 and "POLYTOOL_ALLOW_PICKLE=1" in res.stderr and not marker.exists(), res.output

@@ -164,7 +164,8 @@ def test_reference_blames_the_base(matrix_case):
             pass
 
 
-def test_reference_reads_bin_adapters_and_refuses_bad_ones(tmp_path):
+def test_reference_reads_bin_adapters_and_refuses_bad_ones(tmp_path, monkeypatch):
+    monkeypatch.setenv("POLYTOOL_ALLOW_PICKLE", "1")
     from safetensors.torch import load_file
 
     from polytool.errors import AdapterError

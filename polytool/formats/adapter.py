@@ -22,7 +22,7 @@ import numpy as np
 from .safetensors import FLOAT_DTYPES, SafetensorsFile
 from ..architectures import SAVED_EMBEDDING_NAMES
 from .jsonfile import parse_json
-from .peft import BIN_NAME, CONFIG_NAME, PREFIX, WEIGHTS_NAME
+from .peft import BIN_NAME, CONFIG_NAME, PICKLE_REFUSED, PREFIX, WEIGHTS_NAME, pickle_allowed
 from .provenance import sha256_file
 from ..errors import AdapterError, PolytoolError
 from ..core.routing import eval_weights, spec_weights
@@ -228,6 +228,8 @@ def _open_weights(directory: Path) -> tuple[Any, Path]:
         except PolytoolError as exc:
             raise AdapterError(exc.message, st) from None
     if pt.is_file():
+        if not pickle_allowed():
+            raise AdapterError(PICKLE_REFUSED, directory)
         return _BinTensors(pt), pt
     raise AdapterError(f"no {WEIGHTS_NAME} (or {BIN_NAME}) in the adapter directory", directory)
 

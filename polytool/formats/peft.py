@@ -17,6 +17,19 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."  # saved keys: PREFIX + module path + tensor name
+# adapter_model.bin is a pickle: read (with torch.load(weights_only=True)) only when the user says so
+ALLOW_PICKLE = "POLYTOOL_ALLOW_PICKLE"
+
+
+def pickle_allowed() -> bool:
+    import os
+
+    return os.environ.get(ALLOW_PICKLE) == "1"
+
+
+PICKLE_REFUSED = (f"holds {BIN_NAME} only, a pickle, which polytool does not unpickle unless told to: convert it "
+                  f"to {WEIGHTS_NAME} with the safetensors tools, or set {ALLOW_PICKLE}=1 to read it with "
+                  "torch.load(weights_only=True)")
 
 
 def peft_type(directory: Path) -> Any:

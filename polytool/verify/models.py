@@ -41,6 +41,9 @@ def base_config(base_dir: Path):
     require_dir(base_dir, "base model directory")
     if not (base_dir / "config.json").is_file():
         raise CheckpointError("no config.json here: not a transformers model directory", base_dir)
+    if not any(base_dir.glob("*.safetensors")) and any(base_dir.glob("pytorch_model*.bin")):
+        raise CheckpointError("holds only PyTorch .bin weights, a pickle verify does not unpickle: convert once "
+                              "(from_pretrained(...).save_pretrained(dir) writes safetensors)", base_dir)
     try:
         return AutoConfig.from_pretrained(base_dir)
     except Exception as exc:  # transformers raises many types for a bad config
@@ -84,7 +87,8 @@ def load_model(directory: Path, class_name: str, device: str, max_memory: int | 
     half = max_memory is None and device != "auto" and len(stored) == 1 and next(iter(stored)) in ("BF16", "F16")
     dtype = getattr(torch, TORCH_NAMES[next(iter(stored))]) if half else torch.float32
     # mismatched shapes are reported in `info` (refused below, in one line), not raised after a logged table
-    kwargs: dict[str, Any] = {"dtype": dtype, "output_loading_info": True, "ignore_mismatched_sizes": True}
+    kwargs: dict[str, Any] = {"dtype": dtype, "output_loading_info": True, "ignore_mismatched_sizes": True,
+                              "use_safetensors": True}  # never transformers' unpickler
     if device == "auto" or max_memory is not None:
         kwargs["device_map"] = "auto"
     if max_memory is not None:

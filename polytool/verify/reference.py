@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Union
@@ -186,6 +187,9 @@ def _load_tensors(directory: Path) -> dict[str, torch.Tensor]:
     for name in ("adapter_model.safetensors", "adapter_model.bin"):
         file = directory / name
         if file.is_file():
+            if name.endswith(".bin") and os.environ.get("POLYTOOL_ALLOW_PICKLE") != "1":
+                raise AdapterError("the reference reads adapter_model.bin (a pickle) only with "
+                                   "POLYTOOL_ALLOW_PICKLE=1", file)
             try:
                 if name.endswith(".bin"):
                     return torch.load(file, map_location="cpu", weights_only=True)
