@@ -82,6 +82,18 @@ def test_targets_that_match_nothing(peft_lora, base, tmp_path):
     assert finding(check(bad, "vllm"), "targets")["status"] == "skipped"  # no --base: cannot tell
 
 
+@pytest.mark.parametrize("targets", [["not_a_module"], "model\\.nowhere\\..*", "(.*)*(.*)*(.*)*(.*)*Z"])
+def test_target_modules_that_select_nothing_fail_for_peft(peft_lora, base, tmp_path, targets):
+    """PEFT raises NoMatchingPeftModuleError for target_modules that select no module of the model, even where
+    the tensors' paths are the base's (issue 21); a pattern that could take exponential time selects nothing."""
+    bad = edited(peft_lora(), tmp_path / "unmatched", config={"target_modules": targets})
+    x = finding(check(bad, "peft", base), "targets")
+    assert x["status"] == "problem" and "matches no module of the base" in x["detail"], x
+    good = json.loads((peft_lora() / "adapter_config.json").read_text())["target_modules"]
+    control = edited(peft_lora(), tmp_path / "matched", config={"target_modules": good})
+    assert finding(check(control, "peft", base), "targets")["status"] == "ok"
+
+
 def test_keys_without_prefix(peft_lora, base, tmp_path):
     bad = edited(peft_lora(), tmp_path / "noprefix", rename=lambda k: k.removeprefix("base_model.model."))
     x = finding(check(bad, "peft", base), "targets")

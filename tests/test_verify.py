@@ -287,7 +287,7 @@ def test_bad_inputs_exit_2(llama, tmp_path):
         (("--base", tmp_path / "nope"), "no such base model directory"),
         (("--base", b, "--against", corrupt), "truncated"),
         (("--base", b, "--task", "7"), "task '7' is not a task spec of this adapter: expected a task id in [0, 3)"),
-        (("--base", b, "--task", "seven"), "invalid task 'seven'"),
+        (("--base", b, "--task", "seven"), "task 'seven' is not a task spec of this adapter"),
         (("--base", b, "--against", strip_provenance(llama["dense1"], tmp_path / "bare")), "has no polytool provenance"),
         (("--base", b, "--against", tmp_path), "not a collapsed artifact"),
         (("--base", b, "--against", a), "not 'LORA'"),

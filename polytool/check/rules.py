@@ -23,7 +23,7 @@ from typing import Callable
 from ..architectures import ALWAYS_TIED_MODEL_TYPES, INPUT_EMBEDDING_NAMES, OUTPUT_LEAVES
 from ..errors import PolytoolError
 from ..formats.base import BaseCheckpoint, find_key, open_base
-from ..formats.lora import LoraFacts, read_lora_facts
+from ..formats.lora import NESTED_REPEAT, LoraFacts, read_lora_facts
 from ..formats.manifest import VLLM_RANKS, vllm_max_lora_rank
 from ..formats.peft import PREFIX
 from ..formats.safetensors import FLOAT_DTYPES
@@ -88,6 +88,11 @@ def rule_targets(f: LoraFacts, stack: str, base: BaseCheckpoint | None) -> Findi
             shifted.append(module)
         else:
             missing.append(module)
+    unmatched = stack == "peft" and not _targets_match(f.config.get("target_modules"), base)
+    if unmatched:
+        return Finding("targets", "problem", "target_modules that select no module of the model make PEFT refuse the "
+                       "adapter (NoMatchingPeftModuleError)", f"target_modules {f.config.get('target_modules')!r} "
+                       "matches no module of the base", "write the target_modules the adapter was trained with")
     if not shifted and not missing:
         return _ok("targets", behaviour, f"all {len(exact)} modules are modules of the base")
     bad = shifted + missing
@@ -95,6 +100,24 @@ def rule_targets(f: LoraFacts, stack: str, base: BaseCheckpoint | None) -> Findi
     hint = f" ({bad[0]!r} is {find_key(bad[0], keys)!r} in the base: a prefix differs)" if shifted else f" (e.g. {bad[0]!r})"
     return Finding("targets", "problem", behaviour, f"{what} of the adapter's module paths match the base{hint}",
                    "train or rename against the class and checkpoint the stack serves")
+
+
+def _targets_match(targets, base: BaseCheckpoint) -> bool:
+    """Whether target_modules selects a module of the base as PEFT matches it (a regex fully matching a module
+    path, or a name equal to a path or to its last dotted components); the modules are read off the weights."""
+    import re
+
+    modules = {key.rpartition(".")[0] for key in base.tensors}
+    modules |= {m.partition(".")[2] for m in modules if "." in m}  # a checkpoint saved with its head's prefix
+    if isinstance(targets, str):
+        if NESTED_REPEAT.search(targets):  # could take exponential time on a module name: selects nothing here
+            return False
+        try:
+            return targets == "all-linear" or any(re.fullmatch(targets, m) for m in modules)
+        except re.error:
+            return False
+    names = [t for t in targets or [] if isinstance(t, str)]
+    return not names or any(m == t or m.endswith("." + t) for m in modules for t in names)
 
 
 def rule_rank(f: LoraFacts, stack: str, base) -> Finding:

@@ -41,6 +41,9 @@ TOLERANCES = {"float64": (1e-5, 1e-5), "float32": (1e-5, 1e-5), "bfloat16": (1e-
 HALF = ("bfloat16", "float16")
 FLOOR_MULTIPLE = 2.0
 REFERENCES = ("polytool", "peft")
+SELF_CHECK_COVERS = ("the self-check runs the product's routing and collapse formula in memory; the file writers "
+                     "(safetensors, the streaming dense merge, dtype casts, provenance) run only for written "
+                     "artifacts: collapse, then verify those with --against")
 
 
 def run_checks(adapter: PolyAdapter, base_dir: Path, model: tuple[str, str], targets: list[Target], batches: list,
@@ -167,7 +170,8 @@ def _report(o: VerifyOptions, adapter: PolyAdapter, base_dir: Path, model: tuple
             "base": str(base_dir), "model_class": model[0], "family": model[1], "compute_dtype": "float32",
             "offloaded": info.get("offloaded", False), "max_memory": o.max_memory,
             "reference": "PEFT's PeftModel (--reference peft)" if o.reference == "peft" else
-            "polytool.reference (independent float64 routed model)", "device": o.device, "inputs": inputs,
+            "polytool.verify.reference (independent float64 routed model)", "device": o.device, "inputs": inputs,
             "outputs": outputs, "modules": len(adapter.modules), "tolerances": tolerances,
             "floor_dtypes": list(HALF), "floor_multiple": FLOOR_MULTIPLE, "max_kl": o.max_kl, "checks": checks,
+            "covers": None if o.against else SELF_CHECK_COVERS,
             "summary": {"checks": len(checks), "passed": n_passed, "failed": len(checks) - n_passed}}

@@ -104,14 +104,16 @@ def _check_source(where: Path, sha: Any, adapter: PolyAdapter) -> None:
                             f"{adapter.weights_file.name} has {adapter.sha256[:12]})", where)
 
 
-def _task_of(where: Path, metadata: dict, adapter: PolyAdapter,
-             override: str | None) -> tuple[Spec, list[str], str | None]:
+def _task_of(where: Path, metadata: dict, adapter: PolyAdapter, override: str | None,
+             given_by: str = "--task") -> tuple[Spec, list[str], str | None]:
     """The task an artifact is checked as, and a problem if its provenance disagrees: the task the user asked
     for (--task, else the request polytool recorded as the user typed it, before parsing), parsed by verify's
     own parser; the recorded task only where neither is there. The artifact must come from `adapter`."""
     _check_source(where, metadata.get(SHA_KEY), adapter)
     recorded, request = metadata.get(TASK_KEY), metadata.get(REQUEST_KEY)
-    asked, notes = (override, "--task") if override is not None else (request, "the request it records")
+    if request == "all":  # one file of a --task all output: its folder's index says which task it is
+        request = None
+    asked, notes = (override, given_by) if override is not None else (request, "the request it records")
     if asked is None:
         if recorded is None:
             raise PolytoolError("has no polytool provenance (made elsewhere?): pass --task to say which task it holds",
@@ -128,7 +130,7 @@ def _task_of(where: Path, metadata: dict, adapter: PolyAdapter,
     return spec, [f"task {spec} from {notes}"] if override is None and request is None else [], problem
 
 
-def _lora_target(path: Path, adapter: PolyAdapter, override: str | None) -> Target:
+def _lora_target(path: Path, adapter: PolyAdapter, override: str | None, given_by: str = "--task") -> Target:
     lora = read_lora(path)
     merged = _recipe_spec(path, lora.metadata)
     if merged is not None:  # modules and shapes are checked against the base and the config when applied
@@ -137,7 +139,7 @@ def _lora_target(path: Path, adapter: PolyAdapter, override: str | None) -> Targ
                  "merge, so the error shown is the truncation's (recorded per module in polytool.truncation)"] \
             if recipe.get("rank") is not None or recipe.get("energy") is not None else []
         return Target(merged[0], "lora", str(path), lora.dtype, lora=lora, recipe=recipe, notes=notes)
-    spec, notes, problem = _task_of(path, lora.metadata, adapter, override)
+    spec, notes, problem = _task_of(path, lora.metadata, adapter, override, given_by)
     modules = {m.name: m for m in adapter.modules}
     if set(lora.weights) != set(modules):
         extra, missing = sorted(set(lora.weights) - set(modules)), sorted(set(modules) - set(lora.weights))
@@ -236,7 +238,7 @@ def _task_dirs(path: Path, adapter: PolyAdapter, override: str | None) -> list[T
         if task not in tasks:
             raise PolytoolError(f"holds no LoRA for task {override} (it has tasks {sorted(tasks)})", path)
         tasks = {task: tasks[task]}
-    return [_lora_target(path / sub, adapter, str(task)) for task, sub in tasks.items()]
+    return [_lora_target(path / sub, adapter, str(task), "the task index") for task, sub in tasks.items()]
 
 
 def _served(manifest: Any) -> list[list[tuple[str, str]]]:

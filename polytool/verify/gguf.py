@@ -32,14 +32,13 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from ..collapse.fit import check_collapsible
+from ..collapse.gguf import plan_gguf  # the GGUF tensor names of this adapter on this base: a structural check
+from ..errors import PolytoolError
 from ..formats.adapter import load_adapter
 from ..formats.base import resolve_base_dir
-from ..errors import PolytoolError
-from ..formats.provenance import SHA_KEY, TASK_KEY, TASKS_INDEX
-from ..collapse.fit import check_collapsible
 from ..formats.gguf import read_gguf_lora
-from ..collapse.gguf import plan_gguf
-from ..core.taskspec import parse_task_spec
+from ..formats.provenance import TASKS_INDEX
 
 SEED = 0
 FLOOR_MULTIPLE = 4.0  # err may reach this multiple of the floor (F32 GGUFs measured 0.8x to 2.1x, docs/serving.md)
@@ -139,14 +138,14 @@ def _gguf_dtype(header: dict) -> str:
     raise PolytoolError(f"GGUF tensor types {sorted(kinds)}: verify checks F32, F16 and BF16 GGUF LoRAs")
 
 
-def _target(path: Path, adapter, plan, override) -> tuple[Any, str, list[str]]:
-    """(task spec, dtype, notes) of one GGUF LoRA; refuses one that is not this adapter's."""
+def _target(path: Path, adapter, plan, override: str | None, given_by: str) -> tuple[Any, str, list[str], str | None]:
+    """(task spec, dtype, notes, problem) of one GGUF LoRA; refuses one that is not this adapter's. The task
+    comes from the user (--task, or the request recorded as typed), as for every artifact (artifacts.py)."""
+    from .artifacts import _task_of
+
     header = read_gguf_lora(path)
     meta = header["metadata"]
-    sha = meta.get(SHA_KEY)
-    if sha is not None and sha != adapter.sha256:
-        raise PolytoolError(f"was collapsed from another adapter (provenance sha256 {str(sha)[:12]}, this adapter's "
-                            f"{adapter.weights_file.name} has {adapter.sha256[:12]})", path)
+    spec, notes, problem = _task_of(path, meta, adapter, override, given_by)
     if header["arch"] != plan.arch:
         raise PolytoolError(f"is a GGUF LoRA for llama.cpp architecture {header['arch']!r}; the base is "
                             f"{plan.arch!r} ({plan.hf_arch})", path)
@@ -162,33 +161,24 @@ def _target(path: Path, adapter, plan, override) -> tuple[Any, str, list[str]]:
                             f"{header['tensors'].get((extra or differ)[0])} vs {want.get((extra or differ)[0])})", path)
     if header["alpha"] is None or not math.isclose(float(header["alpha"]), 1.0):
         raise PolytoolError(f"adapter.lora.alpha is {header['alpha']}, not 1 (what polytool writes: scale 1/r)", path)
-    recorded = meta.get(TASK_KEY)
-    notes = []
-    if override is not None:
-        spec = override
-        if recorded is not None and recorded != str(override):
-            notes.append(f"checked as {override} (--task); its provenance says {recorded}")
-    elif recorded is None:
-        raise PolytoolError("has no polytool provenance (made elsewhere?): pass --task to say which task it holds", path)
-    else:
-        spec = parse_task_spec(recorded, adapter.n_tasks)
-    return spec, _gguf_dtype(header), notes
+    return spec, _gguf_dtype(header), notes, problem
 
 
-def _gguf_files(path: Path) -> list[Path]:
-    """X.gguf, or a `collapse --to gguf --task all` directory (its task index lists the files)."""
+def _gguf_files(path: Path, override: str | None) -> list[tuple[Path, str | None, str]]:
+    """(file, the task asked of it, who asked) for X.gguf (--task, or its recorded request), or for each file
+    of a `collapse --to gguf --task all` directory (its task index says which task each holds)."""
     import json
 
     if path.is_file():
-        return [path]
+        return [(path, override, "--task")]
     index = path / TASKS_INDEX
     if index.is_file():
         try:
             tasks = json.loads(index.read_text(encoding="utf-8"))["tasks"]
-            files = [path / Path(str(name)).name for name in tasks.values()]
+            files = [(path / Path(str(name)).name, str(int(task)), "the task index") for task, name in tasks.items()]
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise PolytoolError(f"cannot read the task index ({exc.__class__.__name__})", index) from None
-        if all(f.suffix == ".gguf" for f in files):
+        if all(f.suffix == ".gguf" for f, _, _ in files):
             return files
     raise PolytoolError("not a GGUF LoRA file (or a `collapse --to gguf --task all` directory)", path)
 
@@ -230,9 +220,9 @@ def verify_gguf(adapter_dir: str | Path, base_dir: str | Path | None, gguf_lora:
     if not gguf_base.is_file():
         raise PolytoolError("no such base GGUF file", gguf_base)
     plan = plan_gguf(adapter, base_dir)
-    override = None if task is None else parse_task_spec(task, adapter.n_tasks)
-    paths = [f for p in ([gguf_lora] if isinstance(gguf_lora, (str, Path)) else gguf_lora) for f in _gguf_files(Path(p))]
-    targets = [(p, *_target(p, adapter, plan, override)) for p in paths]
+    given = [g for p in ([gguf_lora] if isinstance(gguf_lora, (str, Path)) else gguf_lora)
+             for g in _gguf_files(Path(p), task)]  # the task as the user typed it: verify parses it itself
+    targets = [(p, *_target(p, adapter, plan, asked, by)) for p, asked, by in given]
     seq_len = seq_len or 32
     from ..formats.base import read_config
 
@@ -249,12 +239,14 @@ def verify_gguf(adapter_dir: str | Path, base_dir: str | Path | None, gguf_lora:
         raise PolytoolError(f"does not compute the HF base {base_dir} (llama.cpp and transformers differ by up to {floor:.2e} "
                             "without an adapter): convert that base with convert_hf_to_gguf.py", gguf_base)
     checks = []
-    for path, spec, dtype, notes in targets:
+    for path, spec, dtype, notes, problem in targets:
         lora_cpp = llama_logits(gguf_base, ids, path)
         effect = float(np.abs(routed[spec] - hf_base).max())
         gguf_effect = float(np.abs(lora_cpp - base_cpp).max())
         checks.append(_check(spec, str(path), dtype, notes, lora_cpp, routed[spec], floor, effect, gguf_effect,
                              allow_noop))
+        if problem:  # a recorded task that was not asked fails whatever llama.cpp computes
+            checks[-1].update(passed=False, reason=problem)
     return checks
 
 

@@ -42,6 +42,8 @@ def render_report(report: dict) -> str:
              f"inputs    {_inputs(report['inputs'])}",
              f"compared  {', '.join(report['outputs'])} and the outputs of {report['modules']} adapted modules; "
              "each passes if", *_rules(report), ""]
+    if report.get("covers"):
+        lines[-1:-1] = [f"covers    {report['covers']}"]
     width = max((len(str(c["artifact"])) for c in checks), default=0)
     for c in checks:
         task = f"task {c['task']}" if isinstance(c["task"], int) else c["task"]
