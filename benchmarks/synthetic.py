@@ -16,7 +16,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from polytool.formats.safetensors import SafetensorsWriter, TensorSpec, save_file  # noqa: E402
+from polytool.formats.safetensors_writer import SafetensorsWriter, TensorSpec, save_file  # noqa: E402
 from polytool.formats.jsonfile import write_json
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -15,7 +15,8 @@ from click.testing import CliRunner
 
 from polytool.check.rules import check
 from polytool.formats.lora import read_lora_facts
-from polytool.formats.safetensors import SafetensorsFile, save_file
+from polytool.formats.safetensors import SafetensorsFile
+from polytool.formats.safetensors_writer import save_file
 from polytool.cli import main
 
 

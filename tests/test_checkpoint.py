@@ -11,8 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from polytool.formats.safetensors import (SafetensorsFile, SafetensorsWriter, TensorSpec, bf16_to_f32, cast_float, f32_to_bf16,
-                                 read_index, save_file)
+from polytool.formats.safetensors import SafetensorsFile, bf16_to_f32, cast_float, f32_to_bf16, read_index
+from polytool.formats.safetensors_writer import SafetensorsWriter, TensorSpec, save_file
 from polytool.formats.atomic import atomic_output_dir, check_output
 from polytool.errors import CheckpointError, OutputExistsError, PolytoolError
 
@@ -199,7 +199,8 @@ def test_released_pages_read_again_and_tensor_views(tmp_path):
     .tensor() is a zero-copy view in the stored dtype (bf16 included) equal to the decoded array."""
     import torch
 
-    from polytool.formats.safetensors import SafetensorsFile, save_file
+    from polytool.formats.safetensors import SafetensorsFile
+    from polytool.formats.safetensors_writer import save_file
 
     rng = np.random.default_rng(0)
     path = tmp_path / "t.safetensors"

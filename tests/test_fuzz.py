@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 
 from polytool.formats.adapter import load_adapter
 from polytool.formats.base import open_base
-from polytool.formats.safetensors import DTYPES, FLOAT_DTYPES, SafetensorsFile, save_file
+from polytool.formats.safetensors import DTYPES, FLOAT_DTYPES, SafetensorsFile
+from polytool.formats.safetensors_writer import save_file
 from polytool.cli import main
 from polytool.errors import PolytoolError
 from polytool.collapse.dense import DenseOptions, plan_merge

@@ -244,7 +244,8 @@ def test_refusals_are_one_line(matrix_case, tmp_path):
 
 
 def test_tied_lm_head_is_refused(matrix_case, tmp_path):
-    from polytool.formats.safetensors import SafetensorsFile, save_file
+    from polytool.formats.safetensors import SafetensorsFile
+    from polytool.formats.safetensors_writer import save_file
 
     case = matrix_case("qwen2-tied-lm_head")
     adapter = tmp_path / "adapter"

@@ -27,7 +27,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from polytool.formats.safetensors import SafetensorsFile, TensorSpec, SafetensorsWriter, save_file
+from polytool.formats.safetensors import SafetensorsFile
+from polytool.formats.safetensors_writer import TensorSpec, SafetensorsWriter, save_file
 from polytool.formats.jsonfile import write_json
 from polytool.cli import main
 

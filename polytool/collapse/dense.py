@@ -22,7 +22,8 @@ import numpy as np
 
 from ..formats.adapter import PolyAdapter
 from ..formats.base import INDEX_NAME, SINGLE_NAME, BaseCheckpoint, WeightTarget, match_targets, open_base
-from ..formats.safetensors import DTYPES, FLOAT_DTYPES, TORCH_NAMES, SafetensorsFile, SafetensorsWriter, TensorSpec, bf16_to_f32, cast_float, encode_header
+from ..formats.safetensors import DTYPES, FLOAT_DTYPES, TORCH_NAMES, SafetensorsFile, bf16_to_f32, cast_float
+from ..formats.safetensors_writer import SafetensorsWriter, TensorSpec, encode_header
 from ..formats.jsonfile import write_json
 from ..formats.atomic import atomic_output_dir, check_output
 from ..core.collapse import collapse_factors, stored_delta

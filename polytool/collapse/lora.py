@@ -25,7 +25,8 @@ from ..formats.jsonfile import write_json
 from ..formats.manifest import MANIFEST_JSON, MANIFEST_MD, write_manifest
 from ..formats.peft import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 from ..formats.provenance import TASKS_INDEX, TRUNCATION_KEY, provenance, truncation_record, write_tasks_index
-from ..formats.safetensors import SafetensorsWriter, TensorSpec, cast_float
+from ..formats.safetensors import cast_float
+from ..formats.safetensors_writer import SafetensorsWriter, TensorSpec
 from .fit import check_collapsible
 
 LORA_DTYPES = ("F32", "F16", "BF16")

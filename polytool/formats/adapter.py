@@ -243,21 +243,12 @@ def _split_key(key: str) -> tuple[str, str] | None:
     return None
 
 
-def _validate(adapter: PolyAdapter, tensors: Any, file: Path) -> None:
-    cfg = adapter.config
-    t, q, s, r = adapter.n_tasks, adapter.n_splits, adapter.n_skills, adapter.r
-    saved = cfg.get("modules_to_save") or []
+def _validate_saved(adapter: PolyAdapter, tensors: Any, found: dict, others: list[str], file: Path) -> None:
+    """The tensors beside the Poly ones, as PEFT saves them: modules_to_save copies (trained heads) and
+    embedding layers saved whole; anything else is refused."""
+    saved = adapter.config.get("modules_to_save") or []
     saved = [saved] if isinstance(saved, str) else [str(m) for m in saved]
-    found: dict[str, dict[str, str]] = {}
-    others: list[str] = []
-    for key in tensors.keys():
-        parsed = _split_key(key)
-        if parsed is None:
-            others.append(key)
-            continue
-        module, kind = parsed
-        found.setdefault(module, {})[kind] = key
-    for key in others:  # what PEFT saves beside the Poly tensors: modules_to_save copies, embedding layers
+    for key in others:
         path, _, param = key[len(PREFIX):].rpartition(".") if key.startswith(PREFIX) else ("", "", "")
         if path.endswith(".base_layer") and path[: -len(".base_layer")] in found and param == "weight":
             adapter.saved_embeddings[path[: -len(".base_layer")]] = key  # a targeted (tied) embedding's weight
@@ -277,6 +268,20 @@ def _validate(adapter: PolyAdapter, tensors: Any, file: Path) -> None:
         # compared with the base's where it is used, not read whole on every load
         if key not in adapter.saved_embeddings.values() and not np.isfinite(tensors.float_array(key, np.float32)).all():
             raise AdapterError(f"tensor {key!r} contains NaN or Inf", file)
+
+
+def _validate(adapter: PolyAdapter, tensors: Any, file: Path) -> None:
+    t, q, s, r = adapter.n_tasks, adapter.n_splits, adapter.n_skills, adapter.r
+    found: dict[str, dict[str, str]] = {}
+    others: list[str] = []
+    for key in tensors.keys():
+        parsed = _split_key(key)
+        if parsed is None:
+            others.append(key)
+            continue
+        module, kind = parsed
+        found.setdefault(module, {})[kind] = key
+    _validate_saved(adapter, tensors, found, others, file)
     if not found:
         raise AdapterError("holds no Poly tensors (poly_lora_A / poly_lora_B / poly_router.module_logits)", file)
     for module, kinds in found.items():

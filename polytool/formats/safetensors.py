@@ -1,5 +1,5 @@
 """safetensors files without torch: header validation, zero-copy reads, bfloat16 in numpy, and the
-writing side: a streaming writer and shard index files.
+rounding to a stored dtype once, and shard index files; safetensors_writer.py writes the format.
 
 A safetensors file is an 8-byte little-endian header length N, N bytes of JSON
 ({name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}), then the data
@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import json
 import mmap
-import os
 import struct
-from dataclasses import dataclass
 from math import prod
 from pathlib import Path
-from typing import Iterable, Union
+from typing import Iterable
 
 import numpy as np
 
@@ -214,33 +212,7 @@ class SafetensorsFile:
         self.close()
 
 
-# ---- writing ---------------------------------------------------------------------------------
-
-ALIGN = 8  # safetensors pads the header with spaces so that the data starts 8-byte aligned
-COPY_CHUNK = 8 << 20
-NUMPY_TO_ST = {np.dtype(v[0]).str: k for k, v in reversed(DTYPES.items()) if k not in ("BF16", "F8_E4M3", "F8_E5M2")}
-Buffer = Union[bytes, bytearray, memoryview, np.ndarray]
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One tensor of a file to be written: name, safetensors dtype, shape."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return prod(self.shape) * DTYPES[self.dtype][1]
-
-
-def st_dtype(arr: np.ndarray) -> str:
-    """The safetensors dtype of a numpy array (uint16 reads as U16: name BF16 explicitly)."""
-    name = NUMPY_TO_ST.get(arr.dtype.str)
-    if name is None:
-        raise PolytoolError(f"numpy dtype {arr.dtype} has no safetensors equivalent")
-    return name
+# ---- rounding to a stored dtype ------------------------------------------------------------------
 
 
 def _f64_to_f32_odd(x: np.ndarray) -> np.ndarray:
@@ -262,144 +234,6 @@ def cast_float(x: np.ndarray, dtype: str) -> np.ndarray:
     if dtype not in ("F64", "F32", "F16"):
         raise PolytoolError(f"cannot round to {dtype}: allowed F64, F32, F16, BF16")
     return x.astype(DTYPES[dtype][0], copy=False)
-
-
-def encode_header(specs: list[TensorSpec], metadata: dict[str, str] | None) -> bytes:
-    """8-byte length + JSON header for `specs` laid out back to back, in order."""
-    header: dict = {}
-    if metadata:
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-            raise PolytoolError("safetensors metadata must map strings to strings")
-        header["__metadata__"] = dict(metadata)
-    offset = 0
-    for spec in specs:
-        if spec.dtype not in DTYPES:
-            raise PolytoolError(f"tensor {spec.name!r}: unknown dtype {spec.dtype!r}, allowed: {', '.join(DTYPES)}")
-        if spec.name in header:
-            raise PolytoolError(f"tensor {spec.name!r} is listed twice")
-        header[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
-        offset += spec.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % ALIGN)
-    return struct.pack("<Q", len(raw)) + raw
-
-
-def _write_all(fd: int, view: memoryview) -> None:
-    while view.nbytes:
-        view = view[os.write(fd, view) :]
-
-
-def _as_bytes(chunk: Buffer, itemsize: int, name: str) -> memoryview:
-    if isinstance(chunk, np.ndarray):
-        if chunk.dtype.itemsize != itemsize:
-            raise PolytoolError(f"tensor {name!r}: got {chunk.dtype} data for a {itemsize}-byte dtype")
-        chunk = np.ascontiguousarray(chunk)
-        return memoryview(chunk.reshape(-1).view(np.uint8))
-    return memoryview(chunk).cast("B")
-
-
-def copy_range(src: int, offset: int, dst: int, length: int) -> None:
-    """Copy `length` bytes at `offset` of fd `src` to fd `dst`'s position, in the kernel when it can."""
-    try:
-        while length:
-            n = os.copy_file_range(src, dst, length, offset)
-            if n == 0:
-                raise OSError("unexpected end of file")
-            offset, length = offset + n, length - n
-    except (AttributeError, OSError):  # no copy_file_range here, or not between these files
-        buf = bytearray(min(COPY_CHUNK, max(length, 1)))
-        while length:
-            n = os.preadv(src, [memoryview(buf)[: min(length, len(buf))]], offset)
-            if n == 0:
-                raise OSError("unexpected end of file") from None
-            _write_all(dst, memoryview(buf)[:n])
-            offset, length = offset + n, length - n
-
-
-class SafetensorsWriter:
-    """Write one safetensors file in a single pass: the header, then each tensor's bytes in order.
-
-    Memory is whatever the caller hands over at once (a tensor, or chunks of one); `copy` moves
-    tensors file to file without passing through Python. The file is created exclusively and,
-    on `close`, checked complete and its writeback to disk started (not waited for: callers that
-    need durability fsync, as `atomic_output_dir` does); on an exception it is closed as it stands.
-    """
-
-    def __init__(self, path: str | Path, specs: Iterable[TensorSpec], metadata: dict[str, str] | None = None):
-        self.path = Path(path)
-        self.specs = list(specs)
-        header = encode_header(self.specs, metadata)
-        self._next = 0
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        _write_all(self._fd, memoryview(header))
-        self.size = len(header) + sum(s.nbytes for s in self.specs)
-
-    def _take(self, name: str) -> TensorSpec:
-        if self._next >= len(self.specs) or self.specs[self._next].name != name:
-            want = self.specs[self._next].name if self._next < len(self.specs) else "nothing (all written)"
-            raise PolytoolError(f"writer for {self.path}: got tensor {name!r}, expected {want!r} next")
-        self._next += 1
-        return self.specs[self._next - 1]
-
-    def write(self, name: str, data: Buffer | Iterable[Buffer]) -> None:
-        """Write tensor `name` (the next one) from one buffer or an iterable of chunks, row-major."""
-        spec = self._take(name)
-        chunks = [data] if isinstance(data, (bytes, bytearray, memoryview, np.ndarray)) else data
-        written = 0
-        for chunk in chunks:
-            view = _as_bytes(chunk, DTYPES[spec.dtype][1], name)
-            _write_all(self._fd, view)
-            written += view.nbytes
-        if written != spec.nbytes:
-            raise CheckpointError(f"tensor {name!r}: got {written} bytes, {spec.dtype} {list(spec.shape)} needs {spec.nbytes}", self.path)
-
-    def copy(self, names: list[str], source: SafetensorsFile) -> None:
-        """Copy tensors that lie back to back in `source` byte for byte (same dtype and shape)."""
-        begin = end = None
-        for name in names:
-            spec = self._take(name)
-            if (source.dtype(name), source.shape(name)) != (spec.dtype, spec.shape):
-                raise PolytoolError(f"cannot copy {name!r}: source is {source.dtype(name)} {list(source.shape(name))}, writing {spec.dtype} {list(spec.shape)}")
-            b, e = source.entries[name]["offsets"]
-            if end is not None and b != end:
-                raise PolytoolError(f"cannot copy {name!r} in one run: not adjacent to the previous tensor in {source.path}")
-            begin, end = (b if begin is None else begin), e
-        if begin is not None and end > begin:
-            with open(source.path, "rb") as fh:
-                copy_range(fh.fileno(), source.data_start + begin, self._fd, end - begin)
-
-    def close(self) -> None:
-        """Check every tensor was written, start the writeback, close."""
-        if self._fd < 0:
-            return
-        try:
-            if self._next != len(self.specs):
-                raise CheckpointError(f"incomplete: {len(self.specs) - self._next} tensors not written, next {self.specs[self._next].name!r}", self.path)
-            if hasattr(os, "posix_fadvise"):  # Linux: starts writeback now, so the final fsync is short
-                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __enter__(self) -> "SafetensorsWriter":
-        return self
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is None:
-            self.close()
-        elif self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
-def save_file(path: str | Path, tensors: dict[str, np.ndarray | tuple[str, np.ndarray]], metadata: dict[str, str] | None = None) -> None:
-    """Write numpy arrays to one safetensors file, in the given order. A value may be
-    (dtype, array) to name the dtype, e.g. ("BF16", uint16 bit patterns)."""
-    pairs = {k: v if isinstance(v, tuple) else (st_dtype(v), v) for k, v in tensors.items()}
-    specs = [TensorSpec(k, dt, tuple(arr.shape)) for k, (dt, arr) in pairs.items()]
-    with SafetensorsWriter(path, specs, metadata) as writer:
-        for name, (_, arr) in pairs.items():
-            writer.write(name, arr)
 
 
 # ---- shard index files ------------------------------------------------------------------------

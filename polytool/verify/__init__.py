@@ -25,7 +25,7 @@ from ..errors import CheckpointError, PolytoolError
 from ..formats.adapter import PolyAdapter, load_adapter
 from ..formats.base import resolve_base_dir
 from .artifacts import Target, artifact_targets, spec_under_test
-from .compare import errors, kl, make_check, non_finite, top1
+from .compare import Measured, Rule, errors, kl, make_check, non_finite, top1
 from .inputs import DEFAULT_INPUTS, DEFAULT_SEQ_LEN, prompt_inputs, random_inputs  # noqa: F401 (the defaults: part of the API)
 from .models import base_config, model_class, release_memory, resolve_device, stored_dtype, utf8_path
 from .options import VerifyOptions
@@ -80,8 +80,9 @@ def run_checks(adapter: PolyAdapter, base_dir: Path, model: tuple[str, str], tar
             floor = errors(out, live[0]), errors(modules, live[1])
         elif half_dense:
             floor = run.floor(target, live)
-        checks.append(make_check(target, errors(out, live[0]), errors(modules, live[1]), effect, tol, options.allow_noop,
-                                 top1(out, live[0]), kl(out, live[0]), options.max_kl, floor, FLOOR_MULTIPLE))
+        measured = Measured(errors(out, live[0]), errors(modules, live[1]), effect, top1(out, live[0]),
+                            kl(out, live[0]), floor)
+        checks.append(make_check(target, measured, Rule(tol, options.allow_noop, options.max_kl, FLOOR_MULTIPLE)))
         del out, modules
         release_memory()
     return sorted(base_out), checks

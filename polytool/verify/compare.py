@@ -12,6 +12,7 @@ per position (mean and max), and the share of positions whose argmax agrees.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 Errors = dict[str, tuple[float, float]]  # name -> (max |a - b|, max |b|)
@@ -135,16 +136,37 @@ def number(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else x
 
 
-def make_check(target: Any, final: Errors, modules: Errors, effect: Errors, tolerance: tuple[float, float],
-               allow_noop: bool, agree: float | None, divergence: tuple[float, float] | None,
-               max_kl: float | None, floor: tuple[Errors, Errors] | None, multiple: float) -> dict:
-    """One line of the report. A task whose live output equals the base's proves nothing (a no-op).
+@dataclass(frozen=True)
+class Measured:
+    """What one comparison measured: errors of the outputs (`final`) and of each adapted module (`modules`, in
+    execution order), the adapter's effect on the base, top-1 agreement, KL (mean, max), and for half-precision
+    dense artifacts the errors of the ideal rounding of the same weights (`floor`: outputs, modules)."""
 
-    `modules` is in execution order, so the first module out of tolerance is where the error starts.
-    `floor` (half-precision dense artifacts): the errors of the ideal rounding of the same weights, in
-    outputs and modules; the artifact passes where it stays within `multiple` times them.
-    """
-    atol, rtol = tolerance
+    final: Errors
+    modules: Errors
+    effect: Errors
+    agree: float | None = None
+    divergence: tuple[float, float] | None = None
+    floor: tuple[Errors, Errors] | None = None
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How a comparison is judged: (atol, rtol), whether a no-op passes, --max-kl, and the multiple of the
+    rounding floor a half-precision dense artifact may reach."""
+
+    tolerance: tuple[float, float]
+    allow_noop: bool = False
+    max_kl: float | None = None
+    multiple: float = 0.0
+
+
+def make_check(target: Any, m: Measured, rule: Rule) -> dict:
+    """One line of the report. A task whose live output equals the base's proves nothing (a no-op); the first
+    module out of tolerance is where the error starts; a half-precision dense artifact passes where it stays
+    within `rule.multiple` times the errors of the ideal rounding of its weights."""
+    final, modules, effect, agree, divergence, floor = m.final, m.modules, m.effect, m.agree, m.divergence, m.floor
+    (atol, rtol), allow_noop, max_kl, multiple = rule.tolerance, rule.allow_noop, rule.max_kl, rule.multiple
     floor_final, floor_modules = floor if floor is not None else (None, None)
     bad = within(modules, atol, rtol, floor_modules, multiple)
     final_bad = within(final, atol, rtol, floor_final, multiple)

@@ -183,14 +183,22 @@ def _gguf_files(path: Path, override: str | None) -> list[tuple[Path, str | None
     raise PolytoolError("not a GGUF LoRA file (or a `collapse --to gguf --task all` directory)", path)
 
 
-def _check(spec, label: str, dtype: str, notes: list[str], lora: np.ndarray, routed: np.ndarray, floor: float,
-           effect: float, gguf_effect: float, allow_noop: bool) -> dict:
+def _check(target: tuple, lora: np.ndarray, routed: np.ndarray, base: tuple[np.ndarray, np.ndarray],
+           floor: float, allow_noop: bool) -> dict:
+    """One GGUF LoRA judged: `target` (path, spec, dtype, notes, problem), llama.cpp's logits with it (`lora`),
+    the routed model's, and the bases' (llama.cpp's, transformers') for the effects."""
+    path, spec, dtype, notes, problem = target
+    label = str(path)
+    effect = float(np.abs(routed - base[1]).max())
+    gguf_effect = float(np.abs(lora - base[0]).max())
     err = float(np.abs(lora - routed).max())
     scale = float(np.abs(routed).max())
     allowed = max(FLOOR_MULTIPLE * floor, 1e-6) + DTYPE_SHARE[dtype] * effect
     noop = effect < EFFECT_MULTIPLE * floor
     ok = err <= allowed and math.isfinite(err)
-    if not ok:
+    if problem:  # a recorded task that was not asked fails whatever llama.cpp computes
+        ok, reason = False, problem
+    elif not ok:
         reason = (f"max |lora - routed| {err:.2e} is above the allowance {allowed:.2e} "
                   f"({FLOOR_MULTIPLE:g} x floor {floor:.2e} + {DTYPE_SHARE[dtype]:g} x effect)")
     elif noop:
@@ -239,14 +247,9 @@ def verify_gguf(adapter_dir: str | Path, base_dir: str | Path | None, gguf_lora:
         raise PolytoolError(f"does not compute the HF base {base_dir} (llama.cpp and transformers differ by up to {floor:.2e} "
                             "without an adapter): convert that base with convert_hf_to_gguf.py", gguf_base)
     checks = []
-    for path, spec, dtype, notes, problem in targets:
-        lora_cpp = llama_logits(gguf_base, ids, path)
-        effect = float(np.abs(routed[spec] - hf_base).max())
-        gguf_effect = float(np.abs(lora_cpp - base_cpp).max())
-        checks.append(_check(spec, str(path), dtype, notes, lora_cpp, routed[spec], floor, effect, gguf_effect,
-                             allow_noop))
-        if problem:  # a recorded task that was not asked fails whatever llama.cpp computes
-            checks[-1].update(passed=False, reason=problem)
+    for target in targets:
+        lora_cpp = llama_logits(gguf_base, ids, target[0])
+        checks.append(_check(target, lora_cpp, routed[target[1]], (base_cpp, hf_base), floor, allow_noop))
     return checks
 
 

@@ -113,6 +113,23 @@ def same_bytes(a: SafetensorsFile, b: SafetensorsFile, key: str, key_b: str) -> 
     return all(np.array_equal(words(ra[i:i + step]), words(rb[i:i + step])) for i in range(0, len(ra), step))
 
 
+def _check_merged(st: SafetensorsFile, key: str, base_rows: Callable, update: Any, transposed: bool) -> tuple:
+    """compare() of a merged weight: the exact value is the base's rows (float64, exactly) plus the update's, the
+    allowance bounded by the operands |W0| + |U| (|U| = |B|.T @ |A|.T / r for a low-rank update)."""
+    import torch
+
+    update = update.T if transposed else update  # (out, in) -> the stored layout
+    size = abs(update)
+
+    def exact(lo, hi):  # update's rows + base's, a new tensor
+        return torch.add(update[lo:hi].reshape(-1), base_rows(lo, hi))
+
+    def operands(lo, hi):  # |W0| + |U| of rows [lo, hi)
+        return torch.add(size[lo:hi].reshape(-1).abs(), base_rows(lo, hi).abs())
+
+    return compare(st, key, exact, operands)
+
+
 def check_dense_weights(path: Path, base_dir: Path, adapter: PolyAdapter, delta: Any,
                         progress: Callable | None = None) -> dict:
     """{"merged", "replaced", "identical", "max_ulps", "not_ideal", "first_bad", "first_bad_ulps"} for the dense
@@ -150,19 +167,7 @@ def check_dense_weights(path: Path, base_dir: Path, adapter: PolyAdapter, delta:
                 counts["identical"] += 1
             else:
                 if target is not None:
-                    update = delta(target.module)  # (out, in), float64: the reference's (or rows of it)
-                    update = update.T if target.transposed else update  # the stored layout
-                    base_rows = flat(base_st, source)  # read as float64, exactly
-
-                    def exact(lo, hi, update=update, base_rows=base_rows):  # update's rows + base's, a new tensor
-                        return torch.add(update[lo:hi].reshape(-1), base_rows(lo, hi))
-
-                    size = abs(update)  # |B|.T @ |A|.T / r for a low-rank update, |U| for one held whole
-
-                    def operands(lo, hi, size=size, base_rows=base_rows):  # |W0| + |U| of rows [lo, hi)
-                        return torch.add(size[lo:hi].reshape(-1).abs(), base_rows(lo, hi).abs())
-
-                    error, off = compare(st, key, exact, operands)
+                    error, off = _check_merged(st, key, flat(base_st, source), delta(target.module), target.transposed)
                     counts["merged"] += 1
                 else:
                     head = torch.from_numpy(adapter.tensor(replaced[key], np.float64))
