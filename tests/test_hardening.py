@@ -229,3 +229,30 @@ def test_a_correct_merge_whose_sums_cancel_passes_and_a_wrong_weight_still_fails
                                                                                  framework="pt").metadata()))
     code, report = run_json(*args, "--against", bad)
     assert code == 1 and report["checks"][0]["weights"]["first_bad"] == key
+
+
+def test_a_task_all_folder_must_hold_every_task_and_serve_each_from_its_own_lora(tmp_path):
+    folder = tmp_path / "all"
+    assert run("collapse", FIXTURES / "mhr", "--task", "all", "--out", folder)[0] == 0
+    args = ("verify", FIXTURES / "mhr", "--inputs", 1, "--seq-len", 8)
+    assert run(*args, "--against", folder)[0] == 0  # control
+    dropped = tmp_path / "dropped"  # task 2 taken out of the index (its LoRA zeroed): serving.json still serves it
+    shutil.copytree(folder, dropped)
+    index = json.loads((dropped / "polytool_tasks.json").read_text())
+    del index["tasks"]["2"]
+    (dropped / "polytool_tasks.json").write_text(json.dumps(index))
+    code, text = run(*args, "--against", dropped)
+    assert code == 2 and "task 2 is missing" in text, text
+    swapped = tmp_path / "swapped"  # serving.json serves task-1 from task 3's LoRA
+    shutil.copytree(folder, swapped)
+    serving = (swapped / "serving.json").read_text().replace("task-1=" + str(folder.resolve() / "task-1"),
+                                                            "task-1=" + str(folder.resolve() / "task-3"))
+    assert serving != (swapped / "serving.json").read_text()
+    (swapped / "serving.json").write_text(serving)
+    code, text = run(*args, "--against", swapped)
+    assert code == 2 and "serves task-1 from" in text, text
+
+
+def test_the_self_check_says_what_it_covers():
+    code, report = run_json("verify", FIXTURES / "mhr", "--task", 1, "--inputs", 1, "--seq-len", 8, "--json")
+    assert code == 0 and "file writers" in report["covers"] and "--against" in report["covers"]
