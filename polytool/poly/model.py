@@ -170,6 +170,13 @@ class PolyModel(nn.Module):
             for layer in layers:
                 layer.disabled = False
 
+    def invalidate_cache(self) -> None:
+        """Forget every layer's eval factors. The cache follows in-place updates, load_state_dict, replaced and
+        moved tensors by itself (version counters, storage pointers); a write through `.data` (no version
+        counter moves) is the one change it cannot see: call this after one."""
+        for _, layer in self._poly_layers():
+            layer.invalidate_cache()
+
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, all) parameter counts."""
         params = list(self.parameters())
