@@ -166,11 +166,12 @@ def test_read_index(tmp_path):
 
 def test_atomic_output_dir(tmp_path):
     out = tmp_path / "a" / "out"
+    mark = b'{"__metadata__": {"polytool.version": "x"}}'  # what makes an output polytool's (--force may replace it)
     with atomic_output_dir(out) as tmp:
         assert tmp.name == f".out.polytool-tmp-{__import__('os').getpid()}" and tmp.parent == out.parent
-        (tmp / "f").write_text("1")
+        (tmp / "f.safetensors").write_bytes(mark)
         assert not out.exists()
-    assert (out / "f").read_text() == "1" and sorted(p.name for p in out.parent.iterdir()) == ["out"]
+    assert (out / "f.safetensors").read_bytes() == mark and sorted(p.name for p in out.parent.iterdir()) == ["out"]
     with pytest.raises(OutputExistsError, match="already exists; pass --force"):
         with atomic_output_dir(out):
             pass
@@ -178,10 +179,10 @@ def test_atomic_output_dir(tmp_path):
         with atomic_output_dir(out, force=True) as tmp:
             (tmp / "g").write_text("2")
             raise RuntimeError("failed half way")
-    assert sorted(p.name for p in out.parent.iterdir()) == ["out"] and (out / "f").exists()  # old output intact
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out"] and (out / "f.safetensors").exists()  # intact
     with atomic_output_dir(out, force=True) as tmp:
         (tmp / "g").write_text("2")
-        assert (out / "f").exists()  # replaced only once the new one is complete
+        assert (out / "f.safetensors").exists()  # replaced only once the new one is complete
     assert sorted(p.name for p in out.iterdir()) == ["g"] and sorted(p.name for p in out.parent.iterdir()) == ["out"]
 
 
