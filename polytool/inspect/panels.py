@@ -13,7 +13,8 @@ import numpy as np
 
 MAX_LAYERS = 16
 MAX_GRID_TASKS = 24
-MAX_TICKS = 40
+MAX_TICKS = 40  # labels along the per-layer panel
+MAX_SMALL_TICKS = 20  # labels along the small panels' axes
 MAX_TYPE_LINES = 8  # entropy per module type drawn as lines up to this many types
 CMAP = "viridis"
 
@@ -26,11 +27,11 @@ def shown_layers(n_layers: int) -> list[int]:
 
 
 def _ticks(ax, axis: str, labels: list[str], fontsize: float = 7) -> str:
-    """Label every position, or every k-th when there are more than MAX_TICKS; '' or a note."""
-    step = max(1, -(-len(labels) // MAX_TICKS))
+    """Label every position, or every k-th when there are more than MAX_SMALL_TICKS; '' or a note."""
+    step = max(1, -(-len(labels) // MAX_SMALL_TICKS))
     pos = list(range(0, len(labels), step))
     getattr(ax, f"set_{axis}ticks")(pos, [labels[p] for p in pos], fontsize=fontsize)
-    return f"every {step}th label shown" if step > 1 else ""
+    return f"1 label in {step} shown" if step > 1 else ""
 
 
 def layer_mosaic(rep: dict[str, Any]) -> dict[str, Any]:
@@ -87,7 +88,7 @@ def draw_layers(ax, rep: dict[str, Any]):
         spine.set_visible(False)
     what = (f"each block: tasks (rows, clustering order) x skills; {n_splits} splits side by side per module type"
             if n_splits > 1 else "each block: tasks (rows, clustering order) x skills")
-    ax.set_title("Routing per layer: eval mixing weights, one colour scale\n" + "; ".join([what] + mo["notes"]),
+    ax.set_title("Routing per layer: eval mixing weights, one colour scale\n" + "; ".join([what] + mo["notes"]), loc="left",
                  fontsize=9)
     return image
 

@@ -32,10 +32,16 @@ def _labels(layers: list[str]) -> list[str]:
     return [".".join(layer.split(".")[common:]) if layer else "-" for layer in layers]
 
 
+def _natural(name: str) -> list:
+    """A sort key that puts layer 2 before layer 10."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")]
+
+
 def layer_grid(names: list[str], short: dict[str, str]) -> dict[str, Any]:
-    """Modules as a table: one row per layer (order of first appearance), one column per module type
-    (the short name), each cell the module's index in `names` or None."""
-    layers = list(dict.fromkeys(_layer_of(n) for n in names))
+    """Modules as a table: one row per layer (in numeric order: files list layer 10 before layer 2), one
+    column per module type (the short name, in order of first appearance), each cell the module's index
+    in `names` or None."""
+    layers = sorted(dict.fromkeys(_layer_of(n) for n in names), key=_natural)
     kinds = {n: short[n] for n in names}
     cells = {(_layer_of(n), kinds[n]) for n in names}
     if len(cells) < len(names):  # one role twice in a layer: tell them apart by the rest of the path
