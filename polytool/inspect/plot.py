@@ -40,8 +40,8 @@ def figure(rep: dict[str, Any]):
     would draw the figure twice, and inspect --report must stay fast)."""
     Figure, FigureCanvasAgg = _matplotlib()
     mosaic_rows, mosaic_cols = panels.layer_mosaic(rep)["image"].shape
-    wide = min(13.2, max(3.0, 0.12 * mosaic_cols))  # narrow grids stay narrow
-    top = min(9.0, max(2.8, 1.6 + 0.022 * mosaic_rows))
+    wide = min(13.2, max(4.0, 0.3 * mosaic_cols))  # narrow grids stay narrow
+    top = min(9.0, max(2.8, 1.6 + 0.06 * mosaic_rows))
     height = top + BOTTOM_IN
     fig = Figure(figsize=(WIDTH_IN, height))
     FigureCanvasAgg(fig)
