@@ -72,24 +72,19 @@ def draw_layers(ax, rep: dict[str, Any]):
     ax.set_xticks([c * mo["type_w"] + (mo["type_w"] - 3) / 2 for c in range(len(grid["module_types"]))],
                   grid["module_types"], fontsize=7, rotation=30 if len(grid["module_types"]) > 6 else 0)
     ax.xaxis.tick_top()
-    n_splits, n_blocks = rep["n_splits"], rep["n_splits"] * len(grid["module_types"])
-    if 1 < n_splits and n_blocks <= MAX_TICKS:  # the splits along the bottom
-        skills = rep["n_skills"]
-        sec = ax.secondary_xaxis("bottom")
-        sec.set_xticks([c * mo["type_w"] + q * mo["split_w"] + (skills - 1) / 2 for c in range(len(grid["module_types"]))
-                        for q in range(n_splits)], [f"q{q}" for _ in grid["module_types"] for q in range(n_splits)],
-                       fontsize=6)
-        sec.tick_params(length=0)
-        for spine in sec.spines.values():
-            spine.set_visible(False)
+    n_splits = rep["n_splits"]
+    for q in range(n_splits if n_splits > 1 else 0):  # the splits, under the first module type only
+        ax.text(q * mo["split_w"] + (rep["n_skills"] - 1) / 2, mo["image"].shape[0] - 0.5, f"q{q}", fontsize=6,
+                ha="center", va="top")
     ax.set_ylabel("layer")
     ax.tick_params(length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)
-    what = (f"each block: tasks (rows, clustering order) x skills; {n_splits} splits side by side per module type"
+    what = (f"each block: tasks (rows, clustering order) x skills; splits q0..q{n_splits - 1} left to right "
+            "in each module type"
             if n_splits > 1 else "each block: tasks (rows, clustering order) x skills")
-    ax.set_title("Routing per layer: eval mixing weights, one colour scale\n" + "; ".join([what] + mo["notes"]), loc="left",
-                 fontsize=9)
+    ax.set_title("Routing per layer: eval mixing weights, one colour scale\n" + "; ".join([what] + mo["notes"]),
+                 loc="left", fontsize=9)
     return image
 
 
