@@ -213,6 +213,8 @@ def test_single_task_single_skill(tmp_path):
     assert rep["routing"]["tasks"][0]["effective_skills"] == pytest.approx(1.0)
     assert rep["routing"]["statistics"]["overall"]["skill_usage"] == 1.0
     assert "(one task)" in run("inspect", str(adapter)).stdout
+    res = run("inspect", str(adapter), "--plot", str(tmp_path / "one.png"), "--report", str(tmp_path / "one.html"))
+    assert res.exit_code == 0, res.output  # no clustering to draw, one layer, one skill
 
 
 def png_size(path: Path) -> tuple[int, int]:

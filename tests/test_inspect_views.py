@@ -138,3 +138,13 @@ def test_figure_caps_100_tasks_and_80_layers(tmp_path):
         assert note in svg, note
     layers = inspect_json(adapter)["routing"]["layers"]
     assert layers["labels"] == [str(i) for i in range(80)]  # numeric order, though the file lists 10 before 2
+
+
+def test_modules_without_a_layer(tmp_path):
+    g = torch.Generator().manual_seed(2)
+    adapter = write_hand_adapter(tmp_path / "flat", {"net.fc1": torch.randn(2, 4, generator=g),
+                                                     "net.fc2": torch.randn(2, 4, generator=g)}, n_splits=2, n_skills=2)
+    ro = inspect_json(adapter)["routing"]
+    assert ro["layers"] == {"names": [""], "labels": ["-"], "module_types": ["fc1", "fc2"], "modules": [[0, 1]]}
+    assert ro["entropy"]["layers"] == [pytest.approx(sum(ro["entropy"]["modules"]) / 2)]
+    assert run("inspect", str(adapter), "--plot", str(tmp_path / "flat.png")).exit_code == 0
