@@ -19,6 +19,7 @@ figure.heat { margin: 0; } figure.heat figcaption { font-size: 12px; color: #444
 canvas { display: block; image-rendering: pixelated; cursor: crosshair; border: 1px solid #ccc; }
 #tip { position: absolute; background: #fffbe6; border: 1px solid #999; padding: 2px 6px; font-size: 12px;
        pointer-events: none; white-space: nowrap; }
+.group h4 { margin: 0.2em 0; font-size: 13px; } .group { border-left: 3px solid #eee; padding-left: 8px; }
 #errors { color: #b00; } .note { color: #555; font-size: 13px; }
 """
 
@@ -93,9 +94,17 @@ JS = r"""
     layerBox.textContent = "";
     D.layer_modules[i].forEach(function (m, c) {
       if (m === null) { return; }
+      var group = document.createElement("div"), head = document.createElement("h4");
+      group.className = "group";
+      head.textContent = D.module_types[c];
+      group.appendChild(head);
+      var row = document.createElement("div");
+      row.className = "heats";
+      group.appendChild(row);
+      layerBox.appendChild(group);
       for (var q = 0; q < D.n_splits; q++) {
         var where = D.module_types[c] + (D.n_splits > 1 ? " split " + q : "");
-        heatmap(layerBox, where + " (tasks x skills)", T, S,
+        heatmap(row, (D.n_splits > 1 ? "split " + q + ": " : "") + "tasks x skills", T, S,
           (function (q) { return function (r, k) { return D.weights[order[r]][m][q][k]; }; })(q), 0, wmax,
           (function (where) { return function (r, k) {
             return "layer " + D.layer_labels[i] + " " + where + ": task " + order[r] + ", skill " + k; }; })(where));
