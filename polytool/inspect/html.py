@@ -113,7 +113,7 @@ def write_page(rep: dict[str, Any], path: str | Path, force: bool = False) -> Pa
 
     path = Path(path)
     report_format(path)
-    page = build_page(rep, figure_bytes(rep, "png"))
+    page = build_page(rep, figure_bytes(rep, "png", fast=True))
     with atomic_output_file(path, force) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return path

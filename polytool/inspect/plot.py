@@ -62,11 +62,12 @@ def figure(rep: dict[str, Any]):
     return fig
 
 
-def figure_bytes(rep: dict[str, Any], fmt: str) -> bytes:
-    """The figure as PNG or SVG bytes (no date stamped in, so the same report gives the same bytes)."""
+def figure_bytes(rep: dict[str, Any], fmt: str, fast: bool = False) -> bytes:
+    """The figure as PNG or SVG bytes (no date stamped in, so the same report gives the same bytes).
+    `fast`: the lightest PNG compression (about 10% larger, a tenth of a second less), for the page."""
     buf = io.BytesIO()
-    metadata = {"Date": None} if fmt == "svg" else {}
-    figure(rep).savefig(buf, format=fmt, dpi=DPI, metadata=metadata)
+    extra = {"metadata": {"Date": None}} if fmt == "svg" else {"pil_kwargs": {"compress_level": 1}} if fast else {}
+    figure(rep).savefig(buf, format=fmt, dpi=DPI, **extra)
     return buf.getvalue()
 
 
