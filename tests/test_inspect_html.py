@@ -110,3 +110,17 @@ def test_report_refuses_other_names(pages, tmp_path):
     assert res.exit_code == 2
     assert "--report writes an HTML page: the file name must end in .html, not '.txt'" in res.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_names_cannot_break_out_of_the_page(pages):
+    """A '<' anywhere in the embedded data is written \\u003c: no '</script>' or '<!--' ends the data early."""
+    from polytool.inspect.html import build_page
+
+    _, rep = pages["poly"]
+    rep = json.loads(json.dumps(rep))
+    rep["adapter_dir"] = "/tmp/<b>&x"
+    rep["routing"]["layers"]["labels"][0] = "</script><!--"
+    page = build_page(rep, b"png")
+    data = re.search(r'<script type="application/json" id="inspect-data">(.*?)</script>', page, re.S).group(1)
+    assert "<" not in data and json.loads(data)["layer_labels"][0] == "</script><!--"
+    assert "<title>polytool inspect: &lt;b&gt;&amp;x</title>" in page

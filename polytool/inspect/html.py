@@ -67,13 +67,13 @@ def _module_table(rep: dict[str, Any]) -> str:
 
 
 def _data(rep: dict[str, Any]) -> str:
-    """What the script draws, as JSON safe inside <script> (no '</')."""
+    """What the script draws, as JSON safe inside <script>: every '<' written as \\u003c (only strings hold one)."""
     ro = rep["routing"]
     data = {"n_skills": rep["n_skills"], "n_splits": rep["n_splits"], "order": ro["clustering"]["order"],
             "similarity": ro["similarity"], "usage": ro["usage"]["active"], "weights": ro["weights"],
             "layer_labels": ro["layers"]["labels"], "layer_modules": ro["layers"]["modules"],
             "module_types": ro["layers"]["module_types"]}
-    return json.dumps(data, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+    return json.dumps(data, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
 
 
 def _browse() -> str:
