@@ -3,7 +3,7 @@
 The page holds the configuration, parameter counts, the `--plot` figure (an inline PNG), heatmaps drawn
 by a small inline script that shows each cell's value under the pointer, and per-module tables. It
 loads nothing: no network, no external script, style sheet or font. Every number comes from the
-report dict (the `--json` output).
+report dict (the `--json` output), rounded to 6 decimals in the page's embedded data.
 """
 from __future__ import annotations
 
@@ -13,9 +13,13 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..errors import PolytoolError
 from ..formats.atomic import atomic_output_file
 from .page_assets import CSS, JS
+
+DECIMALS = 6  # the embedded numbers, rounded
 
 
 def _rows(pairs: list[tuple[str, Any]]) -> str:
@@ -69,8 +73,13 @@ def _module_table(rep: dict[str, Any]) -> str:
 def _data(rep: dict[str, Any]) -> str:
     """What the script draws, as JSON safe inside <script>: every '<' written as \\u003c (only strings hold one)."""
     ro = rep["routing"]
+
+    def short(values: list) -> list:  # 6 decimals: the page shows 4, and full floats triple its size
+        return np.round(np.asarray(values, dtype=np.float64), DECIMALS).tolist()
+
     data = {"n_skills": rep["n_skills"], "n_splits": rep["n_splits"], "order": ro["clustering"]["order"],
-            "similarity": ro["similarity"], "usage": ro["usage"]["active"], "weights": ro["weights"],
+            "similarity": short(ro["similarity"]), "usage": short(ro["usage"]["active"]),
+            "weights": short(ro["weights"]),
             "layer_labels": ro["layers"]["labels"], "layer_modules": ro["layers"]["modules"],
             "module_types": ro["layers"]["module_types"]}
     return json.dumps(data, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
