@@ -148,3 +148,25 @@ def test_modules_without_a_layer(tmp_path):
     assert ro["layers"] == {"names": [""], "labels": ["-"], "module_types": ["fc1", "fc2"], "modules": [[0, 1]]}
     assert ro["entropy"]["layers"] == [pytest.approx(sum(ro["entropy"]["modules"]) / 2)]
     assert run("inspect", str(adapter), "--plot", str(tmp_path / "flat.png")).exit_code == 0
+
+
+@pytest.mark.parametrize("kind", ["t5", "bert"])
+def test_encoder_decoder_and_bert_layers(make_peft_adapter, kind, tmp_path):
+    """T5: encoder and decoder blocks are separate layers, a decoder's cross-attention is its own module type
+    (absent from encoder rows: null); BERT: attention.output.dense and output.dense are told apart."""
+    adapter, _ = make_peft_adapter(kind, n_splits=2)
+    rep = inspect_json(adapter)
+    layers = rep["routing"]["layers"]
+    cells = [m for row in layers["modules"] for m in row if m is not None]
+    assert sorted(cells) == list(range(len(rep["modules"])))  # every module exactly once
+    if kind == "t5":
+        assert layers["labels"] == ["decoder.block.0", "decoder.block.1", "encoder.block.0", "encoder.block.1"]
+        assert layers["module_types"] == ["SelfAttention.q", "SelfAttention.v", "EncDecAttention.q",
+                                          "EncDecAttention.v", "DenseReluDense.wi"]
+        assert layers["modules"][2][2] is None  # no cross-attention in the encoder
+    else:
+        assert layers["labels"] == ["-", "0", "1"]  # pooler.dense has no layer
+        assert layers["module_types"] == ["attention.output.dense", "attention.self.query", "attention.self.value",
+                                          "intermediate.dense", "output.dense", "pooler.dense"]
+    res = run("inspect", str(adapter), "--plot", str(tmp_path / "f.png"), "--report", str(tmp_path / "r.html"))
+    assert res.exit_code == 0, res.output

@@ -14,6 +14,20 @@ from ..core import routing
 from ..core.clustering import average_linkage, leaf_order
 
 
+def short_names(names: list[str]) -> dict[str, str]:
+    """Each module path -> its shortest trailing name that still tells apart modules of different roles
+    (BERT: `attention.output.dense` vs `output.dense`); layer indices do not count."""
+    roles = {n: [c for c in n.split(".") if not c.isdigit()] for n in names}
+    for k in range(1, max((len(r) for r in roles.values()), default=1) + 1):
+        short = {n: ".".join(r[-k:]) for n, r in roles.items()}
+        owners: dict[str, set] = {}
+        for n, r in roles.items():
+            owners.setdefault(short[n], set()).add(tuple(r))
+        if all(len(o) == 1 for o in owners.values()):
+            return short
+    return {n: n for n in names}
+
+
 def _layer_of(name: str) -> str:
     """The module path up to its first numeric component (`model.layers.3`), or '' when it has none."""
     parts = name.split(".")
@@ -37,15 +51,17 @@ def _natural(name: str) -> list:
     return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")]
 
 
-def layer_grid(names: list[str], short: dict[str, str]) -> dict[str, Any]:
+def layer_grid(names: list[str]) -> dict[str, Any]:
     """Modules as a table: one row per layer (in numeric order: files list layer 10 before layer 2), one
-    column per module type (the short name, in order of first appearance), each cell the module's index
-    in `names` or None."""
+    column per module type (the shortest trailing name of the path after the layer that tells types apart:
+    T5's encoder and decoder `SelfAttention.q` share a column, `EncDecAttention.q` has its own), each cell
+    the module's index in `names` or None."""
     layers = sorted(dict.fromkeys(_layer_of(n) for n in names), key=_natural)
-    kinds = {n: short[n] for n in names}
-    cells = {(_layer_of(n), kinds[n]) for n in names}
-    if len(cells) < len(names):  # one role twice in a layer: tell them apart by the rest of the path
-        kinds = {n: n[len(_layer_of(n)):].lstrip(".") or n for n in names}
+    rest = {n: n[len(_layer_of(n)):].lstrip(".") or n for n in names}
+    kinds = short_names(list(rest.values()))
+    kinds = {n: kinds[rest[n]] for n in names}
+    if len({(_layer_of(n), kinds[n]) for n in names}) < len(names):  # one role twice in a layer
+        kinds = rest
     types = list(dict.fromkeys(kinds.values()))
     where = {(_layer_of(n), kinds[n]): i for i, n in enumerate(names)}
     return {"names": layers, "labels": _labels(layers), "module_types": types,
@@ -79,9 +95,8 @@ def entropy(weights: np.ndarray, grid: dict[str, Any]) -> dict[str, Any]:
     return {"modules": per_module.tolist(), "layers": per_layer}
 
 
-def routing_views(names: list[str], short: dict[str, str], weights: np.ndarray, alloc: np.ndarray,
-                  similarity: np.ndarray) -> dict[str, Any]:
+def routing_views(names: list[str], weights: np.ndarray, alloc: np.ndarray, similarity: np.ndarray) -> dict[str, Any]:
     """The report's `routing.layers`, `clustering`, `usage` and `entropy` entries."""
-    grid = layer_grid(names, short)
+    grid = layer_grid(names)
     return {"layers": grid, "clustering": clustering(similarity), "usage": usage(alloc),
             "entropy": entropy(weights, grid)}
