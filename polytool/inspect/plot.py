@@ -40,7 +40,8 @@ def figure(rep: dict[str, Any]):
     would draw the figure twice, and inspect --report must stay fast)."""
     Figure, FigureCanvasAgg = _matplotlib()
     mosaic_rows, mosaic_cols = panels.layer_mosaic(rep)["image"].shape
-    wide = min(13.2, max(4.0, 0.3 * mosaic_cols))  # narrow grids stay narrow
+    left = max(0.7, 0.4 + 0.06 * max(len(label) for label in rep["routing"]["layers"]["labels"]))  # layer names
+    wide = min(13.9 - left, max(4.0, 0.3 * mosaic_cols))  # narrow grids stay narrow
     top = min(9.0, max(2.8, 1.6 + 0.06 * mosaic_rows))
     height = top + BOTTOM_IN
     fig = Figure(figsize=(WIDTH_IN, height))
@@ -49,8 +50,8 @@ def figure(rep: dict[str, Any]):
     def axes(x: float, y: float, w: float, h: float):  # inches, y measured from the top edge
         return fig.add_axes((x / WIDTH_IN, 1 - (y + h) / height, w / WIDTH_IN, h / height))
 
-    image = panels.draw_layers(axes(0.7, 1.25, wide, top - 1.6), rep)
-    fig.colorbar(image, cax=axes(0.85 + wide, 1.25, 0.15, top - 1.6), label="mixing weight")
+    image = panels.draw_layers(axes(left, 1.25, wide, top - 1.6), rep)
+    fig.colorbar(image, cax=axes(left + wide + 0.15, 1.25, 0.15, top - 1.6), label="mixing weight")
     y0, h = top + 0.75, BOTTOM_IN - 1.45  # the bottom row: titles above, tick labels below
     tree_ax, sim_ax = axes(0.7, y0, 3.6, 0.7), axes(0.7, y0 + 0.75, 3.6, h - 0.75)
     panels.draw_dendrogram(tree_ax, rep)
