@@ -59,11 +59,12 @@ def pages(tmp_path_factory, make_peft_adapter) -> dict[str, tuple[Path, dict]]:
 
 
 @pytest.mark.parametrize("name", ["mhr", "poly"])
-def test_report_renders_in_chromium(pages, name, tmp_path):
+def test_report_renders_in_chromium(pages, name, tmp_path, record_property):
     page, rep = pages[name]
     shot = page.with_suffix(".png")
     dom, console = open_page(page, shot, tmp_path / "profile")
-    print(f"screenshot: {shot}")
+    print(f"screenshot: {shot}")  # kept in pytest's temporary directory (the last 3 runs)
+    record_property("screenshot", str(shot))  # and named in --junitxml reports
     assert console == []
     attrs = html_attributes(dom)
     assert attrs.get("data-rendered") == "ok", attrs
