@@ -102,6 +102,7 @@ def test_views_equal_a_plain_recomputation(adapter):
     check_views(ro, exp)
     assert ro["layers"]["labels"] == ["0", "1"] and len(ro["layers"]["modules"][0]) == 3
     assert sorted(ro["clustering"]["order"]) == list(range(len(exp["order"])))
+    assert sum(ro["usage"]["unused_routers"]) == ro["statistics"]["overall"]["unused_skill_slots"]
 
 
 def test_a_changed_router_changes_the_views(adapter, tmp_path):
