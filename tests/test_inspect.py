@@ -213,6 +213,8 @@ def test_single_task_single_skill(tmp_path):
     assert rep["routing"]["tasks"][0]["effective_skills"] == pytest.approx(1.0)
     assert rep["routing"]["statistics"]["overall"]["skill_usage"] == 1.0
     assert "(one task)" in run("inspect", str(adapter)).stdout
+    res = run("inspect", str(adapter), "--plot", str(tmp_path / "one.png"), "--report", str(tmp_path / "one.html"))
+    assert res.exit_code == 0, res.output  # no clustering to draw, one layer, one skill
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -232,41 +234,71 @@ def test_plot(make_peft_adapter, tmp_path):
         assert f"wrote {out}" in res.stderr
         widths[n_splits], height = png_size(out)
         assert out.stat().st_size > 5000 and height > 150
-    assert widths[2] > 1.5 * widths[1]  # one panel per split
+    assert widths[1] == widths[2]  # one figure width; the splits share the per-layer panel
     assert sorted(p.name for p in tmp_path.iterdir()) == ["routing-1.png", "routing-2.png"]  # no temp files
 
 
-def test_plot_never_replaces_without_force(peft_adapter, tmp_path):
-    out = tmp_path / "routing.png"
+def test_plot_svg_names_every_panel(peft_adapter, tmp_path):
+    out = tmp_path / "routing.SVG"
+    assert run("inspect", str(peft_adapter), "--plot", str(out)).exit_code == 0
+    svg = out.read_text()
+    assert svg.startswith("<?xml") and "<svg" in svg
+    for title in ("Routing per layer", "Task similarity", "Skill usage per task", "Routing entropy per layer"):
+        assert title in svg, title
+
+
+def test_plot_refuses_other_formats(peft_adapter, tmp_path):
+    res = run("inspect", str(peft_adapter), "--plot", str(tmp_path / "routing.jpg"))
+    assert res.exit_code == 2 and "--plot writes .png or .svg, not '.jpg'" in res.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("option, name", [("--plot", "routing.png"), ("--report", "report.html")])
+def test_outputs_never_replace_without_force(peft_adapter, tmp_path, option, name):
+    out = tmp_path / name
     out.write_bytes(b"keep me")
-    res = run("inspect", str(peft_adapter), "--plot", str(out))
-    assert res.exit_code == 2 and "exists; use --force to replace it" in res.stderr
+    res = run("inspect", str(peft_adapter), option, str(out))
+    assert res.exit_code == 2 and "already exists; pass --force to replace it" in res.stderr
     assert out.read_bytes() == b"keep me"
-    assert run("inspect", str(peft_adapter), "--plot", str(out), "--force").exit_code == 0
-    png_size(out)
-    res = run("inspect", str(peft_adapter), "--plot", str(tmp_path / "missing" / "x.png"))
-    assert res.exit_code == 2 and "directory does not exist" in res.stderr
+    res = run("inspect", str(peft_adapter), option, str(out), "--force")  # not polytool's: --force leaves it
+    assert res.exit_code == 2 and "not an output polytool wrote" in res.stderr and out.read_bytes() == b"keep me"
+    out.unlink()
+    assert run("inspect", str(peft_adapter), option, str(out)).exit_code == 0
+    written = out.read_bytes()
+    assert b"polytool.version" in written[:1 << 20]  # the mark that lets --force replace it
+    assert run("inspect", str(peft_adapter), option, str(out), "--force").exit_code == 0
+    res = run("inspect", str(peft_adapter), option, str(tmp_path / "new" / name))  # a missing folder is made
+    assert res.exit_code == 0 and (tmp_path / "new" / name).stat().st_size > 1000
+    before = tree_hash(peft_adapter)
+    res = run("inspect", str(peft_adapter), option, str(peft_adapter / name))
+    assert res.exit_code == 2 and "inputs are never written" in res.stderr
+    assert tree_hash(peft_adapter) == before
 
 
 def test_plot_without_matplotlib(peft_adapter, tmp_path, monkeypatch):
     for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
         monkeypatch.setitem(sys.modules, name, None)  # makes `import` raise ImportError
-    out = tmp_path / "routing.png"
-    res = run("inspect", str(peft_adapter), "--plot", str(out))
-    assert res.exit_code == 2
-    assert res.stderr.strip() == "error: --plot needs matplotlib, which is not installed: pip install 'polytool[plot]'"
-    assert "Traceback" not in res.output and not out.exists()
+    for option, out in (("--plot", tmp_path / "routing.png"), ("--report", tmp_path / "report.html")):
+        res = run("inspect", str(peft_adapter), option, str(out))
+        assert res.exit_code == 2
+        assert res.stderr.strip() == ("error: --plot and --report need matplotlib, which is not installed: "
+                                      "pip install 'polytool[plot]'")
+        assert "Traceback" not in res.output and not out.exists()
 
 
 def test_inspect_does_not_import_torch(peft_adapter, tmp_path):
-    code = (
-        "import sys\n"
-        "from polytool.cli import main\n"
-        f"main(['inspect', {str(peft_adapter)!r}, '--json', '--plot', {str(tmp_path / 'p.png')!r}],"
-        " standalone_mode=False)\n"
-        "heavy = sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules)\n"
-        "assert not heavy, heavy\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["n_tasks"] == 3
+    """Without --plot/--report neither torch nor matplotlib is imported; with them, still no torch."""
+    for extra, light in (([], ("torch", "transformers", "peft", "matplotlib")),
+                         (["--plot", str(tmp_path / "p.png"), "--report", str(tmp_path / "r.html")],
+                          ("torch", "transformers", "peft"))):
+        code = (
+            "import sys\n"
+            "from polytool.cli import main\n"
+            f"main(['inspect', {str(peft_adapter)!r}, '--json', *{extra!r}], standalone_mode=False)\n"
+            f"heavy = sorted(m for m in {light!r} if m in sys.modules)\n"
+            "assert not heavy, heavy\n"
+        )
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["n_tasks"] == 3
+    assert (tmp_path / "p.png").is_file() and (tmp_path / "r.html").is_file()

@@ -436,6 +436,7 @@ def cached(tmp_path_factory, sharded_base, adapter) -> tuple[Path, Path]:
 
 READ_ONLY_COMMANDS = [
     ("inspect", "{a}"), ("inspect", "{a}", "--json"), ("inspect", "{a}", "--plot", "{o}/heat.png"),
+    ("inspect", "{a}", "--report", "{o}/report.html"),
     ("collapse", "{a}", "--task", "0", "--out", "{o}/lora"),
     ("collapse", "{a}", "--task", "all", "--out", "{o}/all"),
     ("collapse", "{a}", "--task", "1", "--to", "dense", "--out", "{o}/dense"),
@@ -477,6 +478,9 @@ def test_never_written_through_a_symlink(adapter, sharded_base, tmp_path):
     os.symlink(adapter / "adapter_model.safetensors", tmp_path / "weights.png")
     refused(run("inspect", adapter, "--plot", tmp_path / "weights.png", "--force"), "overlaps the input")
     refused(run("inspect", adapter, "--plot", adapter / "heat.png"), "overlaps the input")
+    os.symlink(adapter / "adapter_config.json", tmp_path / "config.html")
+    refused(run("inspect", adapter, "--report", tmp_path / "config.html", "--force"), "overlaps the input")
+    refused(run("inspect", adapter, "--report", adapter / "report.html"), "overlaps the input")
     # OUT a link elsewhere: --force replaces the link, never what it points to
     os.symlink(elsewhere, tmp_path / "out")
     assert run(*COMMANDS["dense"](adapter, base, tmp_path / "out"), "--force").exit_code == 0

@@ -123,3 +123,13 @@ def cosine_similarity(x: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)  # (n, 1)
     unit = np.divide(x, norms, out=np.zeros_like(x, dtype=np.float64), where=norms > 0)
     return unit @ unit.T
+
+
+def normalized_entropy(dist: np.ndarray) -> np.ndarray:
+    """(..., n_skills) distributions -> (...,): entropy / log n_skills (1 = uniform, 0 = one skill).
+
+    With a single skill it is 1 by definition (as `skill_usage`)."""
+    n_skills = dist.shape[-1]
+    if n_skills == 1:
+        return np.ones(dist.shape[:-1])
+    return -_xlogx(dist).sum(axis=-1) / np.log(n_skills)

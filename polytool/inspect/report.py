@@ -14,6 +14,7 @@ import numpy as np
 from ..core import routing
 from ..core.taskspec import TaskSpec, spec_label
 from ..formats.adapter import PolyAdapter
+from .views import routing_views, short_names
 
 
 def _module_statistics(name: str, alloc: np.ndarray) -> dict[str, Any]:
@@ -28,11 +29,9 @@ def _module_statistics(name: str, alloc: np.ndarray) -> dict[str, Any]:
             "skill_usage": float(usage.mean()), "splits": splits}
 
 
-def _statistics(adapter: PolyAdapter) -> dict[str, Any]:
-    modules = [
-        _module_statistics(m.name, routing.allocation(adapter.logits(m.name), adapter.n_splits, adapter.n_skills))
-        for m in adapter.modules
-    ]
+def _statistics(adapter: PolyAdapter, alloc: np.ndarray) -> dict[str, Any]:
+    """Routing statistics of the (t, m, q, s) allocation: per module, overall and the unused skills."""
+    modules = [_module_statistics(m.name, alloc[:, i]) for i, m in enumerate(adapter.modules)]
     overall = {key: float(np.mean([m[key] for m in modules])) for key in ("discreteness", "sparsity", "skill_usage")}
     unused = [{"module": m["name"], "split": q, "skills": split["unused_skills"]}
               for m in modules for q, split in enumerate(m["splits"]) if split["unused_skills"]]
@@ -51,20 +50,6 @@ def _tasks(weights: np.ndarray) -> list[dict[str, Any]]:
          "top_skill": int(row.argmax()), "top_weight": float(row.max())}
         for t, row in enumerate(per_skill)
     ]
-
-
-def _short_names(names: list[str]) -> dict[str, str]:
-    """Each module path -> its shortest trailing name that still tells apart modules of different roles
-    (BERT: `attention.output.dense` vs `output.dense`); layer indices do not count."""
-    roles = {n: [c for c in n.split(".") if not c.isdigit()] for n in names}
-    for k in range(1, max((len(r) for r in roles.values()), default=1) + 1):
-        short = {n: ".".join(r[-k:]) for n, r in roles.items()}
-        owners: dict[str, set] = {}
-        for n, r in roles.items():
-            owners.setdefault(short[n], set()).add(tuple(r))
-        if all(len(o) == 1 for o in owners.values()):
-            return short
-    return {n: n for n in names}
 
 
 def _base_facts(adapter: PolyAdapter, base_dir: Path | None) -> tuple[Any, str | None]:
@@ -116,8 +101,10 @@ def build_report(adapter: PolyAdapter, base_dir: Path | None = None) -> dict[str
 
     base, no_base = _base_facts(adapter, base_dir)
     conv1d = base is not None and base.model_type in CONV1D_MODEL_TYPES
-    short = _short_names([m.name for m in adapter.modules])
+    short = short_names([m.name for m in adapter.modules])
     weights = np.stack([adapter.mixing_weights(m.name) for m in adapter.modules], axis=1)  # (t, m, q, s)
+    alloc = np.stack([routing.allocation(adapter.logits(m.name), adapter.n_splits, adapter.n_skills)
+                      for m in adapter.modules], axis=1)  # (t, m, q, s)
     n_tasks = weights.shape[0]
     similarity = routing.cosine_similarity(weights.reshape(n_tasks, -1))  # (t, m*q*s) -> (t, t)
     return {
@@ -142,7 +129,8 @@ def build_report(adapter: PolyAdapter, base_dir: Path | None = None) -> dict[str
             "task_split_skill_weights": weights.mean(axis=1).tolist(),  # (t, q, s)
             "tasks": _tasks(weights),
             "similarity": similarity.tolist(),
-            "statistics": _statistics(adapter),
+            "statistics": _statistics(adapter, alloc),
+            **routing_views([m.name for m in adapter.modules], weights, alloc, similarity),
         },
     }
 
