@@ -35,6 +35,7 @@ class Case:
     maker: str = "peft"  # "peft", or "polytool" where PEFT cannot write the adapter (Conv1D)
     generates: bool = False  # the model has generate()
     tied_target: bool = False  # a target tied to the input embeddings (lm_head)
+    modules_to_save: tuple[str, ...] = ()  # modules trained whole beside the skills (PolyConfig.modules_to_save)
     config: dict = field(default_factory=dict)  # config class name and kwargs
 
     @property
@@ -86,6 +87,14 @@ CASES: dict[str, Case] = {c.name: c for c in [
     _case("bert-token-cls", "BERT", "BertForTokenClassification", "TOKEN_CLS", ("query", "value", "dense"),
           "BertConfig", dict(SMALL, num_labels=5)),
     _case("bert-feature", "BERT", "BertModel", "FEATURE_EXTRACTION", ("query", "key", "value"), "BertConfig", SMALL),
+    # PEFT keeps a module whole when its name ENDS WITH an entry: SEQ_CLS's "classifier" takes pre_classifier too
+    _case("distilbert-seq-cls", "DistilBERT", "DistilBertForSequenceClassification", "SEQ_CLS",
+          ("q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"),
+          "DistilBertConfig", dict(vocab_size=VOCAB, dim=32, hidden_dim=48, n_layers=2, n_heads=4,
+                                   max_position_embeddings=64, num_labels=3)),
+    # a new output head trained next to the skills (untied)
+    _case("llama-trained-lm_head", "Llama", "LlamaForCausalLM", "CAUSAL_LM", ("q_proj", "v_proj"), "LlamaConfig",
+          dict(DECODER, tie_word_embeddings=False), generates=True, modules_to_save=("lm_head",)),
 ]}
 
 
@@ -148,6 +157,8 @@ def build_case(name: str, root: Path) -> CaseFiles:
     files = CaseFiles(case, base_dir, adapter_dir)
     kwargs = dict(task_type=case.task_type, r=case.r, n_tasks=case.n_tasks, n_skills=case.n_skills,
                   n_splits=case.n_splits, target_modules=list(case.targets))
+    if case.modules_to_save:
+        kwargs["modules_to_save"] = list(case.modules_to_save)
     if case.maker == "peft":
         import warnings
 

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 
 from .safetensors import FLOAT_DTYPES, SafetensorsFile
-from ..architectures import SAVED_EMBEDDING_NAMES
+from ..architectures import SAVED_EMBEDDING_NAMES, TASK_HEADS
 from .jsonfile import parse_json
-from .peft import BIN_NAME, CONFIG_NAME, PICKLE_REFUSED, PREFIX, WEIGHTS_NAME, pickle_allowed
+from .peft import BIN_NAME, CONFIG_NAME, PICKLE_REFUSED, PREFIX, WEIGHTS_NAME, pickle_allowed, saved_owner
 from .provenance import sha256_file
 from ..errors import AdapterError, PolytoolError
 from ..core.routing import eval_weights, spec_weights
@@ -248,20 +248,19 @@ def _validate_saved(adapter: PolyAdapter, tensors: Any, found: dict, others: lis
     embedding layers saved whole; anything else is refused."""
     saved = adapter.config.get("modules_to_save") or []
     saved = [saved] if isinstance(saved, str) else [str(m) for m in saved]
+    saved += list(TASK_HEADS.get(adapter.task_type or "", ()))  # the heads PEFT adds for the task type
     for key in others:
         path, _, param = key[len(PREFIX):].rpartition(".") if key.startswith(PREFIX) else ("", "", "")
+        module = saved_owner(f"{path}.{param}", saved) if path else None  # PEFT's rule: a name ending with an entry
         if path.endswith(".base_layer") and path[: -len(".base_layer")] in found and param == "weight":
             adapter.saved_embeddings[path[: -len(".base_layer")]] = key  # a targeted (tied) embedding's weight
+        elif module is not None:  # a module trained whole (a head, or an lm_head in modules_to_save)
+            adapter.saved_modules.setdefault(module, {})[f"{path}.{param}"[len(module) + 1:]] = key
         elif path.rpartition(".")[2] in SAVED_EMBEDDING_NAMES and param == "weight" and path not in found:
             adapter.saved_embeddings[path] = key  # an embedding layer saved whole (e.g. resized)
         else:
-            owner = next((m for m in saved if f".{m}." in f".{path}."), None)
-            if owner is None or not path:
-                raise AdapterError(f"unexpected tensor {key!r} (neither a Poly tensor base_model.model.<module>.poly_*, "
-                                   "a modules_to_save module of the config, nor an embedding layer)", file)
-            start = f".{path}.".index(f".{owner}.")  # the saved module is the path up to and including `owner`
-            module = path[: start + len(owner)]
-            adapter.saved_modules.setdefault(module, {})[f"{path}.{param}"[len(module) + 1:]] = key
+            raise AdapterError(f"unexpected tensor {key!r} (neither a Poly tensor base_model.model.<module>.poly_*, "
+                               "a modules_to_save module of the config, nor an embedding layer)", file)
         if tensors.dtype(key) not in FLOAT_DTYPES:
             raise AdapterError(f"tensor {key!r} has dtype {tensors.dtype(key)}, expected floating point", file)
         # a trained head is small: checked here; a saved embedding (vocab x hidden, GBs for a large model) is

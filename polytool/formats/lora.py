@@ -28,7 +28,7 @@ import numpy as np
 from .safetensors import FLOAT_DTYPES, TORCH_NAMES, SafetensorsFile
 from ..architectures import TASK_HEADS
 from .jsonfile import parse_json
-from .peft import CONFIG_NAME, PREFIX, WEIGHTS_NAME
+from .peft import CONFIG_NAME, PREFIX, WEIGHTS_NAME, saved_owner
 from ..errors import AdapterError, PolytoolError
 
 SUFFIX_A, SUFFIX_B, SUFFIX_BIAS = ".lora_A.weight", ".lora_B.weight", ".lora_B.bias"
@@ -111,7 +111,7 @@ class LoraArtifact:
         owners = saved_module_names({**DEFAULTS, **self.config})
         grouped: dict[str, dict[str, np.ndarray]] = {}
         for name, value in self.saved.items():
-            owner = _saved_owner(name, owners) or name.rpartition(".")[0]
+            owner = saved_owner(name, owners) or name.rpartition(".")[0]
             grouped.setdefault(owner, {})[name[len(owner) + 1 :]] = value
         return grouped
 
@@ -304,17 +304,6 @@ def saved_module_names(config: dict) -> list[str]:
 # ---- the tensors ---------------------------------------------------------------------------------
 
 
-def _saved_owner(path: str, owners: list[str]) -> str | None:
-    """The modules_to_save module a tensor path belongs to: PEFT wraps the outermost module whose
-    name (base_model.model.<module>) ends with an entry, as its _set_trainable matches."""
-    parts = path.split(".")
-    for i in range(1, len(parts)):
-        module = ".".join(parts[:i])
-        if any((PREFIX + module).endswith(m) for m in owners):
-            return module
-    return None
-
-
 def _read_tensors(tensors: SafetensorsFile, config: dict, file: Path) -> tuple[dict, dict]:
     """({module: {suffix: key}} of the LoRA tensors, {model tensor name: key} of the modules_to_save ones)."""
     lora: dict[str, dict[str, str]] = {}
@@ -329,7 +318,7 @@ def _read_tensors(tensors: SafetensorsFile, config: dict, file: Path) -> tuple[d
             continue
         if path and skip and any(s in path for s in skip):
             continue
-        if not path or _saved_owner(path, owners) is None:
+        if not path or saved_owner(path, owners) is None:
             raise AdapterError(f"unexpected tensor {key!r} (expected base_model.model.<module>.lora_A.weight, "
                                ".lora_B.weight, .lora_B.bias, or a tensor of a modules_to_save module)", file)
         saved[path] = key

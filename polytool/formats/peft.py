@@ -39,3 +39,14 @@ def peft_type(directory: Path) -> Any:
     except (OSError, UnicodeDecodeError, ValueError):
         return None
     return config.get("peft_type") if isinstance(config, dict) else None
+
+
+def saved_owner(path: str, owners: list[str]) -> str | None:
+    """The modules_to_save module a tensor path belongs to: PEFT wraps the outermost module whose
+    name (base_model.model.<module>) ends with an entry, as its _set_trainable matches."""
+    parts = path.split(".")
+    for i in range(1, len(parts)):
+        module = ".".join(parts[:i])
+        if any((PREFIX + module).endswith(m) for m in owners):
+            return module
+    return None

@@ -37,9 +37,9 @@ def _matches(spec: Union[str, list, None], name: str) -> bool:
     return any(name == key or name.endswith("." + key) for key in spec)
 
 
-def _inside(name: str, modules: Union[list, None]) -> bool:
-    """True when module `name` is one of `modules` or lies inside one (a modules_to_save module)."""
-    return any(f".{m}." in f".{name}." for m in modules or ())
+def _inside(name: str, saved: list[str]) -> bool:
+    """True when module `name` is one of the `saved` module paths or lies inside one."""
+    return any(name == s or name.startswith(s + ".") for s in saved)
 
 
 def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
@@ -89,10 +89,11 @@ class PolyModel(nn.Module):
     def _targets(self, config: PolyConfig) -> list[str]:
         """Paths of the modules `config` targets (not excluded, not in modules_to_save, not inside a Poly layer)."""
         layers = [name for name, _ in self._poly_layers()]
+        saved = [name for name, _ in self._modules_to_save(config)]
         return [
             name for name, _ in self.model.named_modules()
             if name and _matches(config.target_modules, name) and not _matches(config.exclude_modules, name)
-            and not _inside(name, config.modules_to_save) and not any(name.startswith(p + ".") for p in layers)
+            and not _inside(name, saved) and not any(name.startswith(p + ".") for p in layers)
         ]
 
     def add_adapter(self, adapter_name: str, config: PolyConfig) -> None:
@@ -151,7 +152,16 @@ class PolyModel(nn.Module):
             module.requires_grad_(True)
 
     def _modules_to_save(self, config: PolyConfig) -> list[tuple[str, nn.Module]]:
-        return [(n, m) for n, m in self.model.named_modules() if n and _matches(config.modules_to_save, n)]
+        """The modules trained whole, by PEFT's rule: the outermost modules whose name ENDS WITH an entry (so
+        SEQ_CLS's "classifier" takes DistilBERT's pre_classifier too); a str entry list is a regex, as PEFT's."""
+        spec = config.modules_to_save
+        if isinstance(spec, str):
+            return [(n, m) for n, m in self.model.named_modules() if n and _matches(spec, n)]
+        found: list[tuple[str, nn.Module]] = []
+        for n, m in self.model.named_modules():
+            if n and any(n.endswith(entry) for entry in spec or ()) and not _inside(n, [f for f, _ in found]):
+                found.append((n, m))
+        return found
 
     def _embedding_targets(self, adapter_name: str) -> list[tuple[str, PolyLayer]]:
         """Poly layers of `adapter_name` on an embedding layer (lm_head, embed_tokens): PEFT saves their base weight."""
