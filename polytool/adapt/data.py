@@ -37,6 +37,10 @@ def _example(obj: Any, line: int, path: Path) -> Example:
                             f"{type(obj).__name__}", path)
     if "text" in obj and ("input" in obj or "target" in obj):
         raise PolytoolError(f"line {line}: give either \"text\" or \"input\" and \"target\", not both", path)
+    if not ({"text", "input", "target"} & set(obj)):
+        found = ", ".join(sorted(obj)[:5]) or "none"
+        raise PolytoolError(f"line {line}: expected \"text\", or \"input\" and \"target\" (keys found: {found})",
+                            path)
     keys = ("text",) if "text" in obj else ("input", "target")
     for key in keys:
         value = obj.get(key)
