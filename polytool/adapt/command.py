@@ -59,10 +59,11 @@ def adapt(o: AdaptOptions, progress: Callable[[dict], None] | None = None) -> di
     from .data import split, tokenize
     from .model import build, parse_init, trained_tensors
     from .train import TrainSettings, evaluate, train
-    from .write import write_adapter
+    from .write import check_source, write_adapter
 
     _check(o)
     adapter = load_adapter(o.adapter_dir)
+    check_source(adapter)
     init = parse_init(o.init, adapter.n_tasks)
     examples = read_examples(o.data)
     base = resolve_base_dir(o.base_dir, adapter.base_model_name_or_path, adapter.config.get("revision"))

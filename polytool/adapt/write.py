@@ -47,12 +47,17 @@ def _new_tensors(adapter: PolyAdapter, source: SafetensorsFile, trained: dict[st
     return out
 
 
+def check_source(adapter: PolyAdapter) -> None:
+    """The input's tensors are copied byte for byte from its safetensors file: a .bin adapter is refused."""
+    if adapter.weights_file.name != WEIGHTS_NAME:
+        raise AdapterError(f"adapt copies the tensors of {WEIGHTS_NAME}; this adapter has "
+                           f"{adapter.weights_file.name}: save it as safetensors first", adapter.directory)
+
+
 def write_adapter(adapter: PolyAdapter, trained: dict[str, np.ndarray], record: dict, out: Path,
                   force: bool) -> list[str]:
     """Write the grown adapter to `out` atomically; returns the files written."""
-    if adapter.weights_file.name != WEIGHTS_NAME:
-        raise AdapterError(f"adapt writes from {WEIGHTS_NAME}; this adapter has {adapter.weights_file.name}: "
-                           "save it as safetensors first", adapter.directory)
+    check_source(adapter)
     config = dict(adapter.config, n_tasks=adapter.n_tasks + 1)
     metadata = {"format": "pt", "polytool.version": __version__,
                 RECORD_KEY: json.dumps(record, separators=(",", ":"), sort_keys=True)}
