@@ -22,6 +22,15 @@ NEW = 4  # fixtures/mhr has tasks 0..3
 INPUT_HASH = tree_hash(ADAPTER)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models train fastest on one thread, and on a shared machine two threads can be 30x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run(*args: str):
     return CliRunner().invoke(main, ["adapt", str(ADAPTER), "--base", str(BASE), *args])
 
@@ -277,3 +286,17 @@ def test_seq2seq_learns_the_target_only_routing(t5_case, tmp_path):
     res = CliRunner().invoke(main, ["adapt", str(t5_case / "adapter"), "--base", str(t5_case / "base"), "--data",
                                     str(bad), "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "line 2: this base is an encoder-decoder model" in res.stderr
+
+
+def test_the_worked_example_in_the_docs_is_the_real_output(tmp_path, monkeypatch):
+    import re
+
+    monkeypatch.chdir(ROOT)  # the example shows relative paths
+    doc = (ROOT / "docs" / "adapt.md").read_text(encoding="utf-8")
+    command, shown = re.search(r"^\$ (polytool adapt fixtures/mhr .*?)\n(.*?)^```", doc, re.M | re.S).groups()
+    args = command.split()[1:]
+    args[args.index("--out") + 1] = str(tmp_path / "mhr-shift3")
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    got = res.stdout.replace(str(tmp_path / "mhr-shift3"), "out/mhr-shift3").splitlines()
+    assert got[:2] == shown.splitlines()[:2]  # the third line is the speed, which varies
