@@ -300,3 +300,16 @@ def test_the_worked_example_in_the_docs_is_the_real_output(tmp_path, monkeypatch
     assert res.exit_code == 0, res.output
     got = res.stdout.replace(str(tmp_path / "mhr-shift3"), "out/mhr-shift3").splitlines()
     assert got[:2] == shown.splitlines()[:2]  # the third line is the speed, which varies
+
+
+def test_progress_line_and_no_held_out_set(capsys, tmp_path):
+    from polytool.cli.adapt import _Progress
+
+    bar = _Progress()
+    bar({"step": 3, "steps": 5, "loss": 2.0, "examples_per_s": 10.25})
+    bar.end()
+    assert capsys.readouterr().err == "\rstep 3/5  loss 2.0000  10.2 examples/s\n"
+    res = run("--data", str(DATA), "--out", str(tmp_path / "out"), "--steps", "1", "--eval-split", "0")
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines()[1] == "  no held-out loss (--eval-split 0)"
+    assert "on 40 examples" in res.stdout and res.stderr == ""  # no progress line when stderr is not a terminal

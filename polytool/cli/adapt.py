@@ -67,17 +67,15 @@ def adapt(options, as_json: bool) -> None:
     result(data, as_json, _render_adapt)
 
 
-def _loss(value: float | None) -> str:
-    return "n/a (--eval-split 0)" if value is None else f"{value:.4f}"
-
-
 def _render_adapt(data: dict) -> str:
     trained = "its routing" if data["train"] == "routing" else "its routing and every skill"
     lines = [f"wrote {data['out']}: task {data['task']} added ({data['n_tasks']} tasks), {trained} trained for "
              f"{data['steps']} steps on {data['examples']['train']} examples",
-             f"  held-out loss ({data['examples']['eval']} examples): {_loss(data['eval_loss']['before'])} before, "
-             f"{_loss(data['eval_loss']['after'])} after",
              f"  {data['trainable_parameters']:,d} parameters trained, {data['examples_per_s']:.1f} examples/s"]
+    loss = data["eval_loss"]
+    lines.insert(1, "  no held-out loss (--eval-split 0)" if loss["before"] is None else
+                 f"  held-out loss ({data['examples']['eval']} examples): {loss['before']:.4f} before, "
+                 f"{loss['after']:.4f} after")
     if data["changed_tasks"]:
         lines.append(f"  note: tasks {', '.join(map(str, data['changed_tasks']))} changed too (--train all trains "
                      "the skills they share)")
