@@ -50,6 +50,8 @@ def _check(o: AdaptOptions) -> None:
             raise PolytoolError(f"{name} must be >= {low}, got {value}")
     if not o.lr > 0 or o.lr == float("inf"):
         raise PolytoolError(f"--lr must be a finite number > 0, got {o.lr!r}")
+    if not 0 <= o.eval_split < 1:
+        raise PolytoolError(f"--eval-split must be in [0, 1), got {o.eval_split!r}")
 
 
 def adapt(o: AdaptOptions, progress: Callable[[dict], None] | None = None) -> dict:

@@ -124,11 +124,9 @@ def tokenize(examples: list[Example], tokenizer: Any, seq2seq: bool, max_length:
 
 def split(items: list, eval_split: float, seed: int) -> tuple[list, list]:
     """(train, held out): a seeded shuffle, then the last round(n * eval_split) items (at least 1 when
-    eval_split > 0) held out; at least one item is left to train on."""
+    eval_split > 0, a share in [0, 1)) held out; at least one item is left to train on."""
     import torch
 
-    if not 0 <= eval_split < 1:
-        raise PolytoolError(f"--eval-split must be in [0, 1), got {eval_split!r}")
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
     n_eval = max(1, round(len(items) * eval_split)) if eval_split > 0 else 0
     if len(items) - n_eval < 1:
