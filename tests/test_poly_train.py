@@ -137,3 +137,20 @@ def test_factors_cached_in_inference_mode_are_not_reused_outside(pair):
     ours(inputs_embeds=embeds, task_ids=TASKS).logits.sum().backward()  # would fail on an inference tensor
     assert embeds.grad.abs().sum() > 0
     ours.set_adapter("default")  # trainable again for the other tests
+
+
+def test_relaxed_bernoulli_draw_is_torchs_exactly():
+    from torch.distributions.relaxed_bernoulli import RelaxedBernoulli
+
+    from polytool.poly.router import relaxed_bernoulli_sample
+
+    logits = torch.tensor([[-30.0, -2.0, 0.0], [0.5, 3.0, 40.0]], requires_grad=True)  # saturating ends too
+    for dtype in (torch.float32, torch.float64):
+        torch.manual_seed(11)
+        want = RelaxedBernoulli(temperature=1.0, logits=logits.to(dtype)).rsample()
+        torch.manual_seed(11)
+        got = relaxed_bernoulli_sample(logits.to(dtype))
+        assert torch.equal(got, want)
+        (g_want,) = torch.autograd.grad(want.sum(), logits)
+        (g_got,) = torch.autograd.grad(got.sum(), logits)
+        assert torch.equal(g_got, g_want)

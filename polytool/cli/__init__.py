@@ -1,5 +1,5 @@
 """The `polytool` command line: the group, and one module per command (inspect, collapse, merge, verify,
-check), each of which parses its options, calls the library and renders (render.py: text or JSON, exit codes).
+check, adapt), each of which parses its options, calls the library and renders (render.py: text or JSON, exit codes).
 
 Nothing heavy is imported at module level: `polytool --help` and `polytool inspect` must not pay
 for torch or transformers. Commands import the library lazily in their body.
@@ -26,11 +26,12 @@ def main(ctx: click.Context, debug: bool) -> None:
             stream.reconfigure(errors="backslashreplace")
 
 
-from .check import check  # noqa: E402  (the commands register on the group defined above)
+from .adapt import adapt  # noqa: E402  (the commands register on the group defined above)
+from .check import check  # noqa: E402
 from .collapse import collapse  # noqa: E402
 from .inspect import inspect  # noqa: E402
 from .merge import merge  # noqa: E402
 from .verify import verify  # noqa: E402
 
-for _command in (inspect, collapse, merge, verify, check):
+for _command in (inspect, collapse, merge, verify, check, adapt):
     main.add_command(_command)

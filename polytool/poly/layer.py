@@ -1,7 +1,7 @@
 """Poly layers: a base linear map plus routed low-rank skills, x -> base(x) + x @ A_mix @ B_mix / r.
 
 A_mix, B_mix come from `collapse.collapse_factors` (the one collapse formula). Training: per batch
-row from stochastic weights, with PEFT's exact arithmetic. Eval: per task from the eval weights,
+row from stochastic weights, with PEFT's math (the 1/r applied to B). Eval: per task from the eval weights,
 cached until a parameter changes; each row's factors (a broadcast view when all rows share a task,
 else a gathered copy) go into two batched matmuls, and the update is added in place when autograd
 records nothing (docs/performance.md has the measurements). Parameters live in ParameterDict / ModuleDict
@@ -150,12 +150,13 @@ class PolyLayer(nn.Module):
         self._cache.clear()
 
     def _train_update(self, adapter_name: str, out: torch.Tensor, x: torch.Tensor, route: TaskRoute) -> torch.Tensor:
-        """out (b, L, out) + x (b, L, in) @ A @ B / r with stochastic per-row factors: PEFT's exact math."""
+        """out (b, L, out) + x (b, L, in) @ A @ B / r with stochastic per-row factors: PEFT's math."""
         poly_A, poly_B = self.poly_lora_A[adapter_name], self.poly_lora_B[adapter_name]
         rows = route.rows(x.shape[0], poly_A.device, self.name)  # (b,)
         A, B = collapse_factors(poly_A, poly_B, self.poly_router[adapter_name](rows))  # (b, in, r), (b, r, out)
-        update = x.to(A.dtype).bmm(A).bmm(B) / self.r[adapter_name]  # (b, L, r) -> (b, L, out)
-        return out + update.to(out.dtype)
+        xa = x.to(A.dtype).bmm(A)  # (b, L, in) @ (b, in, r) -> (b, L, r)
+        # 1/r on the (b, r, out) factor, not on the (b, L, out) update; added in the same call (baddbmm)
+        return _add_product(out, xa, B / self.r[adapter_name])  # (b, L, r) @ (b, r, out)
 
     def _row_factors(self, adapter_name: str, route: TaskRoute, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A.T (b, r, in) and B / r (b, r, out) of each row's task: broadcast views when all rows share a

@@ -9,7 +9,6 @@ from typing import Sequence, Union
 
 import torch
 from torch import nn
-from torch.distributions.relaxed_bernoulli import RelaxedBernoulli
 
 from ..core.routing import normalize_per_split
 from .config import PolyConfig, PolyValueError
@@ -81,6 +80,17 @@ class TaskRoute:
         return rows
 
 
+def relaxed_bernoulli_sample(logits: torch.Tensor) -> torch.Tensor:
+    """RelaxedBernoulli(temperature=1.0, logits=logits).rsample(), PEFT's training draw, without building the
+    distribution objects (their argument checks cost more than the draw, at every layer and step): the same
+    uniforms from torch's generator and torch's arithmetic step for step (tests/test_poly_train.py)."""
+    eps = torch.finfo(logits.dtype).eps
+    probs = torch.sigmoid(logits).clamp(min=eps, max=1 - eps)  # clamp_probs(logits_to_probs(logits))
+    u = torch.rand(logits.shape, dtype=probs.dtype, device=probs.device).clamp(min=eps, max=1 - eps)
+    noisy = u.log() - (-u).log1p() + probs.log() - (-probs).log1p()  # LogitRelaxedBernoulli; / temperature 1
+    return torch.sigmoid(noisy).clamp(min=torch.finfo(noisy.dtype).tiny, max=1 - eps)  # SigmoidTransform
+
+
 class PolyRouter(nn.Module):
     """Mixing weights of one adapted layer."""
 
@@ -103,10 +113,11 @@ class PolyRouter(nn.Module):
     def forward(self, task_ids: torch.Tensor) -> torch.Tensor:
         """(b,) task ids -> (b, n_splits, n_skills) weights; stochastic in training mode."""
         self.check(task_ids)
-        logits = self.module_logits[task_ids.to(self.module_logits.device)]  # (b, q*s)
+        table = self.module_logits  # read once: it may be computed (a parametrization, polytool adapt)
+        logits = table[task_ids.to(table.device)]  # (b, q*s)
         logits = logits.view(-1, self.n_splits, self.n_skills)  # (b, q, s)
         if self.training:
-            scores = RelaxedBernoulli(temperature=1.0, logits=logits).rsample()
+            scores = relaxed_bernoulli_sample(logits)
         else:
             scores = torch.sigmoid(logits)
         return normalize_per_split(scores)
