@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from polytool.formats.adapter import load_adapter  # noqa: E402
 from polytool.formats.jsonfile import write_json  # noqa: E402
-from polytool.formats.safetensors import save_file  # noqa: E402
+from polytool.formats.safetensors_writer import save_file  # noqa: E402
 from polytool.inspect.plot import write_figure  # noqa: E402
 from polytool.inspect.report import build_report  # noqa: E402
 

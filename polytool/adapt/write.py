@@ -23,7 +23,8 @@ from ..formats.adapter import SUFFIXES, PolyAdapter
 from ..formats.atomic import atomic_output_dir
 from ..formats.jsonfile import write_json
 from ..formats.peft import CONFIG_NAME, PREFIX, WEIGHTS_NAME
-from ..formats.safetensors import SafetensorsFile, SafetensorsWriter, TensorSpec, cast_float
+from ..formats.safetensors import SafetensorsFile, cast_float
+from ..formats.safetensors_writer import SafetensorsWriter, TensorSpec
 
 RECORD_NAME = "polytool_adapt.json"
 RECORD_KEY = "polytool.adapt"
