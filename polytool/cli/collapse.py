@@ -5,12 +5,14 @@ from pathlib import Path
 
 import click
 
-from .options import dense_options, dtype_option, force_option, json_option, out_option, packed, rank_options
+from .options import (dense_options, dtype_option, force_option, json_option, out_option, packed, rank_options,
+                      revision_option)
 from .render import handle_errors, progress, render_truncation, result, warn
 
 
 @click.command(short_help="One task as a plain LoRA, a GGUF LoRA, or merged dense weights.")
 @click.argument("adapter_dir", type=click.Path(path_type=Path))
+@revision_option
 @click.option("--task", "task", required=True,
               help="Task id, 'uniform' (MHR-mu), 'mean' (mean routing over tasks), a mix such as 1,3 or 1:0.7,3:0.3 "
                    "(routing weights mixed), or 'all' (one LoRA per task).")

@@ -5,12 +5,13 @@ from pathlib import Path
 
 import click
 
-from .options import force_option, json_option
+from .options import force_option, json_option, revision_option
 from .render import handle_errors, result
 
 
 @click.command(short_help="Show what an adapter learned: routing, skills, task similarity.")
 @click.argument("adapter_dir", type=click.Path(path_type=Path))
+@revision_option
 @json_option
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.png",
               help="Also write a tasks x skills heatmap PNG (needs polytool[plot]).")
@@ -21,12 +22,12 @@ from .render import handle_errors, result
                              "or a mix such as 1:0.7,3:0.3 (JSON key task_weights).")
 @force_option
 @handle_errors
-def inspect(adapter_dir: Path, as_json: bool, plot_file: Path | None, base_dir: Path | None, task: str | None,
-            force: bool) -> None:
+def inspect(adapter_dir: Path, revision: str | None, as_json: bool, plot_file: Path | None, base_dir: Path | None,
+            task: str | None, force: bool) -> None:
     """Show a Poly/MHR adapter: configuration, modules, parameters, routing (no torch needed).
 
     ADAPTER_DIR holds adapter_config.json and adapter_model.safetensors (or one subfolder that
-    does). The JSON schema is documented in docs/inspect.md.
+    does), or is a Hugging Face hub id (org/name), read from the cache or downloaded. The JSON schema is documented in docs/inspect.md.
     """
     from ..formats.adapter import load_adapter
     from ..inspect.report import build_report, render_report
@@ -34,7 +35,7 @@ def inspect(adapter_dir: Path, as_json: bool, plot_file: Path | None, base_dir: 
     from ..inspect.report import spec_report
     from ..core.taskspec import parse_task_spec
 
-    adapter = load_adapter(adapter_dir)
+    adapter = load_adapter(adapter_dir, revision=revision)
     report = build_report(adapter, base_dir)
     if task is not None:
         report["task_weights"] = spec_report(adapter, parse_task_spec(task, adapter.n_tasks))

@@ -6,12 +6,13 @@ from pathlib import Path
 import click
 
 from ..errors import VerificationError
-from .options import json_option, packed
+from .options import json_option, packed, revision_option
 from .render import handle_errors, progress, result
 
 
 @click.command(short_help="Prove artifacts compute what the routed model computes (CI gate).")
 @click.argument("adapter_dir", type=click.Path(path_type=Path))
+@revision_option
 @click.option("--base", "base_dir", type=click.Path(path_type=Path),
               help="Base model directory (default: the adapter's base_model_name_or_path, local or cached).")
 @click.option("--against", "against", multiple=True, type=click.Path(path_type=Path),
@@ -42,12 +43,17 @@ from .render import handle_errors, progress, result
 @json_option
 @handle_errors
 @packed("polytool.verify.options:VerifyOptions")
-def verify(options, as_json: bool) -> None:
+def verify(options, as_json: bool, revision: str | None) -> None:
     """Prove collapsed artifacts compute what the live routed Poly model computes.
 
     Exit 0 when every check passes, 1 when any output differs beyond tolerance (or a task is a
     no-op), 2 for bad input. The report goes to stdout; docs/ci.md documents it.
     """
+    from dataclasses import replace
+
+    from ..formats.hub import input_path
+
+    options = replace(options, adapter_dir=input_path(options.adapter_dir, revision))  # a hub id: its snapshot
     if options.gguf_base is not None or any(str(p).endswith(".gguf") for p in options.against):
         from ..verify.gguf import gguf_report, render_gguf_report  # llama.cpp runs the artifacts
 

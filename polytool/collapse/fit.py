@@ -62,7 +62,8 @@ def lora_base(adapter: PolyAdapter, base_dir: Path | None) -> Path | None:
     """The base a LoRA export reads for its checks (an input, never written): --base, or the adapter's
     base_model_name_or_path when it is found locally; None when there is none at hand."""
     try:
-        return resolve_base_dir(base_dir, adapter.base_model_name_or_path, adapter.config.get("revision"))
+        return resolve_base_dir(base_dir, adapter.base_model_name_or_path, adapter.config.get("revision"),
+                                download=base_dir is not None)
     except CheckpointError:
         if base_dir is not None:
             raise
