@@ -126,3 +126,12 @@ def test_a_local_directory_wins_over_a_hub_id(hub, tmp_path, monkeypatch):
     assert resolve_base_dir("org/tiny", None) == Path("org/tiny")
     with pytest.raises(CheckpointError, match="no such base model directory"):
         resolve_base_dir(tmp_path / "nope", None)
+
+
+def test_merge_sources_as_hub_ids(hub, tmp_path):
+    """`org/poly-adapter:0` and `org/poly-adapter@main:1` are merge sources; the base comes from the cache."""
+    res = run("merge", "org/poly-adapter:0", "org/poly-adapter@main:1", "--to", "dense", "--out", tmp_path / "m", "--json")
+    assert res.exit_code == 0, res.output
+    assert Path(json.loads(res.stdout)["base"]) == snapshot_dir(hub, MAIN)
+    res = run("merge", "org/absent:0", "--out", tmp_path / "n")
+    assert res.exit_code == 2 and "adapter 'org/absent' is neither a local directory" in res.stderr
