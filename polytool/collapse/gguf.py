@@ -39,7 +39,8 @@ from ..formats.adapter import PolyAdapter
 from ..formats.atomic import atomic_output_dir, atomic_output_file, check_output
 from ..formats.base import open_base, read_config
 from ..formats.gguf import GGUF_DTYPES, import_gguf
-from ..formats.manifest import write_manifest
+from ..formats.cards import gguf_card
+from ..formats.manifest import MANIFEST_JSON, MANIFEST_MD, write_manifest
 from ..formats.provenance import TASKS_INDEX, provenance, write_tasks_index
 from ..formats.safetensors import cast_float
 from .fit import check_collapsible
@@ -196,4 +197,8 @@ def export_gguf(adapter: PolyAdapter, spec: TaskSpec, base_dir: Path, out: Path,
         write_tasks_index(tmp, adapter, tasks, format="gguf")
         written["files"].append(TASKS_INDEX)
         written["manifest"] = write_manifest(tmp, out, adapter, tasks, kind="gguf")
+        (tmp / "README.md").write_text(gguf_card(adapter, base_dir, written["files"]), encoding="utf-8",
+                                       errors="backslashreplace")
+        written["files"] += [MANIFEST_JSON, MANIFEST_MD, "README.md"]  # every file written, counted
+        written["bytes"] = sum((tmp / f).stat().st_size for f in written["files"])
     return written

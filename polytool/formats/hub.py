@@ -67,7 +67,7 @@ def local_or_hub(name: str | Path, revision: str | None = None, what: str = "bas
         return path
     repo, revision = split_revision(text, revision)
     if not is_repo_id(repo):
-        raise CheckpointError(f"no such {what}", path)
+        raise CheckpointError(f"no such {what}{hint}", path)
     return snapshot(repo, revision, what, hint, download)
 
 

@@ -108,8 +108,8 @@ def parse_source(text: str, cache: dict | None = None) -> Source:
     for cut in reversed(cuts):
         if Path(text[:cut]).is_dir():
             return _poly_source(text, Path(text[:cut]), text[cut + 1 :], {} if cache is None else cache)
-    repo, colon, task = text.partition(":")  # a hub id holds no ':'
-    if is_repo_id(split_revision(repo)[0]):
+    repo, colon, task = text.partition(":")  # a hub id holds no ':'; here it names its owner (org/name)
+    if "/" in repo and is_repo_id(split_revision(repo)[0]):
         directory = local_or_hub(repo, None, "adapter directory")  # org/name[@rev]: its cached or downloaded snapshot
         return _poly_source(text, directory, task, {} if cache is None else cache) if colon else _lora_source(text, directory)
     raise PolytoolError(f"source {text!r}: no such directory (a source is a LoRA directory, "

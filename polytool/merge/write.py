@@ -35,6 +35,10 @@ def _metadata(merge: Merge, **output) -> dict[str, str]:
             RECIPE_KEY: json.dumps(merge.recipe(**output), separators=(",", ":"))}
 
 
+def _card(merge: Merge, meta: dict[str, str], config: dict, truncated: bool = False, base: Path | None = None) -> str:
+    return merge_card(merge, config, truncated, json.loads(meta[RECIPE_KEY]), base)
+
+
 def _inputs(merge: Merge) -> list[Path]:
     return [s.directory for s in merge.sources]
 
@@ -67,7 +71,7 @@ def write_lora_merge(merge: Merge, out: Path, rank: int | None = None, energy: f
         meta[TRUNCATION_KEY] = truncation_record(rank, energy, kept)
     with atomic_output_dir(out, force) as tmp:
         config = write_factors(tmp, factors, dtype, meta, _lora_config(merge))
-        (tmp / "README.md").write_text(merge_card(merge, config, truncate), encoding="utf-8", errors="backslashreplace")
+        (tmp / "README.md").write_text(_card(merge, meta, config, truncate), encoding="utf-8", errors="backslashreplace")
         files = [CONFIG_NAME, WEIGHTS_NAME, "README.md"]
         nbytes = sum((tmp / f).stat().st_size for f in files)
     data = {"files": files, "tensors": 2 * len(factors), "bytes": nbytes, "r": config["r"],
@@ -83,7 +87,9 @@ def write_dense_merge(merge: Merge, base_dir: Path, out: Path, options: DenseOpt
 
     base = open_base(base_dir)
     check_output(out, options.force, inputs=_inputs(merge) + [base.directory])
-    plan = plan_dense(base, merge.modules, _metadata(merge, to="dense"), options)
+    meta = _metadata(merge, to="dense")
+    plan = plan_dense(base, merge.modules, meta, options)
+    card = _card(merge, meta, _lora_config(merge), base=base.directory)
 
     def deltas(module: str, wide: type):
         if merge.method == "linear":  # by blocks of rows from the factors: never formed whole
@@ -91,4 +97,4 @@ def write_dense_merge(merge: Merge, base_dir: Path, out: Path, options: DenseOpt
             return factored_delta(A.T, B.T, 1.0, wide)  # x @ A.T @ B.T: (in, R), (R, out)
         return dense_rows(merge.delta(module), wide)  # (out, in), one module at a time
 
-    return write_planned(plan, deltas, out, options, progress)
+    return write_planned(plan, deltas, out, options, progress, card)
