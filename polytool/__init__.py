@@ -35,5 +35,9 @@ __all__ = ["__version__", "DOCS_URL", *_LAZY]
 
 def __getattr__(name: str):
     if name in _LAZY:
+        if _LAZY[name].startswith("polytool.poly."):  # the torch model: torch and transformers, or a clear error
+            from .extras import require
+
+            require(f"polytool.{name}")
         return getattr(import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'polytool' has no attribute {name!r}")

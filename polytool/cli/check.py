@@ -16,11 +16,12 @@ from .render import handle_errors, result
 @click.option("--for", "stack", required=True, type=click.Choice(["vllm", "tgi", "llama.cpp", "peft"]),
               help="The serving stack whose rules apply (docs/serving.md cites the versions they were read from).")
 @click.option("--base", "base_dir", type=click.Path(path_type=Path),
-              help="Base model directory: match the adapter's module paths against its weights.")
+              help="Base model directory or hub id: match the adapter's module paths against its weights (default: "
+                   "the LoRA's base_model_name_or_path when at hand, local or cached).")
 @json_option
 @handle_errors
 def check(lora_dir: Path, revision: str | None, stack: str, base_dir: Path | None, as_json: bool) -> None:
-    """Preflight a PEFT LoRA directory for a serving stack: what it would refuse or silently ignore.
+    """Preflight a PEFT LoRA directory (or hub id) for a serving stack: what it would refuse or silently ignore.
 
     Exit 0 when ready, 1 when a problem was found, 2 for bad input. No torch is imported.
     """

@@ -21,7 +21,8 @@ from .render import handle_errors, progress, render_truncation, result, warn
               help="A plain PEFT LoRA directory, a merged dense model directory, or a GGUF LoRA for llama.cpp "
                    "(OUT.gguf; with --task all a directory; needs polytool[gguf]).")
 @click.option("--base", "base_dir", type=click.Path(path_type=Path),
-              help="Base model directory (default: the adapter's base_model_name_or_path, local or cached).")
+              help="Base model directory, or a hub id org/name[@REV] (default: the adapter's base_model_name_or_path at its "
+                   "recorded revision: local, cached or downloaded).")
 @dtype_option
 @dense_options
 @rank_options
@@ -47,10 +48,10 @@ def collapse(options, as_json: bool) -> None:
 
 
 def _render_collapse(data: dict) -> str:
-    from ..core.units import human_size
+    from ..core.units import human_size, plural
 
     what = {"lora": "LoRA", "dense": "dense model", "gguf": "GGUF LoRA"}[data["kind"]]
-    size = f"({len(data['files'])} files, {human_size(data['bytes'])})"
+    size = f"({plural(len(data['files']), 'file')}, {human_size(data['bytes'])})"
     if data["kind"] == "lora" and data["task"] == "all":
         n = data["n_tasks"]
         lines = [f"wrote {n} LoRAs (task-0 .. task-{n - 1}) to {data['out']} {size}"]

@@ -16,8 +16,8 @@ from .render import handle_errors, result
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.png",
               help="Also write a tasks x skills heatmap PNG (needs polytool[plot]).")
 @click.option("--base", "base_dir", type=click.Path(path_type=Path),
-              help="Base model directory, to compare saved embeddings and name Conv1D layers "
-                   "(default: the adapter's base_model_name_or_path when found locally).")
+              help="Base model directory or hub id, to compare saved embeddings and name Conv1D layers "
+                   "(default: the adapter's base_model_name_or_path when local or cached; never downloaded).")
 @click.option("--task", help="Also show the mixing weights of this task spec per module: an id, uniform, mean, "
                              "or a mix such as 1:0.7,3:0.3 (JSON key task_weights).")
 @force_option

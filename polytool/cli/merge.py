@@ -31,7 +31,8 @@ def _floats(ctx, param, value: str | None) -> list[float] | None:
 @click.option("--seed", type=int, help="dare_*: the random masks' seed (default 0; recorded).")
 @rank_options
 @click.option("--base", "base_dir", type=click.Path(path_type=Path),
-              help="Dense: base model directory (default: the sources' base_model_name_or_path, local or cached).")
+              help="Dense: base model directory, or a hub id org/name[@REV] (default: the sources' base_model_name_or_path: "
+                   "local, cached or downloaded).")
 @dtype_option
 @dense_options
 @force_option
@@ -55,11 +56,11 @@ def merge(options, as_json: bool) -> None:
 
 
 def _render_merge(data: dict) -> str:
-    from ..core.units import human_size
+    from ..core.units import human_size, plural
 
     what = {"lora": "LoRA", "dense": "dense model"}[data["kind"]]
     lines = [f"wrote {what} merging {len(data['sources'])} sources ({data['method']}) to {data['out']} "
-             f"({len(data['files'])} files, {human_size(data['bytes'])})"]
+             f"({plural(len(data['files']), 'file')}, {human_size(data['bytes'])})"]
     lines += [f"  {s['source']} x {w:g}" for s, w in zip(data["sources"], data["weights"])]
     if data["kind"] == "dense":
         lines.append(f"  {data['tensors_merged']} tensors merged, {data['tensors_copied']} copied byte for byte, "

@@ -11,8 +11,8 @@ from typing import Any, Callable
 import click
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-revision_option = click.option("--revision", help="When ADAPTER is a Hugging Face hub id: the branch, tag or commit "
-                               "to read (also ADAPTER@REVISION; default main).")
+revision_option = click.option("--revision", help="When the adapter argument is a Hugging Face hub id (org/name): the "
+                               "branch, tag or commit to read (also org/name@REVISION; default main).")
 force_option = click.option("--force", is_flag=True, help="Replace an existing output.")
 out_option = click.option("--out", "out", required=True, type=click.Path(path_type=Path),
                           help="Output directory (written atomically).")

@@ -14,7 +14,8 @@ from .render import handle_errors, progress, result
 @click.argument("adapter_dir", type=click.Path(path_type=Path))
 @revision_option
 @click.option("--base", "base_dir", type=click.Path(path_type=Path),
-              help="Base model directory (default: the adapter's base_model_name_or_path, local or cached).")
+              help="Base model directory, or a hub id org/name[@REV] (default: the adapter's base_model_name_or_path at its "
+                   "recorded revision: local, cached or downloaded).")
 @click.option("--against", "against", multiple=True, type=click.Path(path_type=Path),
               help="A collapsed artifact to check: LoRA dir, `collapse --task all` dir or dense model dir (repeatable). "
                    "Without it: a self-check of the in-memory collapse.")
@@ -51,7 +52,10 @@ def verify(options, as_json: bool, revision: str | None) -> None:
     """
     from dataclasses import replace
 
+    from ..extras import require
     from ..formats.hub import input_path
+
+    require("polytool verify")
 
     options = replace(options, adapter_dir=input_path(options.adapter_dir, revision))  # a hub id: its snapshot
     if options.gguf_base is not None or any(str(p).endswith(".gguf") for p in options.against):

@@ -59,6 +59,9 @@ class _BinTensors:
     """adapter_model.bin through torch.load(weights_only=True): the same read API as SafetensorsFile."""
 
     def __init__(self, path: Path):
+        from ..extras import require
+
+        require(f"{path}: reading a PyTorch .bin adapter", ("torch", ("torch",)))
         import torch
 
         self.path = path

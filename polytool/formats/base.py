@@ -177,6 +177,17 @@ def resolve_base_dir(base: str | Path | None, name_or_path: str | None, revision
     return require_dir(local_or_hub(name, pinned, "base model directory", hint, download), "base model directory")
 
 
+def optional_base(base: str | Path | None, name_or_path: str | None, revision: str | None = None) -> Path | None:
+    """The base a command reads only for its checks: --base (which must work), else the recorded base when it
+    is at hand (a local directory or a cached snapshot, never downloaded); None when it is not."""
+    try:
+        return resolve_base_dir(base, name_or_path, revision, download=base is not None)
+    except CheckpointError:
+        if base is not None:
+            raise
+        return None
+
+
 # ---- matching adapted modules to checkpoint weights -------------------------------------------
 
 

@@ -12,6 +12,7 @@ from .. import DOCS_URL, __version__
 from ..architectures import TASK_CLASSES
 from ..core.collapse import LORA_ALPHA
 from ..core.taskspec import TaskSpec, spec_label
+from ..core.units import plural
 from .hub import is_repo_id, split_revision
 from .provenance import RECIPE_KEY
 
@@ -75,8 +76,8 @@ def lora_card(adapter: Any, spec: TaskSpec, truncated: str = "", base: Any = Non
     body = f"""# LoRA collapsed from a Poly/MHR adapter: {spec_label(spec)}
 
 Written by polytool {__version__} from the Poly/MHR adapter `{adapter.directory}`
-(`{adapter.weights_file.name}` sha256 `{adapter.sha256}`, {adapter.n_tasks} tasks, {adapter.n_skills} skills,
-{_plural(adapter.n_splits, 'split')}, r {adapter.r}) for {_chosen(spec)}. {truncated or exact}
+(`{adapter.weights_file.name}` sha256 `{adapter.sha256}`, {plural(adapter.n_tasks, 'task')}, {plural(adapter.n_skills, 'skill')},
+{plural(adapter.n_splits, 'split')}, r {adapter.r}) for {_chosen(spec)}. {truncated or exact}
 The routing weights of every module are recorded in the safetensors metadata (`polytool.routing`).
 
 ```python
@@ -122,7 +123,7 @@ def gguf_card(adapter: Any, base: Path, files: list[str]) -> str:
     body = f"""# GGUF LoRAs collapsed from a Poly/MHR adapter: one per task
 
 Written by polytool {__version__} from the Poly/MHR adapter `{adapter.directory}` (sha256 `{adapter.sha256}`,
-{_plural(adapter.n_tasks, 'task')}), for llama.cpp, against the base `{base}`:
+{plural(adapter.n_tasks, 'task')}), for llama.cpp, against the base `{base}`:
 
 {listed}
 
@@ -168,6 +169,3 @@ and in this card's front matter (`polytool.recipe`).
             "polytool": {"version": __version__, "recipe": recipe}}
     return render_card(meta, body)
 
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
