@@ -368,20 +368,21 @@ def _steps(plan: MergePlan, deltas: DeltaSource, directory: Path) -> Iterator[Op
 
 
 def write_merge(plan: MergePlan, deltas: DeltaSource, directory: Path, progress: Progress | None = None,
-                card: str | None = None) -> dict:
-    """Write the planned model into the existing empty `directory`; returns what was written. `card`: the
-    README.md written in place of the base's (a merged model must not call itself the base)."""
+                texts: dict[str, str] | None = None) -> dict:
+    """Write the planned model into the existing empty `directory`; returns what was written. `texts`: files
+    written in place of the base's (README.md: a merged model must not call itself the base; recipe.yml)."""
     counts = {"merged": 0, "copied": 0, "converted": 0, "replaced": 0}
     steps = _steps(plan, deltas, directory)
     for op in progress(steps, plan.n_tensors, "merging") if progress else steps:
         counts[op.kind] += 1
     if plan.index is not None:
         write_json(directory / INDEX_NAME, plan.index)
-    if card is not None:
-        (directory / "README.md").write_text(card, encoding="utf-8", errors="backslashreplace")
+    texts = texts or {}
+    for name, text in texts.items():
+        (directory / name).write_text(text, encoding="utf-8", errors="backslashreplace")
     for name in plan.others:
         src, dst = plan.base.directory / name, directory / name
-        if name == "README.md" and card is not None:
+        if name in texts:
             continue
         if name == "config.json" and plan.config is not None:
             write_json(dst, plan.config)
@@ -409,14 +410,15 @@ def merge_dense(adapter: PolyAdapter, spec: TaskSpec, base_dir: Path, out: Path,
     base = open_base(base_dir)
     check_output(out, options.force, inputs=[adapter.directory, base.directory])
     plan = plan_merge(adapter, spec, base, options)
-    return write_planned(plan, adapter_deltas(adapter, spec), out, options, progress, dense_card(adapter, spec, base_dir))
+    card = {"README.md": dense_card(adapter, spec, base_dir)}
+    return write_planned(plan, adapter_deltas(adapter, spec), out, options, progress, card)
 
 
 def write_planned(plan: MergePlan, deltas: DeltaSource, out: Path, options: DenseOptions = DenseOptions(),
-                  progress: Progress | None = None, card: str | None = None) -> dict:
+                  progress: Progress | None = None, texts: dict[str, str] | None = None) -> dict:
     """Write a planned dense merge at `out` atomically, after checking the disk space; returns what was written."""
     _check_space(plan, out)
     with atomic_output_dir(out, options.force) as tmp:
-        written = write_merge(plan, deltas, tmp, progress, card)
+        written = write_merge(plan, deltas, tmp, progress, texts)
     return {**written, "base": str(plan.base.directory), "dtype": TORCH_NAMES.get(options.dtype or plan.base.dtype),
             "untied": sorted(t.key for t in plan.targets if t.tied_to)}
