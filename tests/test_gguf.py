@@ -240,10 +240,12 @@ def test_cli_exit_codes(gguf_case, tmp_path):
 @pytest.mark.parametrize("name", ["llama-mhr", "phi3-fused"])
 def test_equals_llama_cpp_converter_tensor_for_tensor(gguf_case, converters, name, tmp_path):
     """Our GGUF == what convert_lora_to_gguf.py writes from our PEFT LoRA (collapse --to lora): names,
-    shapes, types and bytes at f32; at f16 within one f16 step (it rounds the f32 LoRA, we round once)."""
+    shapes, types and bytes at f32; at f16 within one f16 step (it rounds the f32 LoRA, we round once); at q8_0
+    the same types tensor by tensor (Q8_0, F16 where rows do not split into blocks of 32) and values within one
+    quantisation step."""
     adapter, base, _ = gguf_case(name)
     collapse(str(adapter), "--task", "1", "--base", str(base), "--out", str(tmp_path / "lora"))
-    for dtype, outtype in (("float32", "f32"), ("float16", "f16")):
+    for dtype, outtype in (("float32", "f32"), ("float16", "f16"), ("q8_0", "q8_0")):
         ours, theirs = tmp_path / f"ours-{outtype}.gguf", tmp_path / f"theirs-{outtype}.gguf"
         collapse(str(adapter), "--task", "1", "--to", "gguf", "--dtype", dtype, "--base", str(base), "--out", str(ours))
         run_converter(converters / "convert_lora_to_gguf.py", str(tmp_path / "lora"), "--base", str(base),
@@ -257,6 +259,9 @@ def test_equals_llama_cpp_converter_tensor_for_tensor(gguf_case, converters, nam
             assert (ta[k].tensor_type, list(ta[k].shape)) == (tb[k].tensor_type, list(tb[k].shape)), k
             if outtype == "f32":
                 assert np.array_equal(ta[k].data, tb[k].data), k
+            elif ta[k].tensor_type == gguf.GGMLQuantizationType.Q8_0:
+                x, y = (gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64) for t in (ta[k], tb[k]))
+                assert np.abs(x - y).max() <= 1.01 * np.abs(y).max() / 127, k  # one step of the largest block
             else:
                 x, y = ta[k].data.astype(np.float64), tb[k].data.astype(np.float64)
                 assert np.all(np.abs(x - y) <= np.spacing(np.abs(ta[k].data)).astype(np.float64)), k

@@ -17,9 +17,10 @@ force_option = click.option("--force", is_flag=True, help="Replace an existing o
 out_option = click.option("--out", "out", required=True, type=click.Path(path_type=Path),
                           help="Output directory (written atomically).")
 # the --dtype names; formats.safetensors.OUTPUT_DTYPES maps them (imported on use: numpy stays out of --help)
-DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
+DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16", "q8_0")
 dtype_option = click.option("--dtype", type=click.Choice(list(DTYPE_NAMES)), default="auto", show_default=True,
-                            help="Output dtype (auto: float32 for a LoRA, the base's dtype for dense).")
+                            help="Output dtype (auto: float32 for a LoRA, the base's dtype for dense; q8_0: GGUF only, "
+                                 "as llama.cpp's converter writes it).")
 
 
 def dense_options(fn: Callable) -> Callable:
