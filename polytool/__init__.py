@@ -35,7 +35,7 @@ __all__ = ["__version__", "DOCS_URL", *_LAZY]
 
 def __getattr__(name: str):
     if name in _LAZY:
-        if _LAZY[name].startswith("polytool.poly."):  # the torch model: torch and transformers, or a clear error
+        if _LAZY[name].startswith("polytool.poly.") and name != "PolyConfig":  # the torch model (its config is not)
             from .extras import require
 
             require(f"polytool.{name}")

@@ -89,3 +89,11 @@ def test_a_dense_output_from_the_hub_names_its_base(tmp_path, monkeypatch):
     run("collapse", FIXTURES / "mhr", "--base", "org/tiny", "--task", "0", "--to", "dense", "--out", tmp_path / "d")
     card = ModelCard.load(tmp_path / "d" / "README.md")
     assert card.data.base_model == "org/tiny" and card.data.base_model_relation == "merge"
+
+
+def test_a_merge_card_says_when_verify_does_not_apply(odd_base, tmp_path):
+    adapter, _ = odd_base
+    run("merge", f"{adapter}:0", f"{adapter}:1", "--method", "ties", "--density", "0.5", "--rank", "2",
+        "--out", tmp_path / "ties")
+    text = (tmp_path / "ties" / "README.md").read_text()
+    assert "does not check this merge (it uses ties" in text and "polytool verify " + str(adapter) not in text

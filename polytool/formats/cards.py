@@ -150,7 +150,12 @@ def merge_card(merge: Any, config: dict, truncated: bool, recipe: dict | None = 
                "errors are in the safetensors metadata (`polytool.truncation`)." if truncated else
                "Exact: the sources' factors side by side, so this LoRA's delta is the weighted sum of theirs.")
         load = f"from peft import PeftModel\nmodel = PeftModel.from_pretrained(base, {THIS!r})  # base: {name}"
-    first = merge.sources[0]
+    poly = next((s for s in merge.sources if s.kind == "poly"), None)
+    if poly is None or merge.method != "linear":  # verify recomputes linear merges with a Poly source only
+        why = "has no Poly/MHR source" if poly is None else f"uses {merge.method}, whose pruning verify does not redo"
+        check = f"## Verify\n\n`polytool verify` does not check this merge (it {why}): verify its sources instead."
+    else:
+        check = _verify(poly, THIS, base)
     body = f"""# {'Dense model' if base is not None else 'LoRA'} merged by polytool {__version__}: {merge.method}
 
 {how} The recipe (sources, weights, method, parameters) is in the safetensors metadata (`{RECIPE_KEY}`)
@@ -162,7 +167,7 @@ and in this card's front matter (`polytool.recipe`).
 {load}
 ```
 
-{_verify(first, THIS, base)}
+{check}
 """
     meta = {**_base_meta(base or name, "merge" if base is not None else "adapter",
                          "transformers" if base is not None else "peft", ["lora", "merge"] if base is None else ["merge"]),
