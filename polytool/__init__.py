@@ -13,6 +13,9 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+unknown"
 
+# where the documentation lives (pyproject.toml's [project.urls] says the same): an installed package has no docs/
+DOCS_URL = "https://github.com/polytool/polytool/blob/main/docs/"
+
 # public name -> module that defines it
 _LAZY = {
     "PolyConfig": "polytool.poly.config",
@@ -27,10 +30,14 @@ _LAZY = {
     "PolytoolError": "polytool.errors",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = ["__version__", "DOCS_URL", *_LAZY]
 
 
 def __getattr__(name: str):
     if name in _LAZY:
+        if _LAZY[name].startswith("polytool.poly.") and name != "PolyConfig":  # the torch model (its config is not)
+            from .extras import require
+
+            require(f"polytool.{name}")
         return getattr(import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'polytool' has no attribute {name!r}")

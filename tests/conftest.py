@@ -6,12 +6,15 @@ PEFT is the reference implementation and is imported only here and in tests.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 VOCAB = 96
+# nothing is downloaded: a hub id resolves from the (fake, per-test) Hugging Face cache or fails at once
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 def build_base(kind: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32):

@@ -80,7 +80,21 @@ def test_targets_that_match_nothing(peft_lora, base, tmp_path):
         x = finding(check(bad, stack, base), "targets")
         assert x["status"] == "problem" and "none of the adapter's module paths" in x["detail"], x
     assert finding(check(peft_lora(), "vllm", base), "targets")["status"] == "ok"
-    assert finding(check(bad, "vllm"), "targets")["status"] == "skipped"  # no --base: cannot tell
+    # no --base: the recorded base (base_model_name_or_path, a local directory here) is found as collapse
+    # finds it; a recorded base that is not at hand leaves the rule skipped
+    recorded = check(bad, "vllm")
+    assert recorded["base"] and finding(recorded, "targets")["status"] == "problem"
+    config = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(tmp_path / "gone")}))
+    assert finding(check(bad, "vllm"), "targets")["status"] == "skipped"  # no base at hand: cannot tell
+
+
+def test_missing_or_file_lora_is_one_line(tmp_path):
+    for path, message in ((tmp_path / "nope", "no such LoRA directory"),
+                          (Path(__file__), "is a file, expected a LoRA directory")):
+        res = CliRunner().invoke(main, ["check", str(path), "--for", "vllm"])
+        assert res.exit_code == 2 and res.stderr == f"error: {path}: {message}" + (
+            " (holding adapter_config.json)\n" if "file" in message else "\n"), res.output
 
 
 @pytest.mark.parametrize("targets", [["not_a_module"], "model\\.nowhere\\..*", "(.*)*(.*)*(.*)*(.*)*Z"])
@@ -145,14 +159,18 @@ def test_modules_to_save(peft_lora, base):
     assert finding(check(peft_lora(), "vllm", base), "modules_to_save")["status"] == "ok"
 
 
-def test_embedding_and_lm_head_targets(peft_lora, base, make_peft_adapter):
+def test_embedding_and_lm_head_targets(peft_lora, base, make_peft_adapter, tmp_path):
     emb = peft_lora(target_modules=["q_proj", "embed_tokens"])
     assert finding(check(emb, "tgi", base), "embeddings")["status"] == "problem"
     assert finding(check(emb, "vllm", base), "embeddings")["status"] == "warning"
     head = peft_lora(target_modules=["q_proj", "lm_head"])
     x = finding(check(head, "llama.cpp", base), "embeddings")  # the tiny Llama's lm_head is untied
     assert x["status"] == "ok" and x["detail"].endswith("untied")
-    assert finding(check(head, "llama.cpp"), "embeddings")["status"] == "skipped"
+    assert finding(check(head, "llama.cpp"), "embeddings")["status"] == "ok"  # the recorded base, found locally
+    unnamed = shutil.copytree(head, tmp_path / "unnamed")
+    config = json.loads((unnamed / "adapter_config.json").read_text())
+    (unnamed / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": None}))
+    assert finding(check(unnamed, "llama.cpp"), "embeddings")["status"] == "skipped"  # no base at hand
     assert finding(check(peft_lora(), "tgi", base), "embeddings")["status"] == "ok"
 
 

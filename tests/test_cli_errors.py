@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from polytool.cli import main
@@ -44,6 +45,22 @@ def test_input_error_with_json_prints_one_object(tmp_path):
     assert got["exit_code"] == 2 and got["kind"] == "input" and "no such adapter directory" in got["error"]
 
 
+@pytest.mark.parametrize("args, message", [
+    (["collapse", "fixtures/mhr", "--json"], "Missing option '--task'."),
+    (["check", "x", "--for", "nope", "--json"], "Invalid value for '--for'"),
+    (["merge", "--json", "--out", "o"], "Missing argument 'SOURCES...'."),
+    (["inspect", "fixtures/mhr", "--json", "--no-such-option"], "No such option"),
+])
+def test_usage_errors_with_json_print_one_object(args, message):
+    """Click's usage errors too: the usual text on stderr, the error object on stdout, exit 2."""
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2 and "Usage: " in res.stderr
+    got = json.loads(res.stdout)
+    assert got["exit_code"] == 2 and got["kind"] == "input" and got["error"].startswith(message)
+    plain = CliRunner().invoke(main, [a for a in args if a != "--json"])
+    assert plain.exit_code == 2 and plain.stdout == ""
+
+
 def test_debug_before_and_after_the_subcommand(monkeypatch):
     import polytool.inspect.report
 
@@ -71,6 +88,6 @@ def test_lora_without_a_base_says_what_it_did_not_check(tmp_path):
     res = CliRunner().invoke(main, ["collapse", str(adapter), "--task", "all", "--out", str(tmp_path / "o")])
     assert res.exit_code == 0, res.output
     assert "module names and shapes" in res.stderr and "pass --base DIR" in res.stderr
-    assert "wrote 4 LoRAs (task-0 .. task-3)" in res.stdout and " KB)" in res.stdout  # a small output in KB
+    assert "wrote 4 LoRAs (task-0 .. task-3)" in res.stdout and " 0.1 MB)" in res.stdout  # 4 LoRAs, 4 cards
     res = CliRunner().invoke(main, ["collapse", str(FIXTURES / "mhr"), "--task", "0", "--out", str(tmp_path / "p")])
     assert res.exit_code == 0 and "warning" not in res.stderr  # the recorded base is at hand: checked, no warning

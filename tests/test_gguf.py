@@ -1,8 +1,9 @@
 """collapse --to gguf, proven in llama.cpp itself (llama-cpp-python) and against llama.cpp's own converter.
 
 Bases are converted once per session by llama.cpp's convert_hf_to_gguf.py, run from llama.cpp's
-sources: the unpacked llama-cpp-python sdist's vendor/llama.cpp (POLYTOOL_LLAMA_CPP_SRC, which
-.ci/run sets). The converter needs a SentencePiece tokenizer.model: a tiny one is trained here,
+sources: the unpacked llama-cpp-python sdist's vendor/llama.cpp ($POLYTOOL_LLAMA_CPP_SRC when set, else
+fetched once by `pip download` of the installed version's sdist, pip's cache first, and unpacked into
+~/.cache/polytool). The converter needs a SentencePiece tokenizer.model: a tiny one is trained here,
 seeded. Cases: Llama MHR (llama.cpp's q/k row permutation) and Phi-3 (fused qkv and gate_up).
 """
 from __future__ import annotations
@@ -32,21 +33,54 @@ SENTENCES = ["the quick brown fox jumps over the lazy dog", "poly adapters route
 
 
 def llama_cpp_src() -> Path | None:
-    """llama.cpp's sources with its converters: $POLYTOOL_LLAMA_CPP_SRC, else an unpacked sdist under /tmp."""
-    candidates = [os.environ.get("POLYTOOL_LLAMA_CPP_SRC", "")]
+    """llama.cpp's sources with its converters: $POLYTOOL_LLAMA_CPP_SRC, else one unpacked before (our cache,
+    or an sdist unpacked under /tmp)."""
+    candidates = [os.environ.get("POLYTOOL_LLAMA_CPP_SRC", ""), str(_sdist_dir() / "vendor" / "llama.cpp")]
     candidates += sorted(glob.glob("/tmp/*/llama_cpp_python-*/vendor/llama.cpp"))
     return next((Path(c) for c in candidates if c and (Path(c) / "convert_lora_to_gguf.py").is_file()), None)
+
+
+def _sdist_dir() -> Path:
+    """Where the installed llama-cpp-python's sdist is unpacked: ~/.cache/polytool/llama_cpp_python-<version>."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("llama-cpp-python")
+    except PackageNotFoundError:
+        installed = "none"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "polytool"
+    return cache / f"llama_cpp_python-{installed}"
+
+
+def fetch_llama_cpp_src() -> Path:
+    """`pip download` the installed llama-cpp-python's sdist (pip's cache serves it when the build left it
+    there) and unpack it into _sdist_dir(), atomically; the converters only it carries are then found."""
+    import tarfile
+    import tempfile
+
+    target = _sdist_dir()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        spec = f"llama-cpp-python=={target.name.rpartition('-')[2]}"
+        res = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                              spec, "-d", tmp], capture_output=True, text=True)
+        archives = glob.glob(os.path.join(tmp, "llama_cpp_python-*.tar.gz"))
+        if res.returncode != 0 or not archives:
+            pytest.fail(f"llama.cpp's converters: `pip download {spec}` failed ({res.stderr.strip()[-300:]}); "
+                        "set POLYTOOL_LLAMA_CPP_SRC to an unpacked llama-cpp-python sdist's vendor/llama.cpp")
+        with tarfile.open(archives[0]) as tar:
+            tar.extractall(tmp, filter="data")
+        unpacked = next(p for p in Path(tmp).iterdir() if p.is_dir())
+        if not target.exists():
+            unpacked.rename(target)
+    return target / "vendor" / "llama.cpp"
 
 
 @pytest.fixture(scope="session")
 def converters() -> Path:
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     pytest.importorskip("sentencepiece", reason="sentencepiece (llama.cpp's converter needs it) is not installed")
-    src = llama_cpp_src()
-    if src is None:
-        pytest.skip("llama.cpp's converters not found: set POLYTOOL_LLAMA_CPP_SRC to an unpacked llama-cpp-python "
-                    "sdist's vendor/llama.cpp (.ci/run does)")
-    return src
+    return llama_cpp_src() or fetch_llama_cpp_src()
 
 
 @pytest.fixture(scope="session")
@@ -206,10 +240,12 @@ def test_cli_exit_codes(gguf_case, tmp_path):
 @pytest.mark.parametrize("name", ["llama-mhr", "phi3-fused"])
 def test_equals_llama_cpp_converter_tensor_for_tensor(gguf_case, converters, name, tmp_path):
     """Our GGUF == what convert_lora_to_gguf.py writes from our PEFT LoRA (collapse --to lora): names,
-    shapes, types and bytes at f32; at f16 within one f16 step (it rounds the f32 LoRA, we round once)."""
+    shapes, types and bytes at f32; at f16 within one f16 step (it rounds the f32 LoRA, we round once); at q8_0
+    the same types tensor by tensor (Q8_0, F16 where rows do not split into blocks of 32) and values within one
+    quantisation step."""
     adapter, base, _ = gguf_case(name)
     collapse(str(adapter), "--task", "1", "--base", str(base), "--out", str(tmp_path / "lora"))
-    for dtype, outtype in (("float32", "f32"), ("float16", "f16")):
+    for dtype, outtype in (("float32", "f32"), ("float16", "f16"), ("q8_0", "q8_0")):
         ours, theirs = tmp_path / f"ours-{outtype}.gguf", tmp_path / f"theirs-{outtype}.gguf"
         collapse(str(adapter), "--task", "1", "--to", "gguf", "--dtype", dtype, "--base", str(base), "--out", str(ours))
         run_converter(converters / "convert_lora_to_gguf.py", str(tmp_path / "lora"), "--base", str(base),
@@ -223,6 +259,9 @@ def test_equals_llama_cpp_converter_tensor_for_tensor(gguf_case, converters, nam
             assert (ta[k].tensor_type, list(ta[k].shape)) == (tb[k].tensor_type, list(tb[k].shape)), k
             if outtype == "f32":
                 assert np.array_equal(ta[k].data, tb[k].data), k
+            elif ta[k].tensor_type == gguf.GGMLQuantizationType.Q8_0:
+                x, y = (gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64) for t in (ta[k], tb[k]))
+                assert np.abs(x - y).max() <= 1.01 * np.abs(y).max() / 127, k  # one step of the largest block
             else:
                 x, y = ta[k].data.astype(np.float64), tb[k].data.astype(np.float64)
                 assert np.all(np.abs(x - y) <= np.spacing(np.abs(ta[k].data)).astype(np.float64)), k

@@ -22,7 +22,7 @@ from typing import Callable
 
 from ..architectures import ALWAYS_TIED_MODEL_TYPES, INPUT_EMBEDDING_NAMES, OUTPUT_LEAVES
 from ..errors import PolytoolError
-from ..formats.base import BaseCheckpoint, find_key, open_base
+from ..formats.base import BaseCheckpoint, find_key, open_base, optional_base
 from ..formats.lora import NESTED_REPEAT, LoraFacts, read_lora_facts
 from ..formats.manifest import VLLM_RANKS, vllm_max_lora_rank
 from ..formats.peft import PREFIX
@@ -280,7 +280,14 @@ def check(lora_dir: str | Path, stack: str, base_dir: str | Path | None = None) 
     if stack not in STACKS:
         raise PolytoolError(f"--for {stack!r}: expected one of {', '.join(STACKS)}")
     facts = read_lora_facts(lora_dir)
-    base = None if base_dir is None else open_base(Path(base_dir))
+    # without --base: the recorded base when it is at hand, as collapse finds it (and only if it opens)
+    directory = optional_base(base_dir, facts.config.get("base_model_name_or_path"), facts.config.get("revision"))
+    try:
+        base = None if directory is None else open_base(directory)
+    except PolytoolError:
+        if base_dir is not None:
+            raise
+        base = None
     return report(facts, stack, base)
 
 

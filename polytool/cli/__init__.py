@@ -6,14 +6,34 @@ for torch or transformers. Commands import the library lazily in their body.
 """
 from __future__ import annotations
 
+import json
+import re
 import sys
 
 import click
 
-from .. import __version__
+from .. import DOCS_URL, __version__
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class Group(click.Group):
+    """The group: a usage error (a missing option, a bad choice) of a command given --json also prints the
+    JSON error object on stdout, as every other error does (render.py)."""
+
+    def invoke(self, ctx: click.Context):
+        args = [*getattr(ctx, "_protected_args", []), *ctx.args]
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            if "--json" not in args[: args.index("--") if "--" in args else None]:
+                raise
+            from .render import EXIT_INPUT
+
+            exc.show()
+            click.echo(json.dumps({"error": exc.format_message(), "exit_code": EXIT_INPUT, "kind": "input"}))
+            raise click.exceptions.Exit(EXIT_INPUT) from None
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "--version", prog_name="polytool")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.pass_context
@@ -33,5 +53,16 @@ from .inspect import inspect  # noqa: E402
 from .merge import merge  # noqa: E402
 from .verify import verify  # noqa: E402
 
+
+def _link_docs(command: click.Command) -> click.Command:
+    """Help text cites the documentation by URL: an installed package has no docs/ folder."""
+    link = lambda text: text and re.sub(r"\bdocs/([\w.-]+\.md)", DOCS_URL + r"\1", text)
+    command.help = link(command.help)
+    for param in command.params:
+        if isinstance(param, click.Option):
+            param.help = link(param.help)
+    return command
+
+
 for _command in (inspect, collapse, merge, verify, check, adapt):
-    main.add_command(_command)
+    main.add_command(_link_docs(_command))

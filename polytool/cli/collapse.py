@@ -5,12 +5,14 @@ from pathlib import Path
 
 import click
 
-from .options import dense_options, dtype_option, force_option, json_option, out_option, packed, rank_options
+from .options import (dense_options, dtype_option, force_option, json_option, out_option, packed, rank_options,
+                      revision_option)
 from .render import handle_errors, progress, render_truncation, result, warn
 
 
 @click.command(short_help="One task as a plain LoRA, a GGUF LoRA, or merged dense weights.")
 @click.argument("adapter_dir", type=click.Path(path_type=Path))
+@revision_option
 @click.option("--task", "task", required=True,
               help="Task id, 'uniform' (MHR-mu), 'mean' (mean routing over tasks), a mix such as 1,3 or 1:0.7,3:0.3 "
                    "(routing weights mixed), or 'all' (one LoRA per task).")
@@ -19,7 +21,8 @@ from .render import handle_errors, progress, render_truncation, result, warn
               help="A plain PEFT LoRA directory, a merged dense model directory, or a GGUF LoRA for llama.cpp "
                    "(OUT.gguf; with --task all a directory; needs polytool[gguf]).")
 @click.option("--base", "base_dir", type=click.Path(path_type=Path),
-              help="Base model directory (default: the adapter's base_model_name_or_path, local or cached).")
+              help="Base model directory, or a hub id org/name[@REV] (default: the adapter's base_model_name_or_path at its "
+                   "recorded revision: local, cached or downloaded).")
 @dtype_option
 @dense_options
 @rank_options
@@ -45,10 +48,10 @@ def collapse(options, as_json: bool) -> None:
 
 
 def _render_collapse(data: dict) -> str:
-    from ..core.units import human_size
+    from ..core.units import human_size, plural
 
     what = {"lora": "LoRA", "dense": "dense model", "gguf": "GGUF LoRA"}[data["kind"]]
-    size = f"({len(data['files'])} files, {human_size(data['bytes'])})"
+    size = f"({plural(len(data['files']), 'file')}, {human_size(data['bytes'])})"
     if data["kind"] == "lora" and data["task"] == "all":
         n = data["n_tasks"]
         lines = [f"wrote {n} LoRAs (task-0 .. task-{n - 1}) to {data['out']} {size}"]

@@ -5,36 +5,38 @@ from pathlib import Path
 
 import click
 
-from .options import force_option, json_option
+from .options import force_option, json_option, revision_option
 from .render import handle_errors, result
 
 
 @click.command(short_help="Show what an adapter learned: routing, skills, task similarity.")
 @click.argument("adapter_dir", type=click.Path(path_type=Path))
+@revision_option
 @json_option
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
               help="Also write a figure of the routing, .png or .svg (needs polytool[plot]).")
 @click.option("--report", "report_file", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.html",
               help="Also write a self-contained HTML page to browse the adapter (needs polytool[plot]).")
 @click.option("--base", "base_dir", type=click.Path(path_type=Path),
-              help="Base model directory, to compare saved embeddings and name Conv1D layers "
-                   "(default: the adapter's base_model_name_or_path when found locally).")
+              help="Base model directory or hub id, to compare saved embeddings and name Conv1D layers "
+                   "(default: the adapter's base_model_name_or_path when local or cached; never downloaded).")
 @click.option("--task", help="Also show the mixing weights of this task spec per module: an id, uniform, mean, "
                              "or a mix such as 1:0.7,3:0.3 (JSON key task_weights).")
 @force_option
 @handle_errors
-def inspect(adapter_dir: Path, as_json: bool, plot_file: Path | None, report_file: Path | None,
+def inspect(adapter_dir: Path, revision: str | None, as_json: bool, plot_file: Path | None, report_file: Path | None,
             base_dir: Path | None, task: str | None, force: bool) -> None:
     """Show a Poly/MHR adapter: configuration, modules, parameters, routing (no torch needed).
 
     ADAPTER_DIR holds adapter_config.json and adapter_model.safetensors (or one subfolder that
-    does). The JSON schema and the figures are documented in docs/inspect.md.
+    does), or is a Hugging Face hub id (org/name), read from the cache or downloaded. The JSON schema and the
+    figures are documented in docs/inspect.md.
     """
     from ..core.taskspec import parse_task_spec
     from ..formats.adapter import load_adapter
     from ..inspect.report import build_report, render_report, spec_report
 
-    adapter = load_adapter(adapter_dir)
+    adapter = load_adapter(adapter_dir, revision=revision)
     _check_outputs(adapter, plot_file, report_file, force)
     report = build_report(adapter, base_dir)
     if task is not None:

@@ -31,7 +31,8 @@ def _floats(ctx, param, value: str | None) -> list[float] | None:
 @click.option("--seed", type=int, help="dare_*: the random masks' seed (default 0; recorded).")
 @rank_options
 @click.option("--base", "base_dir", type=click.Path(path_type=Path),
-              help="Dense: base model directory (default: the sources' base_model_name_or_path, local or cached).")
+              help="Dense: base model directory, or a hub id org/name[@REV] (default: the sources' base_model_name_or_path: "
+                   "local, cached or downloaded).")
 @dtype_option
 @dense_options
 @force_option
@@ -42,24 +43,32 @@ def merge(options, as_json: bool) -> None:
     """Merge SOURCES into one LoRA or one dense model, without loading a model.
 
     A SOURCE is ADAPTER_DIR:TASK (a Poly/MHR adapter and any task spec collapse takes) or a plain
-    PEFT LoRA directory. docs/merge.md has the methods, the math and the JSON keys. No torch is imported.
+    PEFT LoRA directory (or a hub id, org/name[@REV][:TASK]). One RECIPE.yml instead names the sources
+    and options as YAML; every output carries the recipe.yml that re-runs it (options given here win).
+    docs/merge.md has the methods, the math, the recipe keys and the JSON keys. No torch is imported.
     """
     import os
 
     # as collapse: one BLAS thread. The merge's QRs and small SVDs are too small to share, and on a busy
     # 2-core box helper threads made a rank-16 merge of 4 tasks 20x slower (2.3 s -> 53 s with 2 threads)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    from ..merge.command import merge as run_merge
+    from ..merge.command import merge as run_merge, with_recipe
+    from ..merge.recipe_file import is_recipe_file
 
+    if is_recipe_file(options.sources):
+        ctx = click.get_current_context()
+        given = {p.name for p in ctx.command.params
+                 if ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE} - {"sources"}
+        options = with_recipe(options, options.sources[0], given)
     result(run_merge(options, warn, progress), as_json, _render_merge)
 
 
 def _render_merge(data: dict) -> str:
-    from ..core.units import human_size
+    from ..core.units import human_size, plural
 
     what = {"lora": "LoRA", "dense": "dense model"}[data["kind"]]
     lines = [f"wrote {what} merging {len(data['sources'])} sources ({data['method']}) to {data['out']} "
-             f"({len(data['files'])} files, {human_size(data['bytes'])})"]
+             f"({plural(len(data['files']), 'file')}, {human_size(data['bytes'])})"]
     lines += [f"  {s['source']} x {w:g}" for s, w in zip(data["sources"], data["weights"])]
     if data["kind"] == "dense":
         lines.append(f"  {data['tensors_merged']} tensors merged, {data['tensors_copied']} copied byte for byte, "

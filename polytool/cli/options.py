@@ -11,13 +11,16 @@ from typing import Any, Callable
 import click
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+revision_option = click.option("--revision", help="When the adapter argument is a Hugging Face hub id (org/name): the "
+                               "branch, tag or commit to read (also org/name@REVISION; default main).")
 force_option = click.option("--force", is_flag=True, help="Replace an existing output.")
 out_option = click.option("--out", "out", required=True, type=click.Path(path_type=Path),
                           help="Output directory (written atomically).")
 # the --dtype names; formats.safetensors.OUTPUT_DTYPES maps them (imported on use: numpy stays out of --help)
-DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
+DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16", "q8_0")
 dtype_option = click.option("--dtype", type=click.Choice(list(DTYPE_NAMES)), default="auto", show_default=True,
-                            help="Output dtype (auto: float32 for a LoRA, the base's dtype for dense).")
+                            help="Output dtype (auto: float32 for a LoRA, the base's dtype for dense; q8_0: GGUF only, "
+                                 "as llama.cpp's converter writes it).")
 
 
 def dense_options(fn: Callable) -> Callable:

@@ -6,14 +6,16 @@ from pathlib import Path
 import click
 
 from ..errors import VerificationError
-from .options import json_option, packed
+from .options import json_option, packed, revision_option
 from .render import handle_errors, progress, result
 
 
 @click.command(short_help="Prove artifacts compute what the routed model computes (CI gate).")
 @click.argument("adapter_dir", type=click.Path(path_type=Path))
+@revision_option
 @click.option("--base", "base_dir", type=click.Path(path_type=Path),
-              help="Base model directory (default: the adapter's base_model_name_or_path, local or cached).")
+              help="Base model directory, or a hub id org/name[@REV] (default: the adapter's base_model_name_or_path at its "
+                   "recorded revision: local, cached or downloaded).")
 @click.option("--against", "against", multiple=True, type=click.Path(path_type=Path),
               help="A collapsed artifact to check: LoRA dir, `collapse --task all` dir or dense model dir (repeatable). "
                    "Without it: a self-check of the in-memory collapse.")
@@ -42,12 +44,20 @@ from .render import handle_errors, progress, result
 @json_option
 @handle_errors
 @packed("polytool.verify.options:VerifyOptions")
-def verify(options, as_json: bool) -> None:
+def verify(options, as_json: bool, revision: str | None) -> None:
     """Prove collapsed artifacts compute what the live routed Poly model computes.
 
     Exit 0 when every check passes, 1 when any output differs beyond tolerance (or a task is a
     no-op), 2 for bad input. The report goes to stdout; docs/ci.md documents it.
     """
+    from dataclasses import replace
+
+    from ..extras import require
+    from ..formats.hub import input_path
+
+    require("polytool verify")
+
+    options = replace(options, adapter_dir=input_path(options.adapter_dir, revision))  # a hub id: its snapshot
     if options.gguf_base is not None or any(str(p).endswith(".gguf") for p in options.against):
         from ..verify.gguf import gguf_report, render_gguf_report  # llama.cpp runs the artifacts
 

@@ -34,11 +34,12 @@ class CollapseOptions:
     energy: float | None = None
     stack: str | None = None  # --for: run check's rules for this serving stack first
     force: bool = False
+    revision: str | None = None  # of the adapter, when adapter_dir is a hub id
 
 
 def collapse(o: CollapseOptions, warn: Callable[[str], None] = lambda _: None, progress=None) -> dict:
     """Write the output `o` asks for; returns the result shown by the CLI."""
-    adapter = load_adapter(o.adapter_dir)
+    adapter = load_adapter(o.adapter_dir, revision=o.revision)
     spec = parse_task_spec(o.task, adapter.n_tasks, allow_all=True)
     if o.stack is not None and (o.kind == "dense" or (o.kind == "gguf") != (o.stack == "llama.cpp")):
         raise PolytoolError(f"--for {o.stack} does not fit --to {o.kind}: llama.cpp takes --to gguf; vllm, tgi and peft "

@@ -24,6 +24,7 @@ from ..formats.adapter import PolyAdapter
 from ..formats.base import INDEX_NAME, SINGLE_NAME, BaseCheckpoint, WeightTarget, match_targets, open_base
 from ..formats.safetensors import DTYPES, FLOAT_DTYPES, TORCH_NAMES, SafetensorsFile, bf16_to_f32, cast_float
 from ..formats.safetensors_writer import SafetensorsWriter, TensorSpec, encode_header
+from ..formats.cards import dense_card
 from ..formats.jsonfile import write_json
 from ..formats.atomic import atomic_output_dir, check_output
 from ..core.collapse import collapse_factors, stored_delta
@@ -368,16 +369,23 @@ def _steps(plan: MergePlan, deltas: DeltaSource, directory: Path) -> Iterator[Op
             yield from _write_shard(plan, shard, deltas, directory / shard.name)
 
 
-def write_merge(plan: MergePlan, deltas: DeltaSource, directory: Path, progress: Progress | None = None) -> dict:
-    """Write the planned model into the existing empty `directory`; returns what was written."""
+def write_merge(plan: MergePlan, deltas: DeltaSource, directory: Path, progress: Progress | None = None,
+                texts: dict[str, str] | None = None) -> dict:
+    """Write the planned model into the existing empty `directory`; returns what was written. `texts`: files
+    written in place of the base's (README.md: a merged model must not call itself the base; recipe.yml)."""
     counts = {"merged": 0, "copied": 0, "converted": 0, "replaced": 0}
     steps = _steps(plan, deltas, directory)
     for op in progress(steps, plan.n_tensors, "merging") if progress else steps:
         counts[op.kind] += 1
     if plan.index is not None:
         write_json(directory / INDEX_NAME, plan.index)
+    texts = texts or {}
+    for name, text in texts.items():
+        (directory / name).write_text(text, encoding="utf-8", errors="backslashreplace")
     for name in plan.others:
         src, dst = plan.base.directory / name, directory / name
+        if name in texts:
+            continue
         if name == "config.json" and plan.config is not None:
             write_json(dst, plan.config)
         elif src.is_dir():
@@ -404,14 +412,15 @@ def merge_dense(adapter: PolyAdapter, spec: TaskSpec, base_dir: Path, out: Path,
     base = open_base(base_dir)
     check_output(out, options.force, inputs=[adapter.directory, base.directory])
     plan = plan_merge(adapter, spec, base, options)
-    return write_planned(plan, adapter_deltas(adapter, spec), out, options, progress)
+    card = {"README.md": dense_card(adapter, spec, base_dir)}
+    return write_planned(plan, adapter_deltas(adapter, spec), out, options, progress, card)
 
 
 def write_planned(plan: MergePlan, deltas: DeltaSource, out: Path, options: DenseOptions = DenseOptions(),
-                  progress: Progress | None = None) -> dict:
+                  progress: Progress | None = None, texts: dict[str, str] | None = None) -> dict:
     """Write a planned dense merge at `out` atomically, after checking the disk space; returns what was written."""
     _check_space(plan, out)
     with atomic_output_dir(out, options.force) as tmp:
-        written = write_merge(plan, deltas, tmp, progress)
+        written = write_merge(plan, deltas, tmp, progress, texts)
     return {**written, "base": str(plan.base.directory), "dtype": TORCH_NAMES.get(options.dtype or plan.base.dtype),
             "untied": sorted(t.key for t in plan.targets if t.tied_to)}

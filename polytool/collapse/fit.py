@@ -15,7 +15,7 @@ from ..architectures import CONV1D_MODEL_TYPES
 from ..errors import AdapterError, CheckpointError
 from ..formats.adapter import PolyAdapter
 from ..formats.base import (INDEX_NAME, SINGLE_NAME, BaseCheckpoint, find_tensor, match_targets, open_base,
-                            read_config, resolve_base_dir)
+                            optional_base, read_config)
 from ..formats.peft import PREFIX
 from ..formats.safetensors import SafetensorsFile
 
@@ -61,12 +61,7 @@ def saved_module_keys(adapter: PolyAdapter, base: BaseCheckpoint) -> dict[str, s
 def lora_base(adapter: PolyAdapter, base_dir: Path | None) -> Path | None:
     """The base a LoRA export reads for its checks (an input, never written): --base, or the adapter's
     base_model_name_or_path when it is found locally; None when there is none at hand."""
-    try:
-        return resolve_base_dir(base_dir, adapter.base_model_name_or_path, adapter.config.get("revision"))
-    except CheckpointError:
-        if base_dir is not None:
-            raise
-        return None
+    return optional_base(base_dir, adapter.base_model_name_or_path, adapter.config.get("revision"))
 
 
 def base_uses_conv1d(adapter: PolyAdapter, base_dir: Path | None) -> bool:

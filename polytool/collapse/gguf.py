@@ -39,7 +39,8 @@ from ..formats.adapter import PolyAdapter
 from ..formats.atomic import atomic_output_dir, atomic_output_file, check_output
 from ..formats.base import open_base, read_config
 from ..formats.gguf import GGUF_DTYPES, import_gguf
-from ..formats.manifest import write_manifest
+from ..formats.cards import gguf_card
+from ..formats.manifest import MANIFEST_JSON, MANIFEST_MD, write_manifest
 from ..formats.provenance import TASKS_INDEX, provenance, write_tasks_index
 from ..formats.safetensors import cast_float
 from .fit import check_collapsible
@@ -128,12 +129,18 @@ def permute_rows(lora_b: np.ndarray, n_head: int) -> np.ndarray:
             .reshape(out, r))
 
 
-def _encode(x: np.ndarray, dtype: str, gguf: Any) -> tuple[np.ndarray, Any]:
-    """float64 -> (array, ggml type), rounded once."""
+def _encode(x: np.ndarray, dtype: str, gguf: Any) -> tuple[np.ndarray, Any, tuple[int, ...] | None]:
+    """float64 -> (array, ggml type, the logical shape to declare), rounded once. Q8_0 as llama.cpp's converter
+    does it: blocks of 32 along a row, and F16 for a tensor whose rows do not split into blocks (lora_b, r < 32)."""
     q = gguf.GGMLQuantizationType
+    if dtype == "Q8_0":
+        try:
+            return gguf.quants.quantize(x.astype(np.float32), q.Q8_0), q.Q8_0, None  # bytes: the writer derives the shape
+        except gguf.quants.QuantError:
+            dtype = "F16"
     if dtype == "BF16":
-        return cast_float(x, "BF16"), q.BF16  # uint16 bit patterns
-    return np.ascontiguousarray(cast_float(x, dtype)), q.F32 if dtype == "F32" else q.F16
+        return cast_float(x, "BF16"), q.BF16, x.shape  # uint16 bit patterns
+    return np.ascontiguousarray(cast_float(x, dtype)), q.F32 if dtype == "F32" else q.F16, x.shape
 
 
 def gguf_tensors(adapter: PolyAdapter, spec: TaskSpec, plan: GgufPlan) -> Iterator[tuple[str, np.ndarray]]:
@@ -163,8 +170,8 @@ def write_gguf(adapter: PolyAdapter, spec: TaskSpec, plan: GgufPlan, path: Path,
             writer.add_string(key, value)
     n = 0
     for name, x in gguf_tensors(adapter, spec, plan):
-        data, qtype = _encode(x, dtype, gguf)
-        writer.add_tensor(name, data, raw_shape=x.shape, raw_dtype=qtype)
+        data, qtype, shape = _encode(x, dtype, gguf)
+        writer.add_tensor(name, data, raw_shape=shape, raw_dtype=qtype)
         n += 1
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -197,4 +204,8 @@ def export_gguf(adapter: PolyAdapter, spec: TaskSpec, base_dir: Path, out: Path,
         write_tasks_index(tmp, adapter, tasks, format="gguf")
         written["files"].append(TASKS_INDEX)
         written["manifest"] = write_manifest(tmp, out, adapter, tasks, kind="gguf")
+        (tmp / "README.md").write_text(gguf_card(adapter, base_dir, written["files"]), encoding="utf-8",
+                                       errors="backslashreplace")
+        written["files"] += [MANIFEST_JSON, MANIFEST_MD, "README.md"]  # every file written, counted
+        written["bytes"] = sum((tmp / f).stat().st_size for f in written["files"])
     return written

@@ -22,3 +22,8 @@ def human_size(n: int) -> str:
     if n < 100_000:
         return f"{n / 1e3:.1f} KB"
     return f"{n / 1e6:.1f} MB" if n < 10**9 else f"{n / 1e9:.2f} GB"
+
+
+def plural(n: int, word: str) -> str:
+    """'1 file', '7 files': a count and its noun, as people write them."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"

@@ -21,6 +21,7 @@ import numpy as np
 
 from .safetensors import FLOAT_DTYPES, SafetensorsFile
 from ..architectures import SAVED_EMBEDDING_NAMES, TASK_HEADS
+from .hub import input_path
 from .jsonfile import parse_json
 from .peft import BIN_NAME, CONFIG_NAME, PICKLE_REFUSED, PREFIX, WEIGHTS_NAME, pickle_allowed, saved_owner
 from .provenance import sha256_file
@@ -58,6 +59,9 @@ class _BinTensors:
     """adapter_model.bin through torch.load(weights_only=True): the same read API as SafetensorsFile."""
 
     def __init__(self, path: Path):
+        from ..extras import require
+
+        require(f"{path}: reading a PyTorch .bin adapter", ("torch", ("torch",)))
         import torch
 
         self.path = path
@@ -311,9 +315,10 @@ def _validate(adapter: PolyAdapter, tensors: Any, file: Path) -> None:
         adapter.modules.append(AdapterModule(module, q * a[2], q * b[3]))
 
 
-def load_adapter(path: str | Path, adapter_name: str | None = None) -> PolyAdapter:
-    """Open and fully validate a Poly/MHR adapter directory (or its named-adapter subfolder)."""
-    directory = _find_config(Path(path), adapter_name)
+def load_adapter(path: str | Path, adapter_name: str | None = None, revision: str | None = None) -> PolyAdapter:
+    """Open and fully validate a Poly/MHR adapter directory (or its named-adapter subfolder); `path` may be a
+    hub id (`org/name`, `org/name@revision`), read from the Hugging Face cache or downloaded (formats/hub.py)."""
+    directory = _find_config(input_path(path, revision, "adapter directory"), adapter_name)
     config = _read_config(directory / CONFIG_NAME)
     tensors, weights_file = _open_weights(directory)
     adapter = PolyAdapter(directory, config, tensors, weights_file)

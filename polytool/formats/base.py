@@ -13,12 +13,12 @@ exactly one checkpoint weight of the right shape, or raises naming the module: e
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 from .safetensors import FLOAT_DTYPES, SafetensorsFile, read_index
+from .hub import local_or_hub
 from .jsonfile import parse_json
 from ..architectures import CONV1D_MODEL_TYPES, INPUT_EMBEDDING_NAMES, OUTPUT_EMBEDDINGS
 from ..errors import CheckpointError
@@ -143,31 +143,6 @@ def open_base(directory: str | Path) -> BaseCheckpoint:
 # ---- locating the base -----------------------------------------------------------------------
 
 
-def hub_cache() -> Path:
-    """The local Hugging Face hub cache, as huggingface_hub resolves it (no import, no network)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    if os.environ.get("HUGGINGFACE_HUB_CACHE"):
-        return Path(os.environ["HUGGINGFACE_HUB_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
-    return Path(home).expanduser() / "hub"
-
-
-def cached_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
-    """models--org--name/snapshots/<rev> for `repo_id` in the local cache, or None."""
-    repo = hub_cache() / ("models--" + repo_id.replace("/", "--"))
-    snapshots = repo / "snapshots"
-    if not snapshots.is_dir():
-        return None
-    revision = revision or "main"
-    ref = repo / "refs" / revision
-    commit = ref.read_text().strip() if ref.is_file() else revision
-    if (snapshots / commit).is_dir():
-        return snapshots / commit
-    found = [p for p in snapshots.iterdir() if p.is_dir()]
-    return found[0] if len(found) == 1 and not ref.is_file() else None
-
-
 def is_directory(path: Path) -> bool:
     """Path.is_dir, False (not an exception) for names the file system refuses (too long, a NUL byte)."""
     try:
@@ -188,22 +163,29 @@ def require_dir(path: Path, what: str) -> Path:
     raise CheckpointError(f"is a file, expected {article} {what}" if exists else f"no such {what}", path)
 
 
-def resolve_base_dir(base: str | Path | None, name_or_path: str | None, revision: str | None = None) -> Path:
-    """--base if given, else the adapter's base_model_name_or_path as a local directory or cached snapshot."""
-    if base is not None:
-        return require_dir(Path(base), "base model directory")
-    if not name_or_path:
+def resolve_base_dir(base: str | Path | None, name_or_path: str | None, revision: str | None = None,
+                     download: bool = True) -> Path:
+    """--base if given, else the adapter's base_model_name_or_path: a local directory, else a hub id resolved
+    through huggingface_hub (formats/hub.py) at the adapter's pinned `revision`. --base naming the same repo as
+    the adapter keeps the pin; a local directory (that exists) always wins. `download=False`: the cache only
+    (a base read for optional checks is never downloaded)."""
+    hint = "" if base is not None else ": pass --base DIR"
+    if base is None and not name_or_path:
         raise CheckpointError("the adapter does not name its base model (base_model_name_or_path): pass --base DIR")
-    if is_directory(Path(name_or_path).expanduser()):
-        return Path(name_or_path).expanduser()
+    name = str(base) if base is not None else str(name_or_path)
+    pinned = revision if name == name_or_path else None
+    return require_dir(local_or_hub(name, pinned, "base model directory", hint, download), "base model directory")
+
+
+def optional_base(base: str | Path | None, name_or_path: str | None, revision: str | None = None) -> Path | None:
+    """The base a command reads only for its checks: --base (which must work), else the recorded base when it
+    is at hand (a local directory or a cached snapshot, never downloaded); None when it is not."""
     try:
-        snapshot = cached_snapshot(name_or_path, revision)
-    except (OSError, ValueError):  # a name no file system takes (too long, a NUL byte): not cached
-        snapshot = None
-    if snapshot is None:
-        raise CheckpointError(f"base model {name_or_path!r} is neither a local directory nor in the Hugging Face cache "
-                              f"({hub_cache()}); nothing is downloaded: pass --base DIR")
-    return snapshot
+        return resolve_base_dir(base, name_or_path, revision, download=base is not None)
+    except CheckpointError:
+        if base is not None:
+            raise
+        return None
 
 
 # ---- matching adapted modules to checkpoint weights -------------------------------------------

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import PolytoolError
 
-GGUF_DTYPES = ("F32", "F16", "BF16")
+GGUF_DTYPES = ("F32", "F16", "BF16", "Q8_0")
 
 
 def import_gguf():

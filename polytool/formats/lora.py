@@ -27,6 +27,7 @@ import numpy as np
 
 from .safetensors import FLOAT_DTYPES, TORCH_NAMES, SafetensorsFile
 from ..architectures import TASK_HEADS
+from .base import is_directory
 from .jsonfile import parse_json
 from .peft import CONFIG_NAME, PREFIX, WEIGHTS_NAME, saved_owner
 from ..errors import AdapterError, PolytoolError
@@ -146,6 +147,10 @@ class LoraFacts:
 def read_lora_facts(directory: str | Path) -> LoraFacts:
     """Read a PEFT LoRA directory's config and safetensors header; bad input raises AdapterError."""
     directory = Path(directory)
+    if not is_directory(directory):
+        what = "is a file, expected a LoRA directory (holding adapter_config.json)" if directory.exists() else \
+            "no such LoRA directory"
+        raise AdapterError(what, directory)
     file = directory / CONFIG_NAME
     config = _raw_config(file)
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":

@@ -17,6 +17,7 @@ import json
 import shlex
 from pathlib import Path
 
+from .. import DOCS_URL
 from .adapter import PolyAdapter
 from .jsonfile import write_json
 
@@ -70,7 +71,7 @@ def write_manifest(directory: Path, out: Path, adapter: PolyAdapter, tasks: dict
     """Write serving.json and SERVING.md into `directory` (the output being written, later `out`)."""
     manifest = build_manifest(out, adapter, tasks, kind)
     write_json(directory / MANIFEST_JSON, manifest)
-    text = "# Serving these LoRAs\n\nWritten by polytool; docs/serving.md explains each line.\n\n```\n"
+    text = f"# Serving these LoRAs\n\nWritten by polytool; {DOCS_URL}serving.md explains each line.\n\n```\n"
     (directory / MANIFEST_MD).write_text(text + render_manifest(manifest) + "\n```\n", encoding="utf-8",
                                          errors="backslashreplace")
     return manifest

@@ -259,4 +259,4 @@ def read_index(path: str | Path) -> tuple[dict, dict[str, str]]:
 
 
 # --dtype of the commands that write weights -> safetensors dtype (auto: the output kind's default)
-OUTPUT_DTYPES = {"auto": None, "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+OUTPUT_DTYPES = {"auto": None, "float32": "F32", "float16": "F16", "bfloat16": "BF16", "q8_0": "Q8_0"}  # q8_0: GGUF

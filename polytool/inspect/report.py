@@ -58,7 +58,8 @@ def _base_facts(adapter: PolyAdapter, base_dir: Path | None) -> tuple[Any, str |
     from ..errors import CheckpointError
 
     try:
-        directory = resolve_base_dir(base_dir, adapter.base_model_name_or_path, adapter.config.get("revision"))
+        directory = resolve_base_dir(base_dir, adapter.base_model_name_or_path, adapter.config.get("revision"),
+                                     download=base_dir is not None)
         return open_base(directory), None
     except CheckpointError as exc:
         if base_dir is not None:

@@ -14,7 +14,8 @@ from ..core.units import parse_size
 from ..errors import PolytoolError
 from ..formats.base import resolve_base_dir
 from ..formats.safetensors import OUTPUT_DTYPES
-from .recipe import open_merge
+from .recipe import check_hashes, open_merge
+from .recipe_file import read_recipe, recipe_yaml
 from .write import write_dense_merge, write_lora_merge
 
 
@@ -38,15 +39,28 @@ class MergeOptions:
     max_shard_size: str | None = None
     untie: bool = False
     force: bool = False
+    sha256: tuple[str | None, ...] | None = None  # per source, from a recipe file: checked when given
+
+
+def with_recipe(o: MergeOptions, path: str | Path, given: set[str]) -> MergeOptions:
+    """`o` with a recipe file's sources and options, except those in `given` (set on the command line: they win)."""
+    from dataclasses import replace
+
+    return replace(o, **{k: v for k, v in read_recipe(path).items() if k not in given})
 
 
 def merge(o: MergeOptions, warn: Callable[[str], None] = lambda _: None, progress=None) -> dict:
     """Write the merge `o` asks for; returns the result shown by the CLI."""
     plan = open_merge(o.sources, o.weights, o.method, o.density, o.majority_sign, o.seed, o.ties_variant)
+    check_hashes(plan, o.sha256)
+    if o.kind not in ("lora", "dense") or o.dtype not in OUTPUT_DTYPES:  # a recipe file's to: or dtype:
+        raise PolytoolError(f"to {o.kind!r}, dtype {o.dtype!r}: expected to lora or dense, dtype one of "
+                            f"{', '.join(OUTPUT_DTYPES)}")
     if o.kind == "lora":
         if o.max_shard_size or o.untie:
             raise PolytoolError("--max-shard-size and --untie apply to --to dense only")
-        data = write_lora_merge(plan, o.out, o.rank, o.energy, OUTPUT_DTYPES[o.dtype] or "F32", o.force)
+        data = write_lora_merge(plan, o.out, o.rank, o.energy, OUTPUT_DTYPES[o.dtype] or "F32", o.force,
+                                recipe_yaml(plan, o, None))
         data.update(dtype=o.dtype if o.dtype != "auto" else "float32")
     else:
         if o.rank is not None or o.energy is not None:
@@ -55,7 +69,7 @@ def merge(o: MergeOptions, warn: Callable[[str], None] = lambda _: None, progres
         first = plan.sources[0].config
         base = resolve_base_dir(o.base_dir, first.get("base_model_name_or_path"), first.get("revision"))
         dense = DenseOptions(OUTPUT_DTYPES[o.dtype], o.untie, size, o.force)
-        data = write_dense_merge(plan, base, o.out, dense, progress)
+        data = write_dense_merge(plan, base, o.out, dense, progress, recipe_yaml(plan, o, base))
     for message in plan.warnings:
         warn(message)
     return {"out": str(o.out), "kind": o.kind, "method": o.method, "sources": [s.record() for s in plan.sources],

@@ -139,11 +139,16 @@ def from_recipe(recipe: str | dict) -> Merge:
     r = json.loads(recipe) if isinstance(recipe, str) else recipe
     texts = [s["path"] if s["task"] is None else f"{s['path']}:{s['task']}" for s in r["sources"]]
     merge = open_merge(texts, r["weights"], r["method"], r["density"], r["majority_sign"], r["seed"], r["ties_variant"])
-    for s, record in zip(merge.sources, r["sources"]):
-        if s.sha256 != record["sha256"]:
-            raise PolytoolError(f"source {s.text!r} changed since the merge (sha256 {s.sha256[:12]}, recorded "
-                                f"{record['sha256'][:12]})")
+    check_hashes(merge, [s["sha256"] for s in r["sources"]])
     return merge
+
+
+def check_hashes(merge: Merge, recorded: Iterable[str | None] | None) -> None:
+    """Each source's sha256 is the one recorded (a recipe's; None: not checked), else it changed since."""
+    for s, sha in zip(merge.sources, recorded or ()):
+        if sha is not None and s.sha256 != sha:
+            raise PolytoolError(f"source {s.text!r} changed since the merge (sha256 {s.sha256[:12]}, recorded "
+                                f"{sha[:12]})")
 
 
 # ---- outputs ------------------------------------------------------------------------------------

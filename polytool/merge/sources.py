@@ -12,6 +12,7 @@ import numpy as np
 from ..core.collapse import collapse_factors
 from ..core.taskspec import parse_task_spec, spec_label
 from ..errors import AdapterError, PolytoolError
+from ..formats.hub import is_repo_id, local_or_hub, split_revision
 from ..formats.peft import WEIGHTS_NAME, peft_type
 from ..formats.provenance import sha256_file
 
@@ -99,12 +100,17 @@ def _lora_source(text: str, directory: Path) -> Source:
 
 def parse_source(text: str, cache: dict | None = None) -> Source:
     """'DIR' (a LoRA directory) or 'DIR:TASK' (a Poly/MHR adapter and a task spec) -> Source.
-    DIR is the longest prefix before a ':' that is a directory, so paths may hold ':' too."""
+    DIR is the longest prefix before a ':' that is a directory, so paths may hold ':' too; else a hub id
+    (`org/name`, `org/name@rev`, then `:TASK`), read from the Hugging Face cache or downloaded."""
     if Path(text).is_dir():
         return _lora_source(text, Path(text))
     cuts = [i for i, c in enumerate(text) if c == ":"]
     for cut in reversed(cuts):
         if Path(text[:cut]).is_dir():
             return _poly_source(text, Path(text[:cut]), text[cut + 1 :], {} if cache is None else cache)
+    repo, colon, task = text.partition(":")  # a hub id holds no ':'; here it names its owner (org/name)
+    if "/" in repo and is_repo_id(split_revision(repo)[0]):
+        directory = local_or_hub(repo, None, "adapter directory")  # org/name[@rev]: its cached or downloaded snapshot
+        return _poly_source(text, directory, task, {} if cache is None else cache) if colon else _lora_source(text, directory)
     raise PolytoolError(f"source {text!r}: no such directory (a source is a LoRA directory, "
                         "or a Poly/MHR adapter directory and a task, ADAPTER_DIR:TASK)")

@@ -18,6 +18,7 @@ from ..formats.cards import merge_card
 from ..formats.peft import CONFIG_NAME, WEIGHTS_NAME
 from ..formats.provenance import RECIPE_KEY, TRUNCATION_KEY, truncation_record
 from .recipe import Merge
+from .recipe_file import RECIPE_FILE
 
 
 def _lora_config(merge: Merge) -> dict:
@@ -35,12 +36,16 @@ def _metadata(merge: Merge, **output) -> dict[str, str]:
             RECIPE_KEY: json.dumps(merge.recipe(**output), separators=(",", ":"))}
 
 
+def _card(merge: Merge, meta: dict[str, str], config: dict, truncated: bool = False, base: Path | None = None) -> str:
+    return merge_card(merge, config, truncated, json.loads(meta[RECIPE_KEY]), base)
+
+
 def _inputs(merge: Merge) -> list[Path]:
     return [s.directory for s in merge.sources]
 
 
 def write_lora_merge(merge: Merge, out: Path, rank: int | None = None, energy: float | None = None,
-                     dtype: str = "F32", force: bool = False) -> dict:
+                     dtype: str = "F32", force: bool = False, recipe: str | None = None) -> dict:
     """The merged delta as a LoRA at `out`: exact for linear without rank control (the factors side by side),
     else per module the best rank-`rank` (or `energy`) approximation, its error reported."""
 
@@ -67,8 +72,11 @@ def write_lora_merge(merge: Merge, out: Path, rank: int | None = None, energy: f
         meta[TRUNCATION_KEY] = truncation_record(rank, energy, kept)
     with atomic_output_dir(out, force) as tmp:
         config = write_factors(tmp, factors, dtype, meta, _lora_config(merge))
-        (tmp / "README.md").write_text(merge_card(merge, config, truncate), encoding="utf-8", errors="backslashreplace")
+        (tmp / "README.md").write_text(_card(merge, meta, config, truncate), encoding="utf-8", errors="backslashreplace")
         files = [CONFIG_NAME, WEIGHTS_NAME, "README.md"]
+        if recipe is not None:  # the recipe that was run, re-runnable: polytool merge recipe.yml --out OUT
+            (tmp / RECIPE_FILE).write_text(recipe, encoding="utf-8", errors="backslashreplace")
+            files.append(RECIPE_FILE)
         nbytes = sum((tmp / f).stat().st_size for f in files)
     data = {"files": files, "tensors": 2 * len(factors), "bytes": nbytes, "r": config["r"],
             "rank_pattern": config["rank_pattern"]}
@@ -78,12 +86,16 @@ def write_lora_merge(merge: Merge, out: Path, rank: int | None = None, energy: f
 
 
 def write_dense_merge(merge: Merge, base_dir: Path, out: Path, options: DenseOptions = DenseOptions(),
-                      progress=None) -> dict:
+                      progress=None, recipe: str | None = None) -> dict:
     """The merged delta added to the base's weights, streamed shard by shard (collapse/dense.py's streaming merge)."""
 
     base = open_base(base_dir)
     check_output(out, options.force, inputs=_inputs(merge) + [base.directory])
-    plan = plan_dense(base, merge.modules, _metadata(merge, to="dense"), options)
+    meta = _metadata(merge, to="dense")
+    plan = plan_dense(base, merge.modules, meta, options)
+    texts = {"README.md": _card(merge, meta, _lora_config(merge), base=base.directory)}
+    if recipe is not None:
+        texts[RECIPE_FILE] = recipe
 
     def deltas(module: str, wide: type):
         if merge.method == "linear":  # by blocks of rows from the factors: never formed whole
@@ -91,4 +103,4 @@ def write_dense_merge(merge: Merge, base_dir: Path, out: Path, options: DenseOpt
             return factored_delta(A.T, B.T, 1.0, wide)  # x @ A.T @ B.T: (in, R), (R, out)
         return dense_rows(merge.delta(module), wide)  # (out, in), one module at a time
 
-    return write_planned(plan, deltas, out, options, progress)
+    return write_planned(plan, deltas, out, options, progress, texts)
