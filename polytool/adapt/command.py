@@ -56,6 +56,9 @@ def _check(o: AdaptOptions) -> None:
 
 def adapt(o: AdaptOptions, progress: Callable[[dict], None] | None = None) -> dict:
     """Learn a new task from `o.data`, write the adapter with it to `o.out`; returns the report."""
+    from ..extras import require
+
+    require("polytool adapt")  # torch and transformers: the torch extra, named in one line when missing
     import torch
 
     from .data import split, tokenize

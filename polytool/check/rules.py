@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..architectures import ALWAYS_TIED_MODEL_TYPES, INPUT_EMBEDDING_NAMES, OUTPUT_LEAVES
+from ..core.units import plural
 from ..errors import PolytoolError
 from ..formats.base import BaseCheckpoint, find_key, open_base, optional_base
 from ..formats.lora import NESTED_REPEAT, LoraFacts, read_lora_facts
@@ -302,8 +303,8 @@ def render(data: dict) -> str:
                 lines.append(f"         fix: {x['fix']}")
     s = data["summary"]
     verdict = "READY" if data["ready"] else "NOT READY"
-    lines += ["", f"summary: {verdict} for {data['stack']}: {s['problem']} problems, {s['flag']} flags, "
-                  f"{s['warning']} warnings, {s['skipped']} skipped"]
+    counts = ", ".join(plural(s[k], k) for k in ("problem", "flag", "warning"))
+    lines += ["", f"summary: {verdict} for {data['stack']}: {counts}, {s['skipped']} skipped"]
     return "\n".join(lines)
 
 

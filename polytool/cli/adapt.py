@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from .options import force_option, json_option, out_option, packed
-from .render import handle_errors, result
+from .options import out_option, writes_output
+from .render import result
 
 
 class _Progress:
@@ -46,10 +46,7 @@ class _Progress:
               help="The new task's starting routing: uniform (MHR-mu), mean (of the tasks' logits) or a task id.")
 @click.option("--eval-split", type=float, default=0.2, show_default=True,
               help="Share of the examples held out to measure the loss before and after (0: none).")
-@force_option
-@json_option
-@handle_errors
-@packed("polytool.adapt.command:AdaptOptions")
+@writes_output("polytool.adapt.command:AdaptOptions")
 def adapt(options, as_json: bool) -> None:
     """Append a task to ADAPTER_DIR learned from --data, and write the result to --out.
 

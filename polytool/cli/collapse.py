@@ -5,9 +5,8 @@ from pathlib import Path
 
 import click
 
-from .options import (dense_options, dtype_option, force_option, json_option, out_option, packed, rank_options,
-                      revision_option)
-from .render import handle_errors, progress, render_truncation, result, warn
+from .options import dense_options, dtype_option, out_option, rank_options, revision_option, writes_output
+from .render import progress, render_truncation, result, warn
 
 
 @click.command(short_help="One task as a plain LoRA, a GGUF LoRA, or merged dense weights.")
@@ -28,10 +27,7 @@ from .render import handle_errors, progress, render_truncation, result, warn
 @rank_options
 @click.option("--for", "stack", type=click.Choice(["vllm", "tgi", "llama.cpp", "peft"]),
               help="Run `polytool check`'s rules for this serving stack first; refuse on a problem.")
-@force_option
-@json_option
-@handle_errors
-@packed("polytool.collapse.command:CollapseOptions")
+@writes_output("polytool.collapse.command:CollapseOptions")
 def collapse(options, as_json: bool) -> None:
     """Collapse one task of a Poly/MHR adapter into a plain LoRA, or merge it into dense weights.
 

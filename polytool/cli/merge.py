@@ -5,8 +5,8 @@ from pathlib import Path
 
 import click
 
-from .options import dense_options, dtype_option, force_option, json_option, out_option, packed, rank_options
-from .render import handle_errors, progress, render_truncation, result, warn
+from .options import dense_options, dtype_option, out_option, rank_options, writes_output
+from .render import progress, render_truncation, result, warn
 
 
 def _floats(ctx, param, value: str | None) -> list[float] | None:
@@ -35,10 +35,7 @@ def _floats(ctx, param, value: str | None) -> list[float] | None:
                    "local, cached or downloaded).")
 @dtype_option
 @dense_options
-@force_option
-@json_option
-@handle_errors
-@packed("polytool.merge.command:MergeOptions")
+@writes_output("polytool.merge.command:MergeOptions")
 def merge(options, as_json: bool) -> None:
     """Merge SOURCES into one LoRA or one dense model, without loading a model.
 

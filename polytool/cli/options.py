@@ -50,3 +50,13 @@ def packed(where: str) -> Callable:
             return fn(options_class(**values), **kwargs)
         return wrapper
     return decorate
+
+
+def writes_output(where: str) -> Callable:
+    """The tail every command that writes an output shares: --force, --json, the one error handler, and its
+    options packed into the dataclass at `where` (see packed)."""
+    from .render import handle_errors
+
+    def decorate(fn: Callable) -> Callable:
+        return force_option(json_option(handle_errors(packed(where)(fn))))
+    return decorate
