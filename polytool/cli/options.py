@@ -38,12 +38,17 @@ def rank_options(fn: Callable) -> Callable:
     return click.option("--rank", type=int, help="LoRA: the best rank-K approximation per module (truncated SVD).")(fn)
 
 
-def packed(where: str) -> Callable:
+def packed(where: str, needs: str | None = None) -> Callable:
     """The command receives its options as one instance of the dataclass at `where` ("module:Class", imported
-    when the command runs, so `polytool --help` stays light), and the rest (`as_json`) as keywords."""
+    when the command runs, so `polytool --help` stays light), and the rest (`as_json`) as keywords. `needs`:
+    the command needs the torch extra, checked (one line naming it) before that module is imported."""
     def decorate(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def wrapper(**kwargs: Any) -> Any:
+            if needs is not None:
+                from ..extras import require
+
+                require(needs)
             module, _, name = where.partition(":")
             options_class = getattr(importlib.import_module(module), name)
             values = {f.name: kwargs.pop(f.name) for f in fields(options_class) if f.name in kwargs}

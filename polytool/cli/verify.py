@@ -43,7 +43,7 @@ from .render import handle_errors, progress, result
               help="With --against X.gguf: the base as GGUF; both run in llama.cpp (needs llama-cpp-python).")
 @json_option
 @handle_errors
-@packed("polytool.verify.options:VerifyOptions")
+@packed("polytool.verify.options:VerifyOptions", needs="polytool verify")
 def verify(options, as_json: bool, revision: str | None) -> None:
     """Prove collapsed artifacts compute what the live routed Poly model computes.
 
