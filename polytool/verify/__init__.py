@@ -101,21 +101,36 @@ def _ideal_weights(target: Target, base_dtype: str) -> bool:
 
 def _dense_weight_checks(targets: list[Target], adapter: PolyAdapter, base_dir: Path,
                          progress: Callable | None = None) -> None:
-    """Every dense artifact directory checked in weight space against the reference's update (weights.py)."""
-    from .reference import ReferenceAdapter, ReferenceRecipe
+    """Every dense artifact directory checked in weight space against the reference's update (weights.py); every
+    truncated merge LoRA against the optimum for its ranks (truncation.py)."""
+    from .reference import ReferenceAdapter
+    from .reference_merge import ReferenceRecipe
+    from .truncation import check_truncation
     from .weights import check_dense_weights
 
-    reference = None
+    reference, recipes = None, {}
     for target in targets:
+        if target.recipe is not None and target.spec not in recipes:
+            recipes[target.spec] = ReferenceRecipe(target.recipe)
+        if target.recipe is not None:
+            target.reference = recipes[target.spec]
+        if target.lora is not None and target.recipe is not None and _truncated(target.recipe):
+            target.truncation = check_truncation(target.lora, recipes[target.spec], target.dtype)
         if target.path is None:
             continue
         if target.recipe is not None:
-            recipe = ReferenceRecipe(target.recipe)
-            delta = recipe.delta
+            recipe = recipes[target.spec]
+            target.weights = check_dense_weights(target.path, base_dir, adapter, recipe.delta, progress,
+                                                 recipe.allowance)
+            target.weights["ambiguous"] = sum(recipe.ambiguous(m) for m in recipe.modules)
         else:
             reference = reference or ReferenceAdapter(adapter.directory)
             delta = (lambda ref, spec: lambda module: ref.update(module, spec))(reference, target.spec)
-        target.weights = check_dense_weights(target.path, base_dir, adapter, delta, progress)
+            target.weights = check_dense_weights(target.path, base_dir, adapter, delta, progress)
+
+
+def _truncated(recipe: dict) -> bool:
+    return recipe.get("rank") is not None or recipe.get("energy") is not None
 
 
 def _check_options(o: VerifyOptions) -> None:

@@ -57,12 +57,17 @@ class Run(ModelWeights):
         return forward(model, self.family, self.batches, capture, **extra)
 
     def recipe(self, target: Target):
-        """The reference of a merged artifact's recipe (built once per recipe)."""
-        from .reference import ReferenceRecipe
+        """The reference of a merged artifact's recipe (built once per recipe): its exact update, or for a
+        truncated merge the best rank-k approximation of it at the artifact's ranks (truncation.py)."""
+        from .reference_merge import ReferenceRecipe
+        from .truncation import BestRank
 
         cache = self.__dict__.setdefault("_recipes", {})
         if target.spec not in cache:
-            cache[target.spec] = ReferenceRecipe(target.recipe)
+            recipe = target.reference or ReferenceRecipe(target.recipe)
+            if target.truncation is not None:
+                recipe = BestRank(recipe, {row["module"]: row["rank"] for row in target.truncation["modules"]})
+            cache[target.spec] = recipe
         return cache[target.spec]
 
     def delta_of(self, target: Target) -> Callable[[str], Any]:
@@ -76,7 +81,7 @@ class Run(ModelWeights):
         """The reference's outputs and adapted modules' outputs for `target`'s task spec (or merge recipe)."""
         spec = target.spec
         if target.recipe is not None:
-            from .reference import merged
+            from .reference_merge import merged
 
             with merged(self.model, self.recipe(target)):
                 out, modules = self.run(self.model, self.capture)
