@@ -80,6 +80,8 @@ def run_checks(adapter: PolyAdapter, base_dir: Path, model: tuple[str, str], tar
             floor = errors(out, live[0]), errors(modules, live[1])
         elif half_dense:
             floor = run.floor(target, live)
+        elif target.truncation is not None and target.dtype in HALF:  # judged against its own ideal rounding
+            floor = run.lora_floor(target, live)
         measured = Measured(errors(out, live[0]), errors(modules, live[1]), effect, top1(out, live[0]),
                             kl(out, live[0]), floor)
         checks.append(make_check(target, measured, Rule(tol, options.allow_noop, options.max_kl, FLOOR_MULTIPLE)))
@@ -90,13 +92,13 @@ def run_checks(adapter: PolyAdapter, base_dir: Path, model: tuple[str, str], tar
 
 def _ideal_weights(target: Target, base_dtype: str) -> bool:
     """Every element of the artifact equals the ideal rounding (the weight-space check found so, with no trained
-    head and no tensor converted; or the self-check's product was): its forward is the rounding floor's,
-    which then need not be run again."""
+    head, every converted tensor the base's rounded once; or the self-check's product was): it is the ideal
+    artifact, so its forward is the rounding floor's, which then need not be run again."""
     if target.ideal:  # the self-check's product, compared with the ideal as it was made (Run._against_ideal)
         return True
     w = target.weights
     return bool(w) and w["not_ideal"] == 0 and w["replaced"] == 0 and w["first_bad"] is None \
-        and target.dtype == base_dtype
+        and (target.dtype == base_dtype or not target.whole)
 
 
 def _dense_weight_checks(targets: list[Target], adapter: PolyAdapter, base_dir: Path,

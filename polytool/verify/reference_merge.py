@@ -67,9 +67,11 @@ def top_k(D: np.ndarray, noise: np.ndarray, density: float) -> tuple[np.ndarray,
     order = np.argsort(-mag, kind="stable")  # largest first
     keep[order[:k]] = True
     threshold = mag[order[k - 1]]
-    # the k-th largest of values each known to within noise moves by at most max(noise)
-    band = noise.ravel() + noise.max()
-    ambiguous = np.abs(mag - threshold) <= band
+    # the k-th largest of values each known to within its noise moves by at most the largest noise among the
+    # entries that could reach it (|mag - threshold| <= own noise + max noise): any other entry stays on its side
+    noise = noise.ravel()
+    near = np.abs(mag - threshold) <= noise + noise.max()
+    ambiguous = np.abs(mag - threshold) <= noise + noise[near].max()
     if ambiguous.sum() <= 1 and (mag == threshold).sum() == 1:
         ambiguous[:] = False  # only the threshold entry itself: nothing it could swap with
     return keep.reshape(D.shape), ambiguous.reshape(D.shape)

@@ -150,6 +150,24 @@ class Run(ModelWeights):
 
             yield name, made
 
+    def lora_floor(self, target: Target, live: tuple[dict, dict]) -> tuple[dict, dict]:
+        """Errors of the ideal truncated LoRA in the target's half dtype: the reference's best rank-k factors
+        (truncation.BestRank), rounded once to that dtype, applied as the artifact is (outputs, modules)."""
+        import torch
+
+        best, dtype = self.recipe(target), getattr(torch, target.dtype)
+        factors = {}
+        for module in best.modules:
+            B, A = best.factors(module)  # (out, k), (k, in) float64
+            factors[module] = (A.to(dtype).double().numpy(), B.to(dtype).double().numpy())  # rounded once
+        handles = attach_lora(self.layers, factors, 1.0)
+        try:
+            out, modules = self.run(self.model, self.capture)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return errors(out, live[0]), errors(modules, live[1])
+
     def floor(self, target: Target, live: tuple[dict, dict]) -> tuple[dict, dict]:
         """Errors of the ideal rounding of the dense weights to the target's dtype (outputs, modules)."""
         ideal = _ideal_dense(self.delta_of(target), list(self.capture), self.layers, self.base_weight, target.dtype)

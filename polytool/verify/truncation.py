@@ -5,13 +5,15 @@ singular values (float64 SVD, verify's own) and D_art = B @ A * scaling the arti
 
     error    = ||D_art - D||_F / ||D||_F
     optimum  = sqrt(sum_{i > k} s_i^2) / ||D||_F       Eckart-Young: no rank-k matrix is closer to D
-    passes   where error <= optimum + slack,  slack = 4 sqrt(k) u(dtype) + 2 ||allowance||_F / ||D||_F
+    passes   where error^2 <= (optimum + defined)^2 + rounding^2
+             defined  = 2 ||allowance||_F / ||D||_F,  rounding = 2 u(dtype) (1 + sqrt(k))
 
-k is the artifact's rank for the module. The slack is float rounding only: the factors are stored in the
-artifact's dtype (each rounded by u: the product of two rounded factors of a rank-k delta is within about
-2 sqrt(k) u ||D|| of the exact one, doubled), and a pruned merge's own delta is defined in float32 (the
-recomputation's per-entry allowance bounds how far the product's delta D' may be from D; the optimum for D'
-and the distance to D each move by at most ||D' - D||). A rank that throws away more than the optimum, a
+k is the artifact's rank for the module. The slack is float rounding only. `defined`: a pruned merge's delta
+is defined in float32, so the product's own delta D' may differ from D by the recomputation's per-entry
+allowance; the optimum for D' and the distance to D each move by at most ||D' - D||. `rounding`: the
+factors B (out, k), A (k, in) are stored rounded to the artifact's dtype (relative u each); with the best
+factors one of them orthonormal, ||dB A|| + ||B dA|| <= u ||D|| (1 + sqrt(k)), and that first-order error lies
+in the top-k singular subspaces, orthogonal to the residual D - D_k, so it adds in quadrature. A rank that throws away more than the optimum, a
 wrong singular subspace, or a truncation of another delta exceeds it. With --rank K the artifact's rank must
 not exceed K; with --energy E its retained share of s^2 must reach E (within the slack).
 
@@ -44,15 +46,19 @@ def check_truncation(lora: Any, recipe: Any, dtype: str) -> dict:
         s = torch.linalg.svdvals(D)  # descending
         norm = float(s.norm())
         allowance = recipe.allowance(name)
-        slack = 4 * math.sqrt(k) * u + (0.0 if allowance is None or norm == 0 else 2 * float(allowance.norm()) / norm)
+        # the definition's own slack (a pruned delta's float32 arithmetic and ambiguous entries), and the factors'
+        # rounding to the stored dtype: first order orthogonal to the residual D - D_k, so it adds in quadrature
+        defined = 0.0 if allowance is None or norm == 0 else 2 * float(allowance.norm()) / norm
+        rounding = 2 * u * (1 + math.sqrt(k))
         error = float((got - D).norm()) / norm if norm > 0 else (0.0 if float(got.norm()) == 0 else math.inf)
         optimum = float(s[k:].norm()) / norm if norm > 0 else 0.0
+        slack = math.sqrt((optimum + defined) ** 2 + rounding ** 2) - optimum + 1e-12
         energy = float(s[:k].square().sum()) / norm ** 2 if norm > 0 else 1.0
-        degenerate = k < len(s) and float(s[k - 1] - s[k]) <= slack * norm
+        degenerate = k < len(s) and float(s[k - 1] - s[k]) <= max(defined, 1e-9) * norm
         bad = not error <= optimum + slack  # NaN-proof
         if asked_rank is not None and k > asked_rank:
             bad = True
-        if asked_energy is not None and not energy >= asked_energy - slack:
+        if asked_energy is not None and not energy >= asked_energy - 2 * (defined + 1e-9):
             bad = True
         if bad and first_bad is None:
             first_bad = name
@@ -70,8 +76,17 @@ class BestRank:
     def __init__(self, recipe: Any, ranks: dict[str, int]):
         self.recipe, self.ranks, self.modules = recipe, ranks, recipe.modules
 
-    def delta(self, module: str) -> torch.Tensor:
+    def factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """B (out, k), A (k, in) float64 with B @ A the best rank-k approximation; the singular values on the
+        longer side's factor, the other orthonormal (the layout polytool writes, so that rounding both to a half
+        dtype is the ideal rounding of that artifact)."""
         D = self.recipe.delta(module)  # (out, in) float64
         k = self.ranks[module]
         U, s, Vh = torch.linalg.svd(D, full_matrices=False)  # (out, p), (p,), (p, in)
-        return (U[:, :k] * s[:k]) @ Vh[:k]  # (out, k) @ (k, in)
+        if D.shape[0] > D.shape[1]:
+            return U[:, :k] * s[:k], Vh[:k]
+        return U[:, :k], s[:k, None] * Vh[:k]
+
+    def delta(self, module: str) -> torch.Tensor:
+        B, A = self.factors(module)
+        return B @ A  # (out, k) @ (k, in)

@@ -169,8 +169,9 @@ def check_dense_weights(path: Path, base_dir: Path, adapter: PolyAdapter, delta:
             if target is None and key not in replaced:
                 if info.dtype == base.tensors[key].dtype:
                     error = 0.0 if same_bytes(st, base_st, key, key) else np.inf
-                else:
-                    error = compare(st, key, flat(base_st, key))[0]
+                else:  # converted: the base's value rounded once (counted in not_ideal where it is not that)
+                    error, off = compare(st, key, flat(base_st, key))
+                    not_ideal += off
                 counts["identical"] += 1
             else:
                 if target is not None:

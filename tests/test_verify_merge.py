@@ -1,0 +1,216 @@
+"""verify against every `polytool merge` output: each method, LoRA (rank-truncated) and dense, passes as written
+and fails where a wrong formula is put into the product's merge code (the mutant machinery of test_mutations).
+
+verify recomputes the recipe in its own code (polytool/verify/reference_merge.py, truncation.py), so a mutant
+of the product's trim, sign election, DARE rescale or generator, or of its truncation, must fail every artifact
+it writes (exit 1), and the artifacts it does not write must still pass. The table of exit codes goes into
+docs/ci.md between the merge-mutation-table markers (POLYTOOL_WRITE_DOCS=1 rewrites it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from polytool.cli import main
+from test_mutations import Patch, inject
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "fixtures"
+CI_DOC = ROOT / "docs" / "ci.md"
+BEGIN, END = "<!-- merge-mutation-table: begin -->", "<!-- merge-mutation-table: end -->"
+VERIFY_ARGS = ["--inputs", "2", "--seq-len", "12"]
+METHODS = {  # a label -> merge options (DARE's seed given, so that the recorded seed is not the default)
+    "linear": ["--method", "linear"], "ties": ["--method", "ties", "--density", "0.5"],
+    "ties-mergekit": ["--method", "ties", "--density", "0.4", "--majority-sign", "frequency", "--ties-variant",
+                      "mergekit", "--weights", "0.7,0.5,1.2"],
+    "magnitude_prune": ["--method", "magnitude_prune", "--density", "0.5"],
+    "dare_linear": ["--method", "dare_linear", "--density", "0.5", "--seed", "7"],
+    "dare_ties": ["--method", "dare_ties", "--density", "0.5", "--seed", "7"]}
+OUTPUTS = {"lora": ["--rank", "3"], "dense": ["--to", "dense", "--base", str(FIXTURES / "tiny-llama")],
+           "lora-energy-bf16": ["--energy", "0.9", "--dtype", "bfloat16"],
+           "dense-bf16": ["--to", "dense", "--base", str(FIXTURES / "tiny-llama"), "--dtype", "bfloat16"]}
+MM, LR = "polytool.core.merge_methods", "polytool.core.lowrank"
+
+
+@dataclass(frozen=True)
+class Mutant:  # test_mutations.inject takes its name and patches
+    name: str
+    what: str  # the wrong formula, for the table
+    patches: tuple[Patch, ...]
+    methods: tuple[str, ...]  # the methods whose merges it changes: those artifacts must fail
+    kinds: tuple[str, ...] = ("lora", "dense")  # the outputs it changes
+
+
+MUTANTS = [
+    Mutant("trim-threshold", "TIES / magnitude pruning keep 0.9 x int(density * numel) entries (a higher threshold)", (
+        Patch(MM, "magnitude_prune", "k = int(density * D.size)", "k = int(0.9 * density * D.size)"),),
+        ("ties", "ties-mergekit", "magnitude_prune")),
+    Mutant("sign-axis", "TIES' sign elected per column (summed over the rows) instead of per entry over the sources", (
+        Patch(MM, "ties_combine", "sign = np.where(elect >= 0,", "sign = np.where(elect.sum(axis=0, keepdims=True) >= 0,"),),
+        ("ties", "ties-mergekit", "dare_ties")),
+    Mutant("dare-rescale", "DARE's kept entries multiplied by density instead of divided by it", (
+        Patch(MM, "dare_prune", "D /= D.dtype.type(density)", "D *= D.dtype.type(density)"),),
+        ("dare_linear", "dare_ties")),
+    Mutant("dare-seed", "DARE's masks drawn with seed + 1 (the recipe records the seed given)", (
+        Patch(MM, "seed_for", "np.random.default_rng([seed, source, tag])",
+              "np.random.default_rng([seed + 1, source, tag])"),), ("dare_linear", "dare_ties")),
+    Mutant("svd-smallest", "the pruned merges' truncation keeps the smallest singular values", (
+        Patch(LR, "truncate_dense", "w, V = np.clip(w[::-1], 0.0, None), V[:, ::-1]", "w, V = np.clip(w, 0.0, None), V"),),
+        ("ties", "magnitude_prune", "dare_linear", "dare_ties"), ("lora",)),
+    Mutant("svd-drop-last", "the linear merge's truncation zeroes its k-th singular value (rank k, optimum k-1)", (
+        Patch(LR, "truncate_factored", "B_k = (Qb @ u[:, :k]) * s[:k]", "B_k = (Qb @ u[:, :k]) * s[:k] * (np.arange(k) < k - 1)"),),
+        ("linear",), ("lora",)),
+]
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def write_merges(out: Path, sources: list[str], methods, outputs) -> dict[tuple[str, str], Path]:
+    made = {}
+    for method in methods:
+        for kind in outputs:
+            path = out / f"{method}-{kind}"
+            res = cli("merge", *sources, *METHODS[method], *OUTPUTS[kind], "--out", path)
+            assert res.exit_code == 0, res.output
+            made[(method, kind)] = path
+    return made
+
+
+def verify_all(paths: dict) -> dict[tuple[str, str], bool]:
+    """One verify run over every artifact: {(method, kind): passed}; exit 1 exactly when one failed."""
+    args = [a for p in paths.values() for a in ("--against", p)]
+    res = cli("verify", FIXTURES / "mhr", *args, *VERIFY_ARGS, "--json")
+    assert res.exit_code in (0, 1), res.output
+    report = json.loads(res.stdout)
+    by_path = {c["artifact"]: c["passed"] for c in report["checks"]}
+    assert res.exit_code == (0 if all(by_path.values()) else 1)
+    return {key: by_path[str(p)] for key, p in paths.items()}
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """Two Poly tasks and a LoRA (the collapse of a third task): both kinds of source."""
+    out = tmp_path_factory.mktemp("merge-sources")
+    assert cli("collapse", FIXTURES / "mhr", "--task", "2", "--out", out / "task2").exit_code == 0
+    return [f"{FIXTURES / 'mhr'}:1", f"{FIXTURES / 'mhr'}:3", str(out / "task2")]
+
+
+@pytest.fixture(scope="module")
+def controls(sources, tmp_path_factory):
+    out = tmp_path_factory.mktemp("merge-controls")
+    made = write_merges(out, sources, METHODS, ("lora", "dense"))
+    made.update(write_merges(out, sources, ("ties", "dare_ties"), ("lora-energy-bf16", "dense-bf16")))
+    res = cli("merge", *sources, "--out", out / "linear-exact")  # the exact linear LoRA: the factors side by side
+    assert res.exit_code == 0, res.output
+    made[("linear", "exact")] = out / "linear-exact"
+    return made, verify_all(made)
+
+
+@pytest.fixture(scope="module")
+def table(sources, tmp_path_factory):
+    """{mutant: {(method, kind): passed}} for the artifacts each mutant writes differently."""
+    rows = {}
+    for mutant in MUTANTS:
+        with pytest.MonkeyPatch.context() as mp:
+            assert inject(mp, mutant) >= len(mutant.patches)
+            made = write_merges(tmp_path_factory.mktemp(mutant.name), sources, mutant.methods, mutant.kinds)
+        rows[mutant.name] = verify_all(made)
+    return rows
+
+
+def test_every_method_and_output_passes_as_written(controls):
+    made, passed = controls
+    assert passed == {key: True for key in made}
+
+
+@pytest.mark.parametrize("mutant", MUTANTS, ids=lambda m: m.name)
+def test_a_mutant_of_each_method_fails(table, mutant):
+    assert table[mutant.name] and not any(table[mutant.name].values()), table[mutant.name]
+
+
+def render(rows: dict) -> str:
+    lines = [BEGIN, "| mutant | wrong formula | methods it changes | LoRA (`--rank 3`): `verify --against` "
+             "| dense: `verify --against` |", "| --- | --- | --- | --- | --- |"]
+    for m in MUTANTS:
+        got = rows[m.name]
+        def code(kind):  # 1: every artifact of that kind failed; 0: every one passed
+            verdicts = {v for (_, k), v in got.items() if k == kind}
+            return "-" if not verdicts else "0" if verdicts == {True} else "1" if verdicts == {False} else "mixed"
+
+        lines.append(f"| `{m.name}` | {m.what} | {', '.join(m.methods)} | {code('lora')} | {code('dense')} |")
+    return "\n".join(lines + [END])
+
+
+def test_merge_mutation_table_in_docs(table):
+    block = render(table)
+    text = CI_DOC.read_text(encoding="utf-8")
+    assert text.count(BEGIN) == 1 and text.count(END) == 1, f"docs/ci.md needs one {BEGIN} ... {END} block"
+    if os.environ.get("POLYTOOL_WRITE_DOCS") == "1":
+        CI_DOC.write_text(re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S),
+                          encoding="utf-8")
+    assert block in CI_DOC.read_text(encoding="utf-8"), "docs/ci.md's merge mutation table is out of date: " \
+                                                        "rerun with POLYTOOL_WRITE_DOCS=1"
+
+
+def test_a_changed_or_missing_source_is_an_input_error_naming_it(sources, tmp_path):
+    lora = tmp_path / "source"
+    shutil.copytree(sources[2], lora)
+    res = cli("merge", sources[0], lora, "--method", "ties", "--density", "0.5", "--rank", "2", "--out", tmp_path / "m")
+    assert res.exit_code == 0, res.output
+    weights = lora / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + bytes(4))  # the last value's bytes changed
+    res = cli("verify", FIXTURES / "mhr", "--against", tmp_path / "m")
+    assert res.exit_code == 2 and f"source {str(lora)!r}" in res.stderr and "changed since the merge" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    shutil.rmtree(lora)
+    res = cli("verify", FIXTURES / "mhr", "--against", tmp_path / "m")
+    assert res.exit_code == 2 and f"source {str(lora)!r}" in res.stderr
+
+
+def test_another_seed_in_the_recipe_fails(controls, tmp_path):
+    """DARE's masks are the generator's for the recorded seed: the artifact's recipe edited to seed 8 fails."""
+    from safetensors.numpy import load_file, save_file
+    from safetensors import safe_open
+
+    made, _ = controls
+    bad = tmp_path / "seed8"
+    shutil.copytree(made[("dare_linear", "dense")], bad)
+    with safe_open(bad / "model.safetensors", "np") as f:
+        metadata = f.metadata()
+    recipe = json.loads(metadata["polytool.recipe"])
+    assert recipe["seed"] == 7
+    recipe["seed"] = 8
+    save_file(load_file(bad / "model.safetensors"), bad / "model.safetensors",
+              metadata={**metadata, "polytool.recipe": json.dumps(recipe)})
+    res = cli("verify", FIXTURES / "mhr", "--against", bad, *VERIFY_ARGS, "--json")
+    check = json.loads(res.stdout)["checks"][0]
+    assert res.exit_code == 1 and check["weights"]["first_bad"] is not None
+
+
+def test_an_untied_dense_merge_is_checked_in_one_model_copy(matrix_case, tmp_path):
+    """--untie: the tied lm_head target written as its own tensor, a pruned merge of two tasks: it passes,
+    and the same merge with another density recorded fails (the control)."""
+    case = matrix_case("qwen2-tied-lm_head")
+    out = tmp_path / "untied"
+    args = [f"{case.adapter_dir}:0", f"{case.adapter_dir}:1", "--method", "ties", "--density", "0.5", "--to", "dense",
+            "--untie", "--base", case.base_dir]
+    res = cli("merge", *args, "--out", out)
+    assert res.exit_code == 0, res.output
+    res = cli("verify", case.adapter_dir, "--base", case.base_dir, "--against", out, *VERIFY_ARGS, "--json")
+    assert res.exit_code == 0, res.output
+    check = json.loads(res.stdout)["checks"][0]
+    assert check["weights"]["first_bad"] is None and "weight space" in check["proof"]
+    args[5] = "0.3"
+    res = cli("merge", *args, "--out", tmp_path / "other")
+    assert res.exit_code == 0
+    other = json.loads(Path(tmp_path / "other" / "config.json").read_text())
+    assert other["tie_word_embeddings"] is False
