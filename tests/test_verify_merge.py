@@ -86,12 +86,17 @@ def write_merges(out: Path, sources: list[str], methods, outputs) -> dict[tuple[
 
 
 def verify_all(paths: dict) -> dict[tuple[str, str], bool]:
-    """One verify run over every artifact: {(method, kind): passed}; exit 1 exactly when one failed."""
+    """One verify run over every artifact: {(method, kind): passed}; exit 1 exactly when one failed. An artifact
+    that fails must fail its weight-space proof too (the dense weights, or the LoRA's rank optimality), not only
+    the forward: the recomputed recipe alone convicts it."""
     args = [a for p in paths.values() for a in ("--against", p)]
-    res = cli("verify", FIXTURES / "mhr", *args, *VERIFY_ARGS, "--json")
+    res = cli("verify", FIXTURES / "mhr", "--base", FIXTURES / "tiny-llama", *args, *VERIFY_ARGS, "--json")
     assert res.exit_code in (0, 1), res.output
     report = json.loads(res.stdout)
     by_path = {c["artifact"]: c["passed"] for c in report["checks"]}
+    for c in report["checks"]:
+        proof = c["weights"] if c["kind"] == "dense" else c["truncation"]
+        assert c["passed"] or (proof and proof["first_bad"]), c
     assert res.exit_code == (0 if all(by_path.values()) else 1)
     return {key: by_path[str(p)] for key, p in paths.items()}
 

@@ -15,8 +15,9 @@ from .render import handle_errors, progress, result
 @click.option("--base", "base_dir", type=click.Path(path_type=Path),
               help="Base model directory (default: the adapter's base_model_name_or_path, local or cached).")
 @click.option("--against", "against", multiple=True, type=click.Path(path_type=Path),
-              help="A collapsed artifact to check: LoRA dir, `collapse --task all` dir or dense model dir (repeatable). "
-                   "Without it: a self-check of the in-memory collapse.")
+              help="An artifact polytool wrote, to check: a LoRA, a dense model, a `--task all` folder, a merge (its "
+                   "recipe recomputed), a GGUF file or folder (with --gguf-base); repeatable, kinds mixed. Without it: "
+                   "a self-check of the in-memory collapse.")
 @click.option("--task", help="Task id, uniform or mean: the only task to self-check, or the task of artifacts "
                              "without provenance (overrides the recorded one).")
 @click.option("--atol", type=float, help="Absolute tolerance (default: by the dtype the artifact stores, docs/ci.md).")
@@ -38,7 +39,8 @@ from .render import handle_errors, progress, result
 @click.option("--offload-dir", type=click.Path(path_type=Path), help="With --max-memory: where the offloaded "
                                                                      "weights go (default: a temporary directory).")
 @click.option("--gguf-base", type=click.Path(path_type=Path), metavar="BASE.gguf",
-              help="With --against X.gguf: the base as GGUF; both run in llama.cpp (needs llama-cpp-python).")
+              help="For GGUF artifacts among --against: the base as GGUF; both run in llama.cpp (needs "
+                   "llama-cpp-python).")
 @json_option
 @handle_errors
 @packed("polytool.verify.options:VerifyOptions")
@@ -48,22 +50,15 @@ def verify(options, as_json: bool) -> None:
     Exit 0 when every check passes, 1 when any output differs beyond tolerance (or a task is a
     no-op), 2 for bad input. The report goes to stdout; docs/ci.md documents it.
     """
-    if options.gguf_base is not None or any(str(p).endswith(".gguf") for p in options.against):
-        from ..verify.gguf import gguf_report, render_gguf_report  # llama.cpp runs the artifacts
+    from ..verify.every import verify_every  # GGUF artifacts run in llama.cpp, the others in transformers
 
-        report = gguf_report(options)
-        result(report, as_json, render_gguf_report)
-        if not report["passed"]:
-            first = next(c for c in report["checks"] if not c["passed"])
-            raise VerificationError(f"{report['summary']['failed']} of {report['summary']['checks']} checks failed "
-                                    f"(first: task {first['task']}, gguf {first['artifact']})")
-        return
-    from ..verify import render_report, verify as run_verify
-
-    report = run_verify(options, progress=None if as_json else progress)
-    result(report, as_json, render_report)
+    report, render = verify_every(options, progress=None if as_json else progress)
+    result(report, as_json, render)
     if not report["passed"]:
         failed = [c for c in report["checks"] if not c["passed"]]
         first = failed[0]
+        if first["kind"] == "gguf":
+            raise VerificationError(f"{len(failed)} of {len(report['checks'])} checks failed "
+                                    f"(first: task {first['task']}, gguf {first['artifact']})")
         raise VerificationError(f"{len(failed)} of {len(report['checks'])} checks failed "
                                 f"(first: task {first['task']}, {first['kind']} {first['artifact']})")

@@ -145,9 +145,7 @@ class ReferenceRecipe:
         if method not in METHODS:
             raise PolytoolError(f"the merge recipe's method {method!r} is not one verify recomputes "
                                 f"({', '.join(METHODS)})")
-        density = recipe.get("density")
-        if method != "linear" and not (isinstance(density, (int, float)) and 0 < density <= 1):
-            raise PolytoolError(f"the merge recipe's density {density!r} is not a share in (0, 1]")
+        _check_fields(recipe)
         self.recipe, self.method = recipe, method
         self.weights = [float(w) for w in recipe["weights"]]
         self.sources = [self._open(s) for s in recipe["sources"]]
@@ -203,6 +201,23 @@ class ReferenceRecipe:
 
     def ambiguous(self, module: str) -> int:
         return 0 if self.method == "linear" else self.pruned(module).ambiguous
+
+
+def _check_fields(recipe: dict) -> None:
+    """The method's fields as `polytool merge` records them: the recipe is untrusted input."""
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+    rules = {"density": (lambda x: recipe["method"] == "linear" and x is None or number(x) and 0 < x <= 1,
+                         "a share in (0, 1]"),
+             "seed": (lambda x: x is None or isinstance(x, int) and not isinstance(x, bool) and x >= 0,
+                      "an integer >= 0"),
+             "majority_sign": (lambda x: x in (None, "total", "frequency"), "total or frequency"),
+             "ties_variant": (lambda x: x in (None, "peft", "mergekit"), "peft or mergekit"),
+             "rank": (lambda x: x is None or isinstance(x, int) and not isinstance(x, bool) and x >= 1,
+                      "an integer >= 1"),
+             "energy": (lambda x: x is None or number(x) and 0 < x <= 1, "a share in (0, 1]")}
+    for key, (ok, expected) in rules.items():
+        if not ok(recipe.get(key)):
+            raise PolytoolError(f"the merge recipe's {key} {recipe.get(key)!r} is not {expected}")
 
 
 def _read_lora_factors(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
