@@ -66,7 +66,9 @@ class Run(ModelWeights):
         if target.spec not in cache:
             recipe = target.reference or ReferenceRecipe(target.recipe)
             if target.truncation is not None:
-                recipe = BestRank(recipe, {row["module"]: row["rank"] for row in target.truncation["modules"]})
+                rows = target.truncation["modules"]
+                own = {r["module"]: _scaled(target.lora, r["module"]) for r in rows if r["degenerate"]}
+                recipe = BestRank(recipe, {r["module"]: r["rank"] for r in rows}, own)
             cache[target.spec] = recipe
         return cache[target.spec]
 
@@ -175,3 +177,11 @@ class Run(ModelWeights):
         with self.weights_in_place(ideal), swap_saved_modules(self.model, heads):
             out, modules = self.run(self.model, self.capture)
         return errors(out, live[0]), errors(modules, live[1])
+
+
+def _scaled(lora: Any, module: str) -> tuple:
+    """A LoRA artifact's factors of `module` as float64 tensors B * scaling (out, k), A (k, in)."""
+    import torch
+
+    A, B = lora.weights[module]
+    return torch.from_numpy(B).double() * lora.scalings[module], torch.from_numpy(A).double()

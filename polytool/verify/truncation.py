@@ -19,8 +19,8 @@ not exceed K; with --energy E its retained share of s^2 must reach E (within the
 
 The forward of a truncated merge is then compared with the best rank-k approximation of D (U_k S_k V_k.T,
 `BestRank`), which a truncation that is optimal equals up to rounding: it proves the LoRA, as loaded, computes
-the optimum. Where s_k and s_{k+1} coincide within the slack the best rank-k is not unique, and the module is
-flagged `degenerate` (its forward may then differ from this choice of the optimum).
+the optimum. Where s_k and s_{k+1} coincide within the slack the best rank-k is not unique: the module is
+flagged `degenerate`, and its forward takes the artifact's own factors (whose error was just proven optimal).
 """
 from __future__ import annotations
 
@@ -73,13 +73,16 @@ class BestRank:
     """The best rank-k approximation of each module's exact delta (k per module: the artifact's ranks), as a
     recipe-like object (`modules`, `delta`) for the forward reference of a truncated merge."""
 
-    def __init__(self, recipe: Any, ranks: dict[str, int]):
+    def __init__(self, recipe: Any, ranks: dict[str, int], own: dict[str, tuple] | None = None):
         self.recipe, self.ranks, self.modules = recipe, ranks, recipe.modules
+        self.own = own or {}  # degenerate modules: the artifact's own factors (their optimality proven above)
 
     def factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         """B (out, k), A (k, in) float64 with B @ A the best rank-k approximation; the singular values on the
         longer side's factor, the other orthonormal (the layout polytool writes, so that rounding both to a half
         dtype is the ideal rounding of that artifact)."""
+        if module in self.own:
+            return self.own[module]
         D = self.recipe.delta(module)  # (out, in) float64
         k = self.ranks[module]
         U, s, Vh = torch.linalg.svd(D, full_matrices=False)  # (out, p), (p,), (p, in)
