@@ -219,3 +219,67 @@ def test_an_untied_dense_merge_is_checked_in_one_model_copy(matrix_case, tmp_pat
     assert res.exit_code == 0
     other = json.loads(Path(tmp_path / "other" / "config.json").read_text())
     assert other["tie_word_embeddings"] is False
+
+
+def test_the_readme_ties_example_verifies_as_written(monkeypatch, tmp_path):
+    monkeypatch.chdir(ROOT)  # the README runs from the repository root (fixtures/ relative)
+    out = tmp_path / "out"
+    assert cli("collapse", "fixtures/poly", "--task", "1", "--out", out / "poly-task1", "--force").exit_code == 0
+    res = cli("merge", "fixtures/mhr:1", "fixtures/mhr:3", out / "poly-task1", "--method", "ties", "--density", "0.5",
+              "--rank", "4", "--out", out / "merged", "--force")
+    assert res.exit_code == 0, res.output
+    res = cli("verify", "fixtures/mhr", "--against", out / "merged")
+    assert res.exit_code == 0, res.output
+    assert "rank optimality" in res.stdout and "optimum" in res.stdout
+
+
+@pytest.mark.parametrize("field, value", [("ties_variant", "other"), ("seed", "7"), ("density", 1.5),
+                                          ("method", "svd"), ("rank", 0)])
+def test_a_recipe_with_a_field_merge_does_not_write_is_refused(controls, tmp_path, field, value):
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    made, _ = controls
+    bad = tmp_path / "bad"
+    shutil.copytree(made[("dare_ties", "lora")], bad)
+    file = bad / "adapter_model.safetensors"
+    with safe_open(file, "np") as f:
+        metadata = f.metadata()
+    recipe = {**json.loads(metadata["polytool.recipe"]), field: value}
+    save_file(load_file(file), file, metadata={**metadata, "polytool.recipe": json.dumps(recipe)})
+    res = cli("verify", FIXTURES / "mhr", "--base", FIXTURES / "tiny-llama", "--against", bad)
+    assert res.exit_code == 2 and "the merge recipe's" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_dare_masks_are_the_documented_generator():
+    """verify's masks (its own derivation from docs/merge.md) are the product's, bit for bit; another seed,
+    source or module draws others."""
+    import numpy as np
+
+    from polytool.core.merge_methods import seed_for
+    from polytool.verify.reference_merge import dare_keep
+
+    shape, module = (37, 23), "model.layers.0.self_attn.q_proj"
+    product = seed_for(5, 1, module).random(shape, dtype=np.float32) < np.float32(0.3)
+    assert np.array_equal(dare_keep(shape, 0.3, 5, 1, module), product)
+    for other in ((6, 1, module), (5, 0, module), (5, 1, module + "x")):
+        assert not np.array_equal(dare_keep(shape, 0.3, *other), product)
+
+
+def test_selections_within_rounding_are_ambiguous():
+    """An exact tie at the trim threshold, and a TIES vote that cancels, are counted as ambiguous and allow
+    either value; clear entries are not."""
+    import numpy as np
+
+    from polytool.verify.reference_merge import Pruned, top_k
+
+    D = np.array([[4.0, -3.0], [2.0, -2.0]])
+    keep, ambiguous = top_k(D, np.full(D.shape, 1e-7), 0.75)  # 3 of 4 kept: 4, -3 and one of the tied 2s
+    assert keep.sum() == 3 and ambiguous.tolist() == [[False, False], [True, True]]
+    keep, ambiguous = top_k(np.array([[4.0, -3.0], [2.0, -1.0]]), np.full(D.shape, 1e-7), 0.75)
+    assert not ambiguous.any()
+    recipe = {"method": "ties", "density": 1.0, "majority_sign": "total", "ties_variant": "peft"}
+    a, b = np.array([[1.0, 2.0]]), np.array([[-1.0, 1.0]])  # the first entry's vote is exactly 0
+    merged = Pruned([a, b], [np.full(a.shape, 1e-8)] * 2, [1.0, 1.0], recipe, "m")
+    assert merged.ambiguous == 1 and merged.delta[0, 1] == 1.5
+    assert merged.allowance[0, 0] >= 2.0 > 1e-3 > merged.allowance[0, 1]
