@@ -161,6 +161,20 @@ class Rule:
     multiple: float = 0.0
 
 
+def _weights_reason(weights: dict, dtype: str) -> str:
+    u = weights["first_bad_ulps"]
+    detail = f"{u:.3g} units in the last place; 1 allowed" if u is not None else "NaN/Inf, or not the base's bytes"
+    return (f"weight {weights['first_bad']} is not what it should be (the base's, plus the routed update "
+            f"where merged, rounded once to {dtype}): {detail}")
+
+
+def _rank_reason(truncation: dict) -> str:
+    row = next(r for r in truncation["modules"] if r["module"] == truncation["first_bad"])
+    return (f"module {row['module']}: rank {row['rank']} truncation error {row['error']:.3e} exceeds the best any "
+            f"rank-{row['rank']} LoRA can do, {row['optimum']:.3e}, by more than rounding ({row['slack']:.1e}), "
+            f"or its rank or retained energy {row['energy']:.4f} is not what the recipe asked")
+
+
 def make_check(target: Any, m: Measured, rule: Rule) -> dict:
     """One line of the report. A task whose live output equals the base's proves nothing (a no-op); the first
     module out of tolerance is where the error starts; a half-precision dense artifact passes where it stays
@@ -189,15 +203,9 @@ def make_check(target: Any, m: Measured, rule: Rule) -> dict:
     if problem:
         reason = problem
     elif weights_bad:
-        u = weights["first_bad_ulps"]
-        detail = f"{u:.3g} units in the last place; 1 allowed" if u is not None else "NaN/Inf, or not the base's bytes"
-        reason = (f"weight {weights['first_bad']} is not what it should be (the base's, plus the routed update "
-                  f"where merged, rounded once to {target.dtype}): {detail}")
+        reason = _weights_reason(weights, target.dtype)
     elif rank_bad:
-        row = next(r for r in truncation["modules"] if r["module"] == truncation["first_bad"])
-        reason = (f"module {row['module']}: rank {row['rank']} truncation error {row['error']:.3e} exceeds the best any "
-                  f"rank-{row['rank']} LoRA can do, {row['optimum']:.3e}, by more than rounding ({row['slack']:.1e}), "
-                  f"or its rank or retained energy {row['energy']:.4f} is not what the recipe asked")
+        reason = _rank_reason(truncation)
     elif bad:
         worst = rel(*modules[bad[0]])
         shown = "NaN or Inf" if math.isinf(worst) else f"max_rel_err {worst:.2e}"
