@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from polytool.cli import main
-from test_mutations import Patch, inject
+from test_mutations import Patch, inject, mutated
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
@@ -33,7 +33,7 @@ METHODS = {  # a label -> merge options (DARE's seed given, so that the recorded
     "magnitude_prune": ["--method", "magnitude_prune", "--density", "0.5"],
     "dare_linear": ["--method", "dare_linear", "--density", "0.5", "--seed", "7"],
     "dare_ties": ["--method", "dare_ties", "--density", "0.5", "--seed", "7"]}
-OUTPUTS = {"lora": ["--rank", "3"], "dense": ["--to", "dense", "--base", str(FIXTURES / "tiny-llama")],
+OUTPUTS = {"lora": ["--rank", "3"], "lora-exact": [], "dense": ["--to", "dense", "--base", str(FIXTURES / "tiny-llama")],
            "lora-energy-bf16": ["--energy", "0.9", "--dtype", "bfloat16"],
            "dense-bf16": ["--to", "dense", "--base", str(FIXTURES / "tiny-llama"), "--dtype", "bfloat16"]}
 MM, LR = "polytool.core.merge_methods", "polytool.core.lowrank"
@@ -49,6 +49,9 @@ class Mutant:  # test_mutations.inject takes its name and patches
 
 
 MUTANTS = [
+    Mutant("linear-unweighted", "the linear merge's factors side by side without their weights (each source at 1)", (
+        Patch("polytool.merge.recipe", "Merge.linear_factors", "np.concatenate([w * b for", "np.concatenate([b for"),),
+        ("linear",), ("lora", "lora-exact", "dense")),
     Mutant("trim-threshold", "TIES / magnitude pruning keep 0.9 x int(density * numel) entries (a higher threshold)", (
         Patch(MM, "magnitude_prune", "k = int(density * D.size)", "k = int(0.9 * density * D.size)"),),
         ("ties", "ties-mergekit", "magnitude_prune")),
@@ -70,6 +73,23 @@ MUTANTS = [
 ]
 
 
+def inject_all(mp, mutant: Mutant) -> int:
+    """test_mutations.inject for functions; a `Class.method` patch replaces the method on its class."""
+    import importlib
+
+    bound = 0
+    for patch in mutant.patches:
+        if "." not in patch.function:
+            bound += inject(mp, Mutant(mutant.name, mutant.what, (patch,), mutant.methods))
+            continue
+        owner_name, method = patch.function.split(".")
+        owner = getattr(importlib.import_module(patch.module), owner_name)
+        _, replacement = mutated(Patch(patch.module, method, patch.old, patch.new), mutant.name, owner)
+        mp.setattr(owner, method, replacement)
+        bound += 1
+    return bound
+
+
 def cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
@@ -87,8 +107,8 @@ def write_merges(out: Path, sources: list[str], methods, outputs) -> dict[tuple[
 
 def verify_all(paths: dict) -> dict[tuple[str, str], bool]:
     """One verify run over every artifact: {(method, kind): passed}; exit 1 exactly when one failed. An artifact
-    that fails must fail its weight-space proof too (the dense weights, or the LoRA's rank optimality), not only
-    the forward: the recomputed recipe alone convicts it."""
+    that fails must fail its weight-space proof too (the dense weights, or a truncated LoRA's rank optimality),
+    not only the forward: the recomputed recipe alone convicts it (an exact LoRA's proof is its forward)."""
     args = [a for p in paths.values() for a in ("--against", p)]
     res = cli("verify", FIXTURES / "mhr", "--base", FIXTURES / "tiny-llama", *args, *VERIFY_ARGS, "--json")
     assert res.exit_code in (0, 1), res.output
@@ -96,7 +116,8 @@ def verify_all(paths: dict) -> dict[tuple[str, str], bool]:
     by_path = {c["artifact"]: c["passed"] for c in report["checks"]}
     for c in report["checks"]:
         proof = c["weights"] if c["kind"] == "dense" else c["truncation"]
-        assert c["passed"] or (proof and proof["first_bad"]), c
+        exact_lora = c["kind"] == "lora" and proof is None  # its proof is the forward
+        assert c["passed"] or exact_lora or proof["first_bad"], c
     assert res.exit_code == (0 if all(by_path.values()) else 1)
     return {key: by_path[str(p)] for key, p in paths.items()}
 
@@ -114,9 +135,7 @@ def controls(sources, tmp_path_factory):
     out = tmp_path_factory.mktemp("merge-controls")
     made = write_merges(out, sources, METHODS, ("lora", "dense"))
     made.update(write_merges(out, sources, ("ties", "dare_ties"), ("lora-energy-bf16", "dense-bf16")))
-    res = cli("merge", *sources, "--out", out / "linear-exact")  # the exact linear LoRA: the factors side by side
-    assert res.exit_code == 0, res.output
-    made[("linear", "exact")] = out / "linear-exact"
+    made.update(write_merges(out, sources, ("linear",), ("lora-exact",)))  # the factors side by side
     return made, verify_all(made)
 
 
@@ -126,7 +145,7 @@ def table(sources, tmp_path_factory):
     rows = {}
     for mutant in MUTANTS:
         with pytest.MonkeyPatch.context() as mp:
-            assert inject(mp, mutant) >= len(mutant.patches)
+            assert inject_all(mp, mutant) >= len(mutant.patches)
             made = write_merges(tmp_path_factory.mktemp(mutant.name), sources, mutant.methods, mutant.kinds)
         rows[mutant.name] = verify_all(made)
     return rows
@@ -143,12 +162,12 @@ def test_a_mutant_of_each_method_fails(table, mutant):
 
 
 def render(rows: dict) -> str:
-    lines = [BEGIN, "| mutant | wrong formula | methods it changes | LoRA (`--rank 3`): `verify --against` "
+    lines = [BEGIN, "| mutant | wrong formula | methods it changes | LoRA (`--rank 3`; linear also exact): `verify --against` "
              "| dense: `verify --against` |", "| --- | --- | --- | --- | --- |"]
     for m in MUTANTS:
         got = rows[m.name]
         def code(kind):  # 1: every artifact of that kind failed; 0: every one passed
-            verdicts = {v for (_, k), v in got.items() if k == kind}
+            verdicts = {v for (_, k), v in got.items() if k.startswith(kind)}
             return "-" if not verdicts else "0" if verdicts == {True} else "1" if verdicts == {False} else "mixed"
 
         lines.append(f"| `{m.name}` | {m.what} | {', '.join(m.methods)} | {code('lora')} | {code('dense')} |")

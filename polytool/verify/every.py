@@ -12,17 +12,17 @@ from ..formats.provenance import TASKS_INDEX
 
 def is_gguf(path: Path) -> bool:
     """A GGUF file, or a folder of GGUF files (`collapse --to gguf --task all`: its task index names .gguf files)."""
-    import json
+    from ..formats.jsonfile import parse_json
 
     if path.suffix == ".gguf" and not path.is_dir():
         return True
     if not path.is_dir() or (path / "adapter_config.json").is_file() or (path / "config.json").is_file():
         return False
     try:
-        tasks = json.loads((path / TASKS_INDEX).read_text(encoding="utf-8")).get("tasks")
+        tasks = parse_json((path / TASKS_INDEX).read_text(encoding="utf-8")).get("tasks")
         return bool(tasks) and all(str(name).endswith(".gguf") for name in tasks.values())
-    except (OSError, ValueError, AttributeError):
-        return any(path.glob("*.gguf"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, AttributeError, TypeError):
+        return any(path.glob("*.gguf"))  # unreadable index: whoever reads it says why
 
 
 def verify_every(o, progress: Callable | None = None) -> tuple[dict, Callable[[dict], str]]:
