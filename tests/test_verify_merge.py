@@ -200,44 +200,47 @@ def test_a_changed_or_missing_source_is_an_input_error_naming_it(sources, tmp_pa
     assert res.exit_code == 2 and f"source {str(lora)!r}" in res.stderr
 
 
+def with_recipe(src: Path, dst: Path, change: dict) -> Path:
+    """A copy of artifact `src` at `dst` whose every safetensors file records the recipe with `change` applied."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(src, dst)
+    for file in dst.glob("*.safetensors"):
+        with safe_open(file, "np") as f:
+            metadata = f.metadata()
+        recipe = {**json.loads(metadata["polytool.recipe"]), **change}
+        save_file(load_file(file), file, metadata={**metadata, "polytool.recipe": json.dumps(recipe)})
+    return dst
+
+
 def test_another_seed_in_the_recipe_fails(controls, tmp_path):
     """DARE's masks are the generator's for the recorded seed: the artifact's recipe edited to seed 8 fails."""
-    from safetensors.numpy import load_file, save_file
-    from safetensors import safe_open
-
     made, _ = controls
-    bad = tmp_path / "seed8"
-    shutil.copytree(made[("dare_linear", "dense")], bad)
-    with safe_open(bad / "model.safetensors", "np") as f:
-        metadata = f.metadata()
-    recipe = json.loads(metadata["polytool.recipe"])
-    assert recipe["seed"] == 7
-    recipe["seed"] = 8
-    save_file(load_file(bad / "model.safetensors"), bad / "model.safetensors",
-              metadata={**metadata, "polytool.recipe": json.dumps(recipe)})
-    res = cli("verify", FIXTURES / "mhr", "--against", bad, *VERIFY_ARGS, "--json")
-    check = json.loads(res.stdout)["checks"][0]
-    assert res.exit_code == 1 and check["weights"]["first_bad"] is not None
+    for kind in ("dense", "lora"):
+        bad = with_recipe(made[("dare_linear", kind)], tmp_path / kind, {"seed": 8})
+        res = cli("verify", FIXTURES / "mhr", "--base", FIXTURES / "tiny-llama", "--against", bad, *VERIFY_ARGS,
+                  "--json")
+        check = json.loads(res.stdout)["checks"][0]
+        assert res.exit_code == 1 and (check["weights"] or check["truncation"])["first_bad"] is not None
 
 
 def test_an_untied_dense_merge_is_checked_in_one_model_copy(matrix_case, tmp_path):
-    """--untie: the tied lm_head target written as its own tensor, a pruned merge of two tasks: it passes,
-    and the same merge with another density recorded fails (the control)."""
+    """--untie: the tied lm_head target written as its own tensor, a pruned merge of two tasks: it passes in
+    one model copy, and the same artifact whose recipe says another density fails (the control)."""
     case = matrix_case("qwen2-tied-lm_head")
     out = tmp_path / "untied"
-    args = [f"{case.adapter_dir}:0", f"{case.adapter_dir}:1", "--method", "ties", "--density", "0.5", "--to", "dense",
-            "--untie", "--base", case.base_dir]
-    res = cli("merge", *args, "--out", out)
+    res = cli("merge", f"{case.adapter_dir}:0", f"{case.adapter_dir}:1", "--method", "ties", "--density", "0.5",
+              "--to", "dense", "--untie", "--base", case.base_dir, "--out", out)
     assert res.exit_code == 0, res.output
-    res = cli("verify", case.adapter_dir, "--base", case.base_dir, "--against", out, *VERIFY_ARGS, "--json")
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    verify = ["verify", case.adapter_dir, "--base", case.base_dir, *VERIFY_ARGS, "--json", "--against"]
+    res = cli(*verify, out)
     assert res.exit_code == 0, res.output
     check = json.loads(res.stdout)["checks"][0]
-    assert check["weights"]["first_bad"] is None and "weight space" in check["proof"]
-    args[5] = "0.3"
-    res = cli("merge", *args, "--out", tmp_path / "other")
-    assert res.exit_code == 0
-    other = json.loads(Path(tmp_path / "other" / "config.json").read_text())
-    assert other["tie_word_embeddings"] is False
+    assert check["weights"]["first_bad"] is None and check["weights"]["merged"] >= 1 and "weight space" in check["proof"]
+    res = cli(*verify, with_recipe(out, tmp_path / "other", {"density": 0.3}))
+    assert res.exit_code == 1 and json.loads(res.stdout)["checks"][0]["weights"]["first_bad"] is not None
 
 
 def test_the_readme_ties_example_verifies_as_written(monkeypatch, tmp_path):
@@ -255,17 +258,8 @@ def test_the_readme_ties_example_verifies_as_written(monkeypatch, tmp_path):
 @pytest.mark.parametrize("field, value", [("ties_variant", "other"), ("seed", "7"), ("density", 1.5),
                                           ("method", "svd"), ("rank", 0)])
 def test_a_recipe_with_a_field_merge_does_not_write_is_refused(controls, tmp_path, field, value):
-    from safetensors import safe_open
-    from safetensors.numpy import load_file, save_file
-
     made, _ = controls
-    bad = tmp_path / "bad"
-    shutil.copytree(made[("dare_ties", "lora")], bad)
-    file = bad / "adapter_model.safetensors"
-    with safe_open(file, "np") as f:
-        metadata = f.metadata()
-    recipe = {**json.loads(metadata["polytool.recipe"]), field: value}
-    save_file(load_file(file), file, metadata={**metadata, "polytool.recipe": json.dumps(recipe)})
+    bad = with_recipe(made[("dare_ties", "lora")], tmp_path / "bad", {field: value})
     res = cli("verify", FIXTURES / "mhr", "--base", FIXTURES / "tiny-llama", "--against", bad)
     assert res.exit_code == 2 and "the merge recipe's" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
