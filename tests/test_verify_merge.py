@@ -296,3 +296,33 @@ def test_selections_within_rounding_are_ambiguous():
     merged = Pruned([a, b], [np.full(a.shape, 1e-8)] * 2, [1.0, 1.0], recipe, "m")
     assert merged.ambiguous == 1 and merged.delta[0, 1] == 1.5
     assert merged.allowance[0, 0] >= 2.0 > 1e-3 > merged.allowance[0, 1]
+
+
+def test_exact_ties_at_the_threshold_pass_either_way(sources, tmp_path):
+    """A LoRA whose factors take two values has deltas full of exact ties, so the trim threshold falls among
+    equal magnitudes and the product keeps an arbitrary k of them (as torch.topk does): verify counts them as
+    ambiguous, allows either value in weight space, and its forward takes the artifact's own choice there."""
+    import numpy as np
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    tied = tmp_path / "tied"
+    shutil.copytree(sources[2], tied)
+    file = tied / "adapter_model.safetensors"
+    rng = np.random.default_rng(0)
+    with safe_open(file, "np") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors = {k: (np.sign(rng.standard_normal(v.shape)) * (0.25 if "lora_A" in k else 0.5)).astype(v.dtype)
+               for k, v in tensors.items()}
+    save_file(tensors, file, metadata=metadata)
+    made = {}
+    for kind, extra in (("dense", OUTPUTS["dense"]), ("lora", ["--rank", "2"])):
+        made[kind] = tmp_path / kind
+        res = cli("merge", sources[0], tied, "--method", "magnitude_prune", "--density", "0.3", *extra,
+                  "--out", made[kind])
+        assert res.exit_code == 0, res.output
+    res = cli("verify", FIXTURES / "mhr", "--base", FIXTURES / "tiny-llama", *VERIFY_ARGS, "--json",
+              *[a for p in made.values() for a in ("--against", p)])
+    assert res.exit_code == 0, res.output
+    dense, lora = json.loads(res.stdout)["checks"]
+    assert dense["weights"]["ambiguous"] > 100 and any(r["ambiguous"] for r in lora["truncation"]["modules"])

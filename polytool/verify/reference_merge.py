@@ -86,6 +86,7 @@ class Pruned:
         method, density = recipe["method"], recipe.get("density") or 1.0
         dare = method.startswith("dare")
         pruned, loose, unsure = [], [], np.zeros(deltas[0].shape, dtype=bool)
+        reach = sum(abs(w) * (np.abs(D) + e) for w, D, e in zip(weights, deltas, noise)) / density  # any choice's
         for i, (D, e) in enumerate(zip(deltas, noise)):
             if dare:
                 keep = dare_keep(D.shape, density, int(recipe.get("seed") or 0), i, module)
@@ -106,7 +107,7 @@ class Pruned:
         divisor = min([1.0] + [abs(w) for w in weights if w]) if recipe.get("ties_variant") == "mergekit" else 1.0
         self.ambiguous = int(unsure.sum())
         self.allowance = 4 * (sum(abs(w) * b for w, b in zip(weights, loose)) + len(deltas) * U32 * scale) / divisor
-        self.allowance[unsure] += 2 * scale[unsure] / divisor  # either choice's value
+        self.allowance[unsure] += 2 * reach[unsure] / divisor  # either choice's value, kept or dropped
 
 
 def _ties(P: list[np.ndarray], loose: list[np.ndarray], weights: list[float], recipe: dict):

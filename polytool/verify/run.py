@@ -14,7 +14,7 @@ from .lora_apply import attach_lora, swap_saved_modules
 from .options import VerifyOptions
 from .models import linear_layers, load_model, stored_dtype
 from .product import _product_dense, _product_lora, _saved
-from .swap import ModelWeights, _ideal_dense
+from .swap import ModelWeights, _ideal_dense, _is_conv1d
 
 
 class Run(ModelWeights):
@@ -60,15 +60,18 @@ class Run(ModelWeights):
         """The reference of a merged artifact's recipe (built once per recipe): its exact update, or for a
         truncated merge the best rank-k approximation of it at the artifact's ranks (truncation.py)."""
         from .reference_merge import ReferenceRecipe
-        from .truncation import BestRank
+        from .truncation import Adopted, BestRank
 
         cache = self.__dict__.setdefault("_recipes", {})
         if target.spec not in cache:
             recipe = target.reference or ReferenceRecipe(target.recipe)
-            if target.truncation is not None:
+            if target.truncation is not None:  # degenerate or ambiguous modules: the artifact's own (proven) factors
                 rows = target.truncation["modules"]
-                own = {r["module"]: _scaled(target.lora, r["module"]) for r in rows if r["degenerate"]}
+                own = {r["module"]: _scaled(target.lora, r["module"]) for r in rows if r["degenerate"] or r["ambiguous"]}
                 recipe = BestRank(recipe, {r["module"]: r["rank"] for r in rows}, own)
+            elif target.path is not None and (target.weights or {}).get("ambiguous"):
+                recipe = Adopted(recipe, {m: self._artifact_delta(target.path, m) for m in recipe.modules
+                                          if recipe.ambiguous(m)})
             cache[target.spec] = recipe
         return cache[target.spec]
 
@@ -151,6 +154,12 @@ class Run(ModelWeights):
                 return weight
 
             yield name, made
+
+    def _artifact_delta(self, path: Path, module: str):
+        """(out, in) float64: a dense artifact's merged weight of `module` less the base's."""
+        weight = dict(self._artifact_weights(path))[module]().double()  # the stored layout
+        delta = weight - self._checkpoint_weight(module).double()
+        return delta.T if _is_conv1d(self.layers[module]) else delta
 
     def lora_floor(self, target: Target, live: tuple[dict, dict]) -> tuple[dict, dict]:
         """Errors of the ideal truncated LoRA in the target's half dtype: the reference's best rank-k factors

@@ -20,7 +20,8 @@ not exceed K; with --energy E its retained share of s^2 must reach E (within the
 The forward of a truncated merge is then compared with the best rank-k approximation of D (U_k S_k V_k.T,
 `BestRank`), which a truncation that is optimal equals up to rounding: it proves the LoRA, as loaded, computes
 the optimum. Where s_k and s_{k+1} coincide within the slack the best rank-k is not unique: the module is
-flagged `degenerate`, and its forward takes the artifact's own factors (whose error was just proven optimal).
+flagged `degenerate`, and its forward takes the artifact's own factors (whose error was just proven optimal);
+so does a module with `ambiguous` entries (reference_merge.py), whose exact delta the definition leaves open.
 """
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ def check_truncation(lora: Any, recipe: Any, dtype: str) -> dict:
             first_bad = name
         worst = max(worst, error - optimum)
         rows.append({"module": name, "rank": k, "error": error, "optimum": optimum, "excess": error - optimum,
-                     "slack": slack, "energy": energy, "degenerate": degenerate, "passed": not bad})
+                     "slack": slack, "energy": energy, "degenerate": degenerate, "ambiguous": recipe.ambiguous(name),
+                     "passed": not bad})
     return {"modules": rows, "first_bad": first_bad, "worst_excess": worst if rows else 0.0,
             "asked": {"rank": asked_rank, "energy": asked_energy}}
 
@@ -93,3 +95,15 @@ class BestRank:
     def delta(self, module: str) -> torch.Tensor:
         B, A = self.factors(module)
         return B @ A  # (out, k) @ (k, in)
+
+
+class Adopted:
+    """A recipe whose delta, in the modules of `own`, is the artifact's own (out, in) delta: where the definition
+    leaves entries open (ambiguous selections) and the weight-space check has bounded them, the forward compares
+    the rest of the model with the reference and takes the artifact's choice there."""
+
+    def __init__(self, recipe: Any, own: dict[str, torch.Tensor]):
+        self.recipe, self.own, self.modules = recipe, own, recipe.modules
+
+    def delta(self, module: str) -> torch.Tensor:
+        return self.own[module] if module in self.own else self.recipe.delta(module)
