@@ -38,6 +38,7 @@ def _truncation_lines(truncation: dict | None) -> list[str]:
     for row in truncation["modules"]:
         flag = "" if row["passed"] else "  <- beyond rounding"
         flag += "  (s_k = s_k+1: the optimum is not unique)" if row["degenerate"] else ""
+        flag += f"  ({row['ambiguous']} entries ambiguous within rounding)" if row.get("ambiguous") else ""
         lines.append(f"        {row['module']:<40} rank {row['rank']:<3} error {row['error']:.6e} | optimum "
                      f"{row['optimum']:.6e}  excess {row['excess']:+.1e} (slack {row['slack']:.1e}){flag}")
     return lines
