@@ -29,7 +29,7 @@ VERIFY_ARGS = ["--inputs", "2", "--seq-len", "12"]
 METHODS = {  # a label -> merge options (DARE's seed given, so that the recorded seed is not the default)
     "linear": ["--method", "linear"], "ties": ["--method", "ties", "--density", "0.5"],
     "ties-mergekit": ["--method", "ties", "--density", "0.4", "--majority-sign", "frequency", "--ties-variant",
-                      "mergekit", "--weights", "0.7,0.5,1.2"],
+                      "mergekit", "--weights", "0.7,-0.5,1.2"],
     "magnitude_prune": ["--method", "magnitude_prune", "--density", "0.5"],
     "dare_linear": ["--method", "dare_linear", "--density", "0.5", "--seed", "7"],
     "dare_ties": ["--method", "dare_ties", "--density", "0.5", "--seed", "7"]}

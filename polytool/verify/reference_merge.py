@@ -98,20 +98,27 @@ class Pruned:
             pruned.append(P)
             # the noise of a kept entry, and of the product's float32 rescale; a dropped entry is exactly 0
             loose.append(np.where(P != 0, bound + np.abs(P) * U32, 0.0))
+        divisor, mergekit = 1.0, recipe.get("ties_variant") == "mergekit"
         if method in ("ties", "dare_ties"):
-            self.delta, unsure_vote = _ties(pruned, loose, weights, recipe)
+            self.delta, unsure_vote, divisor = _ties(pruned, loose, weights, recipe)
             unsure |= unsure_vote
         else:
             self.delta = sum(w * P for w, P in zip(weights, pruned))  # (out, in) float64
+        n, weight_sum = len(deltas), sum(abs(w) for w in weights)
         scale = sum(abs(w) * (np.abs(P) + b) for w, P, b in zip(weights, pruned, loose))  # sum_i |w_i| |P_i|
-        divisor = min([1.0] + [abs(w) for w in weights if w]) if recipe.get("ties_variant") == "mergekit" else 1.0
+        # the numerator's float32 error over the divisor; mergekit's divisor (a float32 sum of weights) has its own
+        self.allowance = 4 * (sum(abs(w) * b for w, b in zip(weights, loose)) + n * U32 * scale) / divisor
+        if mergekit:
+            self.allowance += 4 * n * U32 * weight_sum * np.abs(self.delta) / divisor
         self.ambiguous = int(unsure.sum())
-        self.allowance = 4 * (sum(abs(w) * b for w, b in zip(weights, loose)) + len(deltas) * U32 * scale) / divisor
-        self.allowance[unsure] += 2 * reach[unsure] / divisor  # either choice's value, kept or dropped
+        # either choice's value, kept or dropped (mergekit: over the smallest divisor a single weight can make)
+        smallest = min([1.0] + [abs(w) for w in weights if w]) if mergekit else 1.0
+        self.allowance[unsure] += 2 * reach[unsure] / smallest
 
 
 def _ties(P: list[np.ndarray], loose: list[np.ndarray], weights: list[float], recipe: dict):
-    """TIES' disjoint merge of the pruned deltas P_i (out, in): (merged delta, entries whose vote is ambiguous)."""
+    """TIES' disjoint merge of the pruned deltas P_i (out, in): (merged delta, entries whose vote is ambiguous,
+    the magnitude of each entry's divisor)."""
     mergekit = recipe.get("ties_variant") == "mergekit"
     total_vote = (recipe.get("majority_sign") or "total") == "total"
     voters = [w * p if mergekit else p for w, p in zip(weights, P)]
@@ -132,9 +139,8 @@ def _ties(P: list[np.ndarray], loose: list[np.ndarray], weights: list[float], re
         unsure |= u & (p != 0)  # a voter near zero: whether it agrees is rounding's choice
         total += np.where(agree, w * p, 0.0)
         divisor += np.where(agree, w if mergekit else 1.0, 0.0)
-    if mergekit:
-        return total / np.where(divisor == 0, 1.0, divisor), unsure
-    return total / np.maximum(divisor, 1.0), unsure
+    divisor = np.where(divisor == 0, 1.0, divisor) if mergekit else np.maximum(divisor, 1.0)  # 0 -> 1
+    return total / divisor, unsure, np.abs(divisor)
 
 
 class ReferenceRecipe:
