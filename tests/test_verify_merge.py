@@ -326,3 +326,19 @@ def test_exact_ties_at_the_threshold_pass_either_way(sources, tmp_path):
     assert res.exit_code == 0, res.output
     dense, lora = json.loads(res.stdout)["checks"]
     assert dense["weights"]["ambiguous"] > 100 and any(r["ambiguous"] for r in lora["truncation"]["modules"])
+
+
+def test_a_truncated_merge_missing_a_module_is_refused(controls, tmp_path):
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    made, _ = controls
+    bad = tmp_path / "bad"
+    shutil.copytree(made[("ties", "lora")], bad)
+    file = bad / "adapter_model.safetensors"
+    with safe_open(file, "np") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys() if ".layers.1.mlp.down_proj." not in k}
+    save_file(tensors, file, metadata=metadata)
+    res = cli("verify", FIXTURES / "mhr", "--base", FIXTURES / "tiny-llama", "--against", bad)
+    assert res.exit_code == 2 and "model.layers.1.mlp.down_proj" in res.stderr and "missing" in res.stderr

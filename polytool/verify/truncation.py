@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from ..errors import PolytoolError
+
 UNIT = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
 
 
@@ -40,10 +42,13 @@ def check_truncation(lora: Any, recipe: Any, dtype: str) -> dict:
     asked_rank, asked_energy = recipe.recipe.get("rank"), recipe.recipe.get("energy")
     rows, first_bad, worst = [], None, -math.inf
     for name in recipe.modules:
-        A, B = lora.weights[name]  # (k, in), (out, k)
+        D = recipe.delta(name)  # (out, in) float64
+        A, B = lora.weights.get(name, (None, None))  # (k, in), (out, k)
+        if A is None or A.shape[1] != D.shape[1] or B.shape != (D.shape[0], A.shape[0]):
+            raise PolytoolError(f"module {name!r} of the merge recipe: the LoRA's factors {_shapes(A, B)} do not make "
+                                f"its (out, in) {list(D.shape)} delta", lora.directory)
         k = A.shape[0]
         got = (torch.from_numpy(B).double() @ torch.from_numpy(A).double()) * lora.scalings[name]  # (out, k) @ (k, in)
-        D = recipe.delta(name)  # (out, in) float64
         s = torch.linalg.svdvals(D)  # descending
         norm = float(s.norm())
         allowance = recipe.allowance(name)
@@ -69,6 +74,10 @@ def check_truncation(lora: Any, recipe: Any, dtype: str) -> dict:
                      "passed": not bad})
     return {"modules": rows, "first_bad": first_bad, "worst_excess": worst if rows else 0.0,
             "asked": {"rank": asked_rank, "energy": asked_energy}}
+
+
+def _shapes(A: Any, B: Any) -> str:
+    return "missing" if A is None else f"lora_A {list(A.shape)} / lora_B {list(B.shape)}"
 
 
 class BestRank:
