@@ -237,6 +237,34 @@ def test_cli_exit_codes(gguf_case, tmp_path):
     assert tolerance.exit_code == 2 and "do not apply to a GGUF check" in tolerance.stderr
 
 
+def test_every_kind_in_one_run(gguf_case, tmp_path):
+    """verify --against a GGUF folder, a LoRA, a dense model and a merge at once: the GGUF files run in llama.cpp,
+    the others in transformers, one report lists each check with the proof that applied; --task 1 asked of all
+    of them fails those that hold another task (exit 1), and the task-1 ones still pass."""
+    adapter, base, base_gguf = gguf_case("llama-mhr")
+    collapse(str(adapter), "--task", "all", "--to", "gguf", "--base", str(base), "--out", str(tmp_path / "ggufs"))
+    collapse(str(adapter), "--task", "1", "--base", str(base), "--out", str(tmp_path / "lora"))
+    collapse(str(adapter), "--task", "2", "--to", "dense", "--base", str(base), "--out", str(tmp_path / "dense"))
+    merged = CliRunner().invoke(main, ["merge", f"{adapter}:0", f"{adapter}:1", "--method", "ties", "--density",
+                                       "0.5", "--rank", "2", "--out", str(tmp_path / "merged")])
+    assert merged.exit_code == 0, merged.output
+    run = ["verify", str(adapter), "--base", str(base), "--gguf-base", str(base_gguf), "--inputs", "2", "--seq-len", "16"]
+    against = lambda *names: [a for name in names for a in ("--against", str(tmp_path / name))]  # noqa: E731
+    args = run + against("ggufs", "lora", "dense", "merged")
+    res = CliRunner().invoke(main, args + ["--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    kinds = [c["kind"] for c in report["checks"]]
+    assert kinds.count("gguf") == load_adapter(adapter).n_tasks and {"lora", "dense"} <= set(kinds)
+    assert all(c["proof"] for c in report["checks"]) and report["summary"]["checks"] == len(kinds)
+    text = CliRunner().invoke(main, args)
+    assert text.exit_code == 0 and "proof: llama.cpp" in text.stdout and "all: PASS" in text.stdout
+    wrong = CliRunner().invoke(main, run + against("ggufs", "lora", "dense") + ["--task", "1", "--json"])
+    assert wrong.exit_code == 1
+    verdicts = {(c["kind"], c["task"], c["passed"]) for c in json.loads(wrong.stdout)["checks"]}
+    assert ("lora", 1, True) in verdicts and ("gguf", 1, True) in verdicts and ("dense", 1, False) in verdicts
+
+
 @pytest.mark.parametrize("name", ["llama-mhr", "phi3-fused"])
 def test_equals_llama_cpp_converter_tensor_for_tensor(gguf_case, converters, name, tmp_path):
     """Our GGUF == what convert_lora_to_gguf.py writes from our PEFT LoRA (collapse --to lora): names,

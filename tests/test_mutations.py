@@ -110,10 +110,11 @@ MUTANTS = [
 BLOCK_BYTES = 4096  # the dense writer's block in these runs: every merged weight is written in several blocks
 
 
-def mutated(patch: Patch, name: str):
-    """The function with `patch.old` replaced by `patch.new` in its source, compiled in its module."""
+def mutated(patch: Patch, name: str, owner=None):
+    """The function with `patch.old` replaced by `patch.new` in its source, compiled in its module (`owner`: the
+    class holding it, for a method)."""
     module = importlib.import_module(patch.module)
-    original = getattr(module, patch.function)
+    original = getattr(owner or module, patch.function)
     source = textwrap.dedent(inspect.getsource(original))
     assert source.count(patch.old) == 1, f"{patch.module}.{patch.function} changed: update mutant {name!r}"
     code = compile(source.replace(patch.old, patch.new), f"<mutant {name}: {patch.module}.{patch.function}>", "exec",

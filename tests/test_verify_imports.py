@@ -55,3 +55,6 @@ def test_the_scan_sees_imports():
     """The positive control: the self-check's product side imports the collapse formula, and the scan sees it."""
     assert "core.collapse" in product_imports(VERIFY / "product.py")
     assert product_imports(VERIFY / "reference.py") == {"errors"}
+    # the merge recipe and the rank-optimality proof: verify's own math, none of merge/, merge_methods, lowrank
+    assert product_imports(VERIFY / "reference_merge.py") == {"errors"}
+    assert product_imports(VERIFY / "truncation.py") == {"errors"}

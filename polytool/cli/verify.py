@@ -17,8 +17,9 @@ from .render import handle_errors, progress, result
               help="Base model directory, or a hub id org/name[@REV] (default: the adapter's base_model_name_or_path at its "
                    "recorded revision: local, cached or downloaded).")
 @click.option("--against", "against", multiple=True, type=click.Path(path_type=Path),
-              help="A collapsed artifact to check: LoRA dir, `collapse --task all` dir or dense model dir (repeatable). "
-                   "Without it: a self-check of the in-memory collapse.")
+              help="An artifact polytool wrote, to check: a LoRA, a dense model, a `--task all` folder, a merge (its "
+                   "recipe recomputed), a GGUF file or folder (with --gguf-base); repeatable, kinds mixed. Without it: "
+                   "a self-check of the in-memory collapse.")
 @click.option("--task", help="Task id, uniform or mean: the only task to self-check, or the task of artifacts "
                              "without provenance (overrides the recorded one).")
 @click.option("--atol", type=float, help="Absolute tolerance (default: by the dtype the artifact stores, docs/ci.md).")
@@ -40,7 +41,8 @@ from .render import handle_errors, progress, result
 @click.option("--offload-dir", type=click.Path(path_type=Path), help="With --max-memory: where the offloaded "
                                                                      "weights go (default: a temporary directory).")
 @click.option("--gguf-base", type=click.Path(path_type=Path), metavar="BASE.gguf",
-              help="With --against X.gguf: the base as GGUF; both run in llama.cpp (needs llama-cpp-python).")
+              help="For GGUF artifacts among --against: the base as GGUF; both run in llama.cpp (needs "
+                   "llama-cpp-python).")
 @json_option
 @handle_errors
 @packed("polytool.verify.options:VerifyOptions", needs="polytool verify")
@@ -52,28 +54,18 @@ def verify(options, as_json: bool, revision: str | None) -> None:
     """
     from dataclasses import replace
 
-    from ..extras import require
     from ..formats.hub import input_path
-
-    require("polytool verify")
+    from ..verify.every import verify_every  # GGUF artifacts run in llama.cpp, the others in transformers
 
     options = replace(options, adapter_dir=input_path(options.adapter_dir, revision))  # a hub id: its snapshot
-    if options.gguf_base is not None or any(str(p).endswith(".gguf") for p in options.against):
-        from ..verify.gguf import gguf_report, render_gguf_report  # llama.cpp runs the artifacts
 
-        report = gguf_report(options)
-        result(report, as_json, render_gguf_report)
-        if not report["passed"]:
-            first = next(c for c in report["checks"] if not c["passed"])
-            raise VerificationError(f"{report['summary']['failed']} of {report['summary']['checks']} checks failed "
-                                    f"(first: task {first['task']}, gguf {first['artifact']})")
-        return
-    from ..verify import render_report, verify as run_verify
-
-    report = run_verify(options, progress=None if as_json else progress)
-    result(report, as_json, render_report)
+    report, render = verify_every(options, progress=None if as_json else progress)
+    result(report, as_json, render)
     if not report["passed"]:
         failed = [c for c in report["checks"] if not c["passed"]]
         first = failed[0]
+        if first["kind"] == "gguf":
+            raise VerificationError(f"{len(failed)} of {len(report['checks'])} checks failed "
+                                    f"(first: task {first['task']}, gguf {first['artifact']})")
         raise VerificationError(f"{len(failed)} of {len(report['checks'])} checks failed "
                                 f"(first: task {first['task']}, {first['kind']} {first['artifact']})")

@@ -80,6 +80,8 @@ def run_checks(adapter: PolyAdapter, base_dir: Path, model: tuple[str, str], tar
             floor = errors(out, live[0]), errors(modules, live[1])
         elif half_dense:
             floor = run.floor(target, live)
+        elif target.truncation is not None and target.dtype in HALF:  # judged against its own ideal rounding
+            floor = run.lora_floor(target, live)
         measured = Measured(errors(out, live[0]), errors(modules, live[1]), effect, top1(out, live[0]),
                             kl(out, live[0]), floor)
         checks.append(make_check(target, measured, Rule(tol, options.allow_noop, options.max_kl, FLOOR_MULTIPLE)))
@@ -90,32 +92,47 @@ def run_checks(adapter: PolyAdapter, base_dir: Path, model: tuple[str, str], tar
 
 def _ideal_weights(target: Target, base_dtype: str) -> bool:
     """Every element of the artifact equals the ideal rounding (the weight-space check found so, with no trained
-    head and no tensor converted; or the self-check's product was): its forward is the rounding floor's,
-    which then need not be run again."""
+    head, every converted tensor the base's rounded once; or the self-check's product was): it is the ideal
+    artifact, so its forward is the rounding floor's, which then need not be run again."""
     if target.ideal:  # the self-check's product, compared with the ideal as it was made (Run._against_ideal)
         return True
     w = target.weights
     return bool(w) and w["not_ideal"] == 0 and w["replaced"] == 0 and w["first_bad"] is None \
-        and target.dtype == base_dtype
+        and (target.dtype == base_dtype or not target.whole)
 
 
 def _dense_weight_checks(targets: list[Target], adapter: PolyAdapter, base_dir: Path,
                          progress: Callable | None = None) -> None:
-    """Every dense artifact directory checked in weight space against the reference's update (weights.py)."""
-    from .reference import ReferenceAdapter, ReferenceRecipe
+    """Every dense artifact directory checked in weight space against the reference's update (weights.py); every
+    truncated merge LoRA against the optimum for its ranks (truncation.py)."""
+    from .reference import ReferenceAdapter
+    from .reference_merge import ReferenceRecipe
+    from .truncation import check_truncation
     from .weights import check_dense_weights
 
-    reference = None
+    reference, recipes = None, {}
     for target in targets:
+        if target.recipe is not None and target.spec not in recipes:
+            recipes[target.spec] = ReferenceRecipe(target.recipe)
+        if target.recipe is not None:
+            target.reference = recipes[target.spec]
+        if target.lora is not None and target.recipe is not None and _truncated(target.recipe):
+            target.truncation = check_truncation(target.lora, recipes[target.spec], target.dtype)
         if target.path is None:
             continue
         if target.recipe is not None:
-            recipe = ReferenceRecipe(target.recipe)
-            delta = recipe.delta
+            recipe = recipes[target.spec]
+            target.weights = check_dense_weights(target.path, base_dir, adapter, recipe.delta, progress,
+                                                 recipe.allowance)
+            target.weights["ambiguous"] = sum(recipe.ambiguous(m) for m in recipe.modules)
         else:
             reference = reference or ReferenceAdapter(adapter.directory)
             delta = (lambda ref, spec: lambda module: ref.update(module, spec))(reference, target.spec)
-        target.weights = check_dense_weights(target.path, base_dir, adapter, delta, progress)
+            target.weights = check_dense_weights(target.path, base_dir, adapter, delta, progress)
+
+
+def _truncated(recipe: dict) -> bool:
+    return recipe.get("rank") is not None or recipe.get("energy") is not None
 
 
 def _check_options(o: VerifyOptions) -> None:

@@ -56,6 +56,30 @@ class Target:
     ideal: bool | None = None  # the self-check's dense weights all equal the ideal rounding (compared as made)
     problem: str | None = None  # a reason it fails whatever its outputs (a recorded task that was not asked)
     whole: bool = False  # a dense artifact loaded as itself (its config differs from the base's), not swapped in
+    truncation: dict | None = None  # a truncated merge LoRA: per module its error beside the optimum (truncation.py)
+    reference: Any = None  # a merge's recomputed recipe (reference_merge.ReferenceRecipe), built once
+    proof: str = ""  # which proof applies to it, for the report
+
+    def __post_init__(self):
+        if not self.proof:
+            self.proof = proof_of(self)
+
+
+def proof_of(target: "Target") -> str:
+    """The line of the report that says how this artifact is proven."""
+    if target.label == "<in memory>":
+        return ("self-check: the product's collapse in memory, forward against the reference"
+                + (" (weights compared with the ideal rounding)" if target.kind == "dense" else ""))
+    if target.recipe is None:
+        return ("weight space (every tensor, 1 ulp) + forward against the routed reference" if target.kind == "dense"
+                else "forward: the LoRA applied as PEFT applies it, against the routed reference")
+    method = target.recipe.get("method")
+    head = f"merge recipe recomputed ({method}; sources re-read, sha256 checked)"
+    if target.kind == "dense":
+        return head + " + weight space (every tensor) + forward"
+    if target.recipe.get("rank") is not None or target.recipe.get("energy") is not None:
+        return head + " + rank optimality per module (error vs the Eckart-Young optimum) + forward against the best rank-k"
+    return head + " + forward: the LoRA applied as PEFT applies it"
 
 
 
@@ -135,9 +159,9 @@ def _lora_target(path: Path, adapter: PolyAdapter, override: str | None, given_b
     merged = _recipe_spec(path, lora.metadata)
     if merged is not None:  # modules and shapes are checked against the base and the config when applied
         recipe = merged[1]
-        notes = [f"truncated (--rank {recipe.get('rank')} / --energy {recipe.get('energy')}): compared with the exact "
-                 "merge, so the error shown is the truncation's (recorded per module in polytool.truncation)"] \
-            if recipe.get("rank") is not None or recipe.get("energy") is not None else []
+        notes = [f"truncated (--rank {recipe.get('rank')} / --energy {recipe.get('energy')}): each module's error from "
+                 "the exact merge is judged against the best any LoRA of its rank can do, and the forward against that "
+                 "best rank-k approximation"] if recipe.get("rank") is not None or recipe.get("energy") is not None else []
         return Target(merged[0], "lora", str(path), lora.dtype, lora=lora, recipe=recipe, notes=notes)
     spec, notes, problem = _task_of(path, lora.metadata, adapter, override, given_by)
     modules = {m.name: m for m in adapter.modules}

@@ -161,6 +161,20 @@ class Rule:
     multiple: float = 0.0
 
 
+def _weights_reason(weights: dict, dtype: str) -> str:
+    u = weights["first_bad_ulps"]
+    detail = f"{u:.3g} units in the last place; 1 allowed" if u is not None else "NaN/Inf, or not the base's bytes"
+    return (f"weight {weights['first_bad']} is not what it should be (the base's, plus the routed update "
+            f"where merged, rounded once to {dtype}): {detail}")
+
+
+def _rank_reason(truncation: dict) -> str:
+    row = next(r for r in truncation["modules"] if r["module"] == truncation["first_bad"])
+    return (f"module {row['module']}: rank {row['rank']} truncation error {row['error']:.3e} exceeds the best any "
+            f"rank-{row['rank']} LoRA can do, {row['optimum']:.3e}, by more than rounding ({row['slack']:.1e}), "
+            f"or its rank or retained energy {row['energy']:.4f} is not what the recipe asked")
+
+
 def make_check(target: Any, m: Measured, rule: Rule) -> dict:
     """One line of the report. A task whose live output equals the base's proves nothing (a no-op); the first
     module out of tolerance is where the error starts; a half-precision dense artifact passes where it stays
@@ -175,6 +189,8 @@ def make_check(target: Any, m: Measured, rule: Rule) -> dict:
     notes = list(target.notes)
     weights = getattr(target, "weights", None)
     weights_bad = bool(weights and weights.get("first_bad"))
+    truncation = getattr(target, "truncation", None)
+    rank_bad = bool(truncation and truncation.get("first_bad"))
     floor_err = None
     if floor_final is not None:
         floor_err = max(rel(*e) for e in floor_final.values())
@@ -187,10 +203,9 @@ def make_check(target: Any, m: Measured, rule: Rule) -> dict:
     if problem:
         reason = problem
     elif weights_bad:
-        u = weights["first_bad_ulps"]
-        detail = f"{u:.3g} units in the last place; 1 allowed" if u is not None else "NaN/Inf, or not the base's bytes"
-        reason = (f"weight {weights['first_bad']} is not what it should be (the base's, plus the routed update "
-                  f"where merged, rounded once to {target.dtype}): {detail}")
+        reason = _weights_reason(weights, target.dtype)
+    elif rank_bad:
+        reason = _rank_reason(truncation)
     elif bad:
         worst = rel(*modules[bad[0]])
         shown = "NaN or Inf" if math.isinf(worst) else f"max_rel_err {worst:.2e}"
@@ -217,6 +232,7 @@ def make_check(target: Any, m: Measured, rule: Rule) -> dict:
             "adapter_effect_rel": number(max(rel(*e) for e in effect.values())),
             "rounding_floor_rel": floor_err, "floor_multiple": multiple if floor is not None else None,
             "noop": noop, "atol": atol, "rtol": rtol,
-            "passed": not problem and not weights_bad and not bad and not final_bad and not kl_bad
+            "passed": not problem and not weights_bad and not rank_bad and not bad and not final_bad and not kl_bad
             and (allow_noop or not noop),
-            "reason": reason, "weights": weights, "notes": notes}
+            "reason": reason, "weights": weights, "truncation": truncation, "proof": getattr(target, "proof", None),
+            "notes": notes}

@@ -211,7 +211,9 @@ def _check(target: tuple, lora: np.ndarray, routed: np.ndarray, base: tuple[np.n
     return {"task": spec, "artifact": label, "kind": "gguf", "dtype": dtype, "max_abs_err": err,
             "max_rel_err": err / scale if scale else math.inf, "top1_agreement": top1, "adapter_effect": effect,
             "gguf_effect": gguf_effect, "floor": floor, "allowed": allowed, "noop": noop,
-            "passed": ok and (allow_noop or not noop), "reason": reason, "notes": notes}
+            "passed": ok and (allow_noop or not noop), "reason": reason, "notes": notes,
+            "proof": "llama.cpp runs the GGUF LoRA on --gguf-base; its logits against the routed reference, within "
+                     "llama.cpp's own floor (its base against transformers')"}
 
 
 def verify_gguf(adapter_dir: str | Path, base_dir: str | Path | None, gguf_lora: str | Path | list,
@@ -279,6 +281,7 @@ def render_gguf_report(report: dict) -> str:
         lines.append(f"{'PASS' if c['passed'] else 'FAIL'}  {task:<8} gguf  {c['artifact']}  {c['dtype']}  "
                      f"err {c['max_abs_err']:.2e}  floor {c['floor']:.2e}  allowed {c['allowed']:.2e}  "
                      f"effect {c['adapter_effect']:.2e}  top1 {100 * c['top1_agreement']:.1f}%")
+        lines += [f"      proof: {c['proof']}"] if c.get("proof") else []
         lines += [f"      {text}" for text in ([c["reason"]] if c["reason"] else []) + c["notes"]]
     s = report["summary"]
     lines += ["", f"summary: {'PASS' if report['passed'] else 'FAIL'}: {s['passed']} of {s['checks']} checks passed, "

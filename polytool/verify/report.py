@@ -30,6 +30,20 @@ def _rules(report: dict) -> list[str]:
     return lines
 
 
+def _truncation_lines(truncation: dict | None) -> list[str]:
+    """A truncated merge: per module its rank, its error from the exact merge and the Eckart-Young optimum."""
+    if not truncation:
+        return []
+    lines = ["      rank optimality (relative Frobenius error from the exact merge | the optimum for that rank):"]
+    for row in truncation["modules"]:
+        flag = "" if row["passed"] else "  <- beyond rounding"
+        flag += "  (s_k = s_k+1: the optimum is not unique)" if row["degenerate"] else ""
+        flag += f"  ({row['ambiguous']} entries ambiguous within rounding)" if row.get("ambiguous") else ""
+        lines.append(f"        {row['module']:<40} rank {row['rank']:<3} error {row['error']:.6e} | optimum "
+                     f"{row['optimum']:.6e}  excess {row['excess']:+.1e} (slack {row['slack']:.1e}){flag}")
+    return lines
+
+
 def render_report(report: dict) -> str:
     checks = report["checks"]
     used = {c["dtype"] for c in checks}
@@ -53,10 +67,14 @@ def render_report(report: dict) -> str:
                      f"{c['dtype']:<8}  abs {_fmt(c['max_abs_err'])}  rel {_fmt(c['max_rel_err'])}  "
                      f"modules {_fmt(c['module_max_rel_err'])}  top1 {_fmt(c['top1_agreement'], pct=True):>6}{kl}  "
                      f"effect {_fmt(c['adapter_effect_rel'])}{floor}")
+        if c.get("proof"):
+            lines.append(f"      proof: {c['proof']}")
         if c["weights"]:
             w = c["weights"]
+            ambiguous = f"; {w['ambiguous']} entries ambiguous within rounding" if w.get("ambiguous") else ""
             lines.append(f"      weights: {w['merged']} merged, {w['replaced']} trained heads, {w['identical']} as the "
-                         f"base's; max {w['max_ulps']:.3g} ulp from the exact rounding")
+                         f"base's; max {w['max_ulps']:.3g} ulp from the exact rounding{ambiguous}")
+        lines += _truncation_lines(c.get("truncation"))
         lines += [f"      {text}" for text in ([c["reason"]] if c["reason"] else []) + c["notes"]]
     s = report["summary"]
     verdict = "PASS" if report["passed"] else "FAIL"

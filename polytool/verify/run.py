@@ -14,7 +14,7 @@ from .lora_apply import attach_lora, swap_saved_modules
 from .options import VerifyOptions
 from .models import linear_layers, load_model, stored_dtype
 from .product import _product_dense, _product_lora, _saved
-from .swap import ModelWeights, _ideal_dense
+from .swap import ModelWeights, _ideal_dense, _is_conv1d
 
 
 class Run(ModelWeights):
@@ -57,12 +57,22 @@ class Run(ModelWeights):
         return forward(model, self.family, self.batches, capture, **extra)
 
     def recipe(self, target: Target):
-        """The reference of a merged artifact's recipe (built once per recipe)."""
-        from .reference import ReferenceRecipe
+        """The reference of a merged artifact's recipe (built once per recipe): its exact update, or for a
+        truncated merge the best rank-k approximation of it at the artifact's ranks (truncation.py)."""
+        from .reference_merge import ReferenceRecipe
+        from .truncation import Adopted, BestRank
 
         cache = self.__dict__.setdefault("_recipes", {})
         if target.spec not in cache:
-            cache[target.spec] = ReferenceRecipe(target.recipe)
+            recipe = target.reference or ReferenceRecipe(target.recipe)
+            if target.truncation is not None:  # degenerate or ambiguous modules: the artifact's own (proven) factors
+                rows = target.truncation["modules"]
+                own = {r["module"]: _scaled(target.lora, r["module"]) for r in rows if r["degenerate"] or r["ambiguous"]}
+                recipe = BestRank(recipe, {r["module"]: r["rank"] for r in rows}, own)
+            elif target.path is not None and (target.weights or {}).get("ambiguous"):
+                recipe = Adopted(recipe, {m: self._artifact_delta(target.path, m) for m in recipe.modules
+                                          if recipe.ambiguous(m)})
+            cache[target.spec] = recipe
         return cache[target.spec]
 
     def delta_of(self, target: Target) -> Callable[[str], Any]:
@@ -76,7 +86,7 @@ class Run(ModelWeights):
         """The reference's outputs and adapted modules' outputs for `target`'s task spec (or merge recipe)."""
         spec = target.spec
         if target.recipe is not None:
-            from .reference import merged
+            from .reference_merge import merged
 
             with merged(self.model, self.recipe(target)):
                 out, modules = self.run(self.model, self.capture)
@@ -145,6 +155,30 @@ class Run(ModelWeights):
 
             yield name, made
 
+    def _artifact_delta(self, path: Path, module: str):
+        """(out, in) float64: a dense artifact's merged weight of `module` less the base's."""
+        weight = dict(self._artifact_weights(path))[module]().double()  # the stored layout
+        delta = weight - self._checkpoint_weight(module).double()
+        return delta.T if _is_conv1d(self.layers[module]) else delta
+
+    def lora_floor(self, target: Target, live: tuple[dict, dict]) -> tuple[dict, dict]:
+        """Errors of the ideal truncated LoRA in the target's half dtype: the reference's best rank-k factors
+        (truncation.BestRank), rounded once to that dtype, applied as the artifact is (outputs, modules)."""
+        import torch
+
+        best, dtype = self.recipe(target), getattr(torch, target.dtype)
+        factors = {}
+        for module in best.modules:
+            B, A = best.factors(module)  # (out, k), (k, in) float64
+            factors[module] = (A.to(dtype).double().numpy(), B.to(dtype).double().numpy())  # rounded once
+        handles = attach_lora(self.layers, factors, 1.0)
+        try:
+            out, modules = self.run(self.model, self.capture)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return errors(out, live[0]), errors(modules, live[1])
+
     def floor(self, target: Target, live: tuple[dict, dict]) -> tuple[dict, dict]:
         """Errors of the ideal rounding of the dense weights to the target's dtype (outputs, modules)."""
         ideal = _ideal_dense(self.delta_of(target), list(self.capture), self.layers, self.base_weight, target.dtype)
@@ -152,3 +186,11 @@ class Run(ModelWeights):
         with self.weights_in_place(ideal), swap_saved_modules(self.model, heads):
             out, modules = self.run(self.model, self.capture)
         return errors(out, live[0]), errors(modules, live[1])
+
+
+def _scaled(lora: Any, module: str) -> tuple:
+    """A LoRA artifact's factors of `module` as float64 tensors B * scaling (out, k), A (k, in)."""
+    import torch
+
+    A, B = lora.weights[module]
+    return torch.from_numpy(B).double() * lora.scalings[module], torch.from_numpy(A).double()

@@ -43,9 +43,9 @@ def ulps(got: np.ndarray, want: np.ndarray, dtype: str) -> float:
     return _ulps(torch.as_tensor(np.asarray(got, np.float64)), torch.as_tensor(np.asarray(want, np.float64)), dtype)
 
 
-def _ulps(got, want, dtype: str, scale=None) -> float:
-    """ulps() on float64 torch tensors of one shape; with `scale` (|W0| + |U| per element), in units of the
-    allowed error: one ulp plus COMPUTE_EPS[dtype] * scale."""
+def _ulps(got, want, dtype: str, allow=None) -> float:
+    """ulps() on float64 torch tensors of one shape; with `allow` (an absolute error per element, e.g.
+    COMPUTE_EPS[dtype] * (|W0| + |U|)), in units of the allowed error: one ulp plus `allow`."""
     import torch
 
     if got.numel() == 0:
@@ -54,8 +54,8 @@ def _ulps(got, want, dtype: str, scale=None) -> float:
     _, exponent = torch.frexp(want)  # want = m 2^e, 0.5 <= |m| < 1: floor(log2 |want|) = e - 1
     exponent = torch.where(want == 0, emin, exponent - 1).clamp_(min=emin) - bits
     unit = torch.ldexp(torch.ones_like(want), exponent)
-    if scale is not None:
-        unit = unit.add_(scale, alpha=COMPUTE_EPS[dtype])
+    if allow is not None:
+        unit = unit.add_(allow)
     err = (got - want).abs_().div_(unit)
     worst = err.max()
     return float(worst) if bool(torch.isfinite(err).all()) else float("inf")
@@ -80,7 +80,7 @@ def compare(st: SafetensorsFile, key: str, want: Callable[[int, int], Any],
             scale: Callable[[int, int], Any] | None = None) -> tuple[float, int]:
     """(max ulps among the elements that are not the ideal rounding, how many those are) of tensor `key`
     against `want(lo, hi)`: the exact float64 values of its rows [lo, hi), flattened; with `scale(lo, hi)` (the
-    operands' |W0| + |U|, flattened) in units of the allowed error instead (see _ulps). An element equal to the
+    absolute error allowed beside one ulp, flattened) in units of the allowed error instead (see _ulps). An element equal to the
     ideal rounding (torch's of the exact value) is within half a unit by construction and is not measured."""
     if int(np.prod(st.shape(key))) == 0:
         return 0.0, 0
@@ -113,28 +113,35 @@ def same_bytes(a: SafetensorsFile, b: SafetensorsFile, key: str, key_b: str) -> 
     return all(np.array_equal(words(ra[i:i + step]), words(rb[i:i + step])) for i in range(0, len(ra), step))
 
 
-def _check_merged(st: SafetensorsFile, key: str, base_rows: Callable, update: Any, transposed: bool) -> tuple:
+def _check_merged(st: SafetensorsFile, key: str, base_rows: Callable, update: Any, transposed: bool,
+                  extra: Any = None) -> tuple:
     """compare() of a merged weight: the exact value is the base's rows (float64, exactly) plus the update's, the
-    allowance bounded by the operands |W0| + |U| (|U| = |B|.T @ |A|.T / r for a low-rank update)."""
+    allowance bounded by the operands |W0| + |U| (|U| = |B|.T @ |A|.T / r for a low-rank update), plus `extra`
+    (out, in), the absolute error the update's own definition allows per entry (a pruned merge's float32
+    arithmetic and ambiguous selections: reference_merge.py), where given."""
     import torch
 
     update = update.T if transposed else update  # (out, in) -> the stored layout
+    extra = None if extra is None else (extra.T if transposed else extra)
     size = abs(update)
+    eps = COMPUTE_EPS[st.dtype(key)]
 
     def exact(lo, hi):  # update's rows + base's, a new tensor
         return torch.add(update[lo:hi].reshape(-1), base_rows(lo, hi))
 
-    def operands(lo, hi):  # |W0| + |U| of rows [lo, hi)
-        return torch.add(size[lo:hi].reshape(-1).abs(), base_rows(lo, hi).abs())
+    def allowed(lo, hi):  # COMPUTE_EPS (|W0| + |U|) of rows [lo, hi), plus the definition's own allowance
+        bound = torch.add(size[lo:hi].reshape(-1).abs(), base_rows(lo, hi).abs()).mul_(eps)
+        return bound if extra is None else bound.add_(extra[lo:hi].reshape(-1))
 
-    return compare(st, key, exact, operands)
+    return compare(st, key, exact, allowed)
 
 
 def check_dense_weights(path: Path, base_dir: Path, adapter: PolyAdapter, delta: Any,
-                        progress: Callable | None = None) -> dict:
+                        progress: Callable | None = None, allowance: Callable | None = None) -> dict:
     """{"merged", "replaced", "identical", "max_ulps", "not_ideal", "first_bad", "first_bad_ulps"} for the dense
     model at `path`; `delta(module)` is the reference's (out, in) float64 update of each adapted module (a tensor,
-    or anything whose rows [lo:hi] are one, with a `.T`: reference.LowRankUpdate); `progress` as run_checks'."""
+    or anything whose rows [lo:hi] are one, with a `.T`: reference.LowRankUpdate); `progress` as run_checks';
+    `allowance(module)`: None, or the (out, in) absolute error the update's definition allows per entry."""
     import torch
 
     dense, base = open_base(path), open_base(base_dir)
@@ -162,12 +169,15 @@ def check_dense_weights(path: Path, base_dir: Path, adapter: PolyAdapter, delta:
             if target is None and key not in replaced:
                 if info.dtype == base.tensors[key].dtype:
                     error = 0.0 if same_bytes(st, base_st, key, key) else np.inf
-                else:
-                    error = compare(st, key, flat(base_st, key))[0]
+                else:  # converted: the base's value rounded once (counted in not_ideal where it is not that)
+                    error, off = compare(st, key, flat(base_st, key))
+                    not_ideal += off
                 counts["identical"] += 1
             else:
                 if target is not None:
-                    error, off = _check_merged(st, key, flat(base_st, source), delta(target.module), target.transposed)
+                    extra = None if allowance is None else allowance(target.module)
+                    error, off = _check_merged(st, key, flat(base_st, source), delta(target.module),
+                                               target.transposed, extra)
                     counts["merged"] += 1
                 else:
                     head = torch.from_numpy(adapter.tensor(replaced[key], np.float64))
