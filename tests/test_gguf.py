@@ -161,7 +161,7 @@ def collapse(*args: str) -> dict:
 def test_every_task_matches_the_routed_model_in_llama_cpp(gguf_case, name, tmp_path):
     """collapse --task all --to gguf: every task, run by llama.cpp, within the floor rule; a GGUF of
     another task fails (the negative control)."""
-    from polytool.verify.gguf import FLOOR_MULTIPLE, verify_gguf
+    from polytool.verify.gguf import GGUF_FLOOR_MULTIPLE as FLOOR_MULTIPLE, verify_gguf
 
     adapter, base, base_gguf = gguf_case(name)
     out = tmp_path / "ggufs"

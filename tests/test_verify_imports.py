@@ -14,7 +14,7 @@ import pytest
 
 VERIFY = Path(__file__).resolve().parent.parent / "polytool" / "verify"
 # facts and file formats: constants and parsers of what the files say, no math of the paths verify checks
-FORMAT_FACTS = {"errors", "architectures", "core.units", "formats.peft", "formats.jsonfile", "formats.provenance"}
+FORMAT_FACTS = {"errors", "architectures", "core.units", "formats.adapter_dir", "formats.jsonfile", "formats.provenance"}
 SHARED = {  # module -> the product modules it may import beyond FORMAT_FACTS, and why (docs/ci.md)
     "__init__": {"formats.adapter", "formats.base"},  # the adapter validated on input; the base located
     "artifacts": {"formats.adapter", "formats.base", "formats.lora"},  # LoRA artifacts read (values checked by

@@ -22,7 +22,7 @@ from ..errors import CheckpointError, PolytoolError
 from ..formats.adapter import PolyAdapter
 from ..formats.base import require_dir
 
-FAMILIES = {"CAUSAL_LM": False, "SEQ_2_SEQ_LM": True}  # task type -> seq2seq
+SEQ2SEQ_BY_TASK = {"CAUSAL_LM": False, "SEQ_2_SEQ_LM": True}  # task type -> seq2seq
 
 
 class NewTaskRow(nn.Module):
@@ -51,8 +51,8 @@ class AdaptModel:
 def _family(adapter: PolyAdapter, config: Any, base_dir: Path) -> bool:
     """True for an encoder-decoder base; PolytoolError for a model adapt cannot train (not a language model)."""
     task_type = adapter.task_type
-    if task_type in FAMILIES:
-        return FAMILIES[task_type]
+    if task_type in SEQ2SEQ_BY_TASK:
+        return SEQ2SEQ_BY_TASK[task_type]
     archs = list(getattr(config, "architectures", None) or [])
     if task_type is None and any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
         return False

@@ -22,7 +22,7 @@ from ..errors import AdapterError
 from ..formats.adapter import SUFFIXES, PolyAdapter
 from ..formats.atomic import atomic_output_dir
 from ..formats.jsonfile import write_json
-from ..formats.peft import CONFIG_NAME, PREFIX, WEIGHTS_NAME
+from ..formats.adapter_dir import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 from ..formats.safetensors import SafetensorsFile, cast_float
 from ..formats.safetensors_writer import SafetensorsWriter, TensorSpec
 

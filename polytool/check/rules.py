@@ -26,7 +26,7 @@ from ..errors import PolytoolError
 from ..formats.base import BaseCheckpoint, find_key, open_base, optional_base
 from ..formats.lora import NESTED_REPEAT, LoraFacts, read_lora_facts
 from ..formats.manifest import VLLM_RANKS, vllm_max_lora_rank
-from ..formats.peft import PREFIX
+from ..formats.adapter_dir import PREFIX
 from ..formats.safetensors import FLOAT_DTYPES
 
 STACKS = ("vllm", "tgi", "llama.cpp", "peft")

@@ -16,7 +16,7 @@ from ..errors import AdapterError, CheckpointError
 from ..formats.adapter import PolyAdapter
 from ..formats.base import (INDEX_NAME, SINGLE_NAME, BaseCheckpoint, find_tensor, match_targets, open_base,
                             optional_base, read_config)
-from ..formats.peft import PREFIX
+from ..formats.adapter_dir import PREFIX
 from ..formats.safetensors import SafetensorsFile
 
 

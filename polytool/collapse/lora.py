@@ -23,7 +23,7 @@ from ..formats.atomic import atomic_output_dir, check_output
 from ..formats.cards import lora_card
 from ..formats.jsonfile import write_json
 from ..formats.manifest import MANIFEST_JSON, MANIFEST_MD, write_manifest
-from ..formats.peft import CONFIG_NAME, PREFIX, WEIGHTS_NAME
+from ..formats.adapter_dir import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 from ..formats.provenance import TASKS_INDEX, TRUNCATION_KEY, provenance, truncation_record, write_tasks_index
 from ..formats.safetensors import cast_float
 from ..formats.safetensors_writer import SafetensorsWriter, TensorSpec

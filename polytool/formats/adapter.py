@@ -23,7 +23,7 @@ from .safetensors import FLOAT_DTYPES, SafetensorsFile
 from ..architectures import SAVED_EMBEDDING_NAMES, TASK_HEADS
 from .hub import input_path
 from .jsonfile import parse_json
-from .peft import BIN_NAME, CONFIG_NAME, PICKLE_REFUSED, PREFIX, WEIGHTS_NAME, pickle_allowed, saved_owner
+from .adapter_dir import BIN_NAME, CONFIG_NAME, PICKLE_REFUSED, PREFIX, WEIGHTS_NAME, pickle_allowed, saved_owner
 from .provenance import sha256_file
 from ..errors import AdapterError, PolytoolError
 from ..core.routing import eval_weights, spec_weights

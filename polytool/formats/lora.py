@@ -29,7 +29,7 @@ from .safetensors import FLOAT_DTYPES, TORCH_NAMES, SafetensorsFile
 from ..architectures import TASK_HEADS
 from .base import is_directory
 from .jsonfile import parse_json
-from .peft import CONFIG_NAME, PREFIX, WEIGHTS_NAME, saved_owner
+from .adapter_dir import CONFIG_NAME, PREFIX, WEIGHTS_NAME, saved_owner
 from ..errors import AdapterError, PolytoolError
 
 SUFFIX_A, SUFFIX_B, SUFFIX_BIAS = ".lora_A.weight", ".lora_B.weight", ".lora_B.bias"

@@ -13,7 +13,7 @@ from ..core.collapse import collapse_factors
 from ..core.taskspec import parse_task_spec, spec_label
 from ..errors import AdapterError, PolytoolError
 from ..formats.hub import is_repo_id, local_or_hub, split_revision
-from ..formats.peft import WEIGHTS_NAME, peft_type
+from ..formats.adapter_dir import WEIGHTS_NAME, peft_type
 from ..formats.provenance import sha256_file
 
 

@@ -15,7 +15,7 @@ from ..errors import PolytoolError
 from ..formats.atomic import atomic_output_dir, check_output
 from ..formats.base import open_base
 from ..formats.cards import merge_card
-from ..formats.peft import CONFIG_NAME, WEIGHTS_NAME
+from ..formats.adapter_dir import CONFIG_NAME, WEIGHTS_NAME
 from ..formats.provenance import RECIPE_KEY, TRUNCATION_KEY, truncation_record
 from .recipe import Merge
 from .recipe_file import RECIPE_FILE

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from ..architectures import DEFAULT_TARGET_MODULES
-from ..formats.peft import CONFIG_NAME
+from ..formats.adapter_dir import CONFIG_NAME
 from ..errors import PolytoolError
 
 PEFT_TYPE = "POLY"

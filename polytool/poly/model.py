@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..architectures import PEFT_EMBEDDING_TARGETS, SAVED_EMBEDDING_NAMES
-from ..formats.peft import PREFIX, WEIGHTS_NAME
+from ..formats.adapter_dir import PREFIX, WEIGHTS_NAME
 from ..formats.adapter import load_adapter as read_adapter
 from ..errors import AdapterError
 from .config import CONFIG_NAME, PolyConfig, PolyValueError, default_target_modules

@@ -14,7 +14,7 @@ runtime's own floor first and judges the adapter against it:
     floor    = max |base - hf_base|           what llama.cpp vs transformers costs with no adapter
     err      = max |lora - routed|            the GGUF LoRA against the routed model
     effect   = max |routed - hf_base|         what the adapter changes (the no-op control)
-    passed   = err <= FLOOR_MULTIPLE * floor + DTYPE_SHARE[dtype] * effect
+    passed   = err <= GGUF_FLOOR_MULTIPLE * floor + DTYPE_SHARE[dtype] * effect
                and effect >= EFFECT_MULTIPLE * floor  (else a no-op: the check proves nothing)
 
 DTYPE_SHARE is the rounding a 16-bit GGUF adds, as a share of the adapter's effect (F32: none).
@@ -39,9 +39,9 @@ from ..formats.adapter import load_adapter
 from ..formats.base import resolve_base_dir
 from ..formats.gguf import read_gguf_lora
 from ..formats.provenance import TASKS_INDEX
+from .inputs import SEED  # the seed of the random inputs, as for every verify run
 
-SEED = 0
-FLOOR_MULTIPLE = 4.0  # err may reach this multiple of the floor (F32 GGUFs measured 0.8x to 2.1x, docs/serving.md)
+GGUF_FLOOR_MULTIPLE = 4.0  # err may reach this multiple of the floor (F32 GGUFs measured 0.8x to 2.1x, docs/serving.md)
 EFFECT_MULTIPLE = 20.0  # below this multiple of the floor the adapter's effect is not "far above" it
 FLOOR_REFUSE = 1e-2  # floor / max|hf_base| above this: the base GGUF is not the HF base
 DTYPE_SHARE = {"F32": 0.0, "F16": 2e-3, "BF16": 1.5e-2}  # measured at most 8e-4 and 5e-3
@@ -193,14 +193,14 @@ def _check(target: tuple, lora: np.ndarray, routed: np.ndarray, base: tuple[np.n
     gguf_effect = float(np.abs(lora - base[0]).max())
     err = float(np.abs(lora - routed).max())
     scale = float(np.abs(routed).max())
-    allowed = max(FLOOR_MULTIPLE * floor, 1e-6) + DTYPE_SHARE[dtype] * effect
+    allowed = max(GGUF_FLOOR_MULTIPLE * floor, 1e-6) + DTYPE_SHARE[dtype] * effect
     noop = effect < EFFECT_MULTIPLE * floor
     ok = err <= allowed and math.isfinite(err)
     if problem:  # a recorded task that was not asked fails whatever llama.cpp computes
         ok, reason = False, problem
     elif not ok:
         reason = (f"max |lora - routed| {err:.2e} is above the allowance {allowed:.2e} "
-                  f"({FLOOR_MULTIPLE:g} x floor {floor:.2e} + {DTYPE_SHARE[dtype]:g} x effect)")
+                  f"({GGUF_FLOOR_MULTIPLE:g} x floor {floor:.2e} + {DTYPE_SHARE[dtype]:g} x effect)")
     elif noop:
         reason = (f"no-op: the adapter's effect {effect:.2e} is not far above llama.cpp's floor {floor:.2e} "
                   f"(needs {EFFECT_MULTIPLE:g} x), so the check proves nothing"
@@ -266,7 +266,7 @@ def gguf_report(o) -> dict:
     return {"passed": n_passed == len(checks), "adapter": str(o.adapter_dir), "gguf_base": str(o.gguf_base),
             "runtime": "llama.cpp (llama-cpp-python, n_threads 1)", "reference": "transformers float32 + PolyModel",
             "inputs": {"source": "random", "sequences": o.n_inputs, "seq_len": o.seq_len or 32, "seed": SEED},
-            "rule": {"floor_multiple": FLOOR_MULTIPLE, "effect_multiple": EFFECT_MULTIPLE, "dtype_share": DTYPE_SHARE},
+            "rule": {"floor_multiple": GGUF_FLOOR_MULTIPLE, "effect_multiple": EFFECT_MULTIPLE, "dtype_share": DTYPE_SHARE},
             "checks": checks, "summary": {"checks": len(checks), "passed": n_passed, "failed": len(checks) - n_passed}}
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from ..architectures import TASK_HEADS
 from ..errors import PolytoolError
 from ..formats.lora import LoraArtifact, _check_config, _init_kind
-from ..formats.peft import CONFIG_NAME
+from ..formats.adapter_dir import CONFIG_NAME
 
 MIN_TARGETS_TO_MINIMISE = 20  # PEFT's MIN_TARGET_MODULES_FOR_OPTIMIZATION
 # What PEFT leaves in a wrapped module that the file has no tensors for, by init_lora_weights.

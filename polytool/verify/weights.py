@@ -28,7 +28,7 @@ from ..formats.safetensors import SafetensorsFile
 from ..collapse.fit import saved_module_keys
 
 # stored dtype -> (explicit mantissa bits, smallest normal exponent)
-FORMATS = {"F64": (52, -1022), "F32": (23, -126), "BF16": (7, -126), "F16": (10, -14)}
+FLOAT_BITS = {"F64": (52, -1022), "F32": (23, -126), "BF16": (7, -126), "F16": (10, -14)}
 CHUNK = 1 << 18  # elements compared at once (2 MB in float64: the passes over a chunk stay in cache)
 # The precision a writer may compute a merged weight in before its one rounding to the stored dtype: float32
 # for half-precision outputs (float64 for wider ones), times a margin for the r products and the add.
@@ -50,7 +50,7 @@ def _ulps(got, want, dtype: str, allow=None) -> float:
 
     if got.numel() == 0:
         return 0.0
-    bits, emin = FORMATS[dtype]
+    bits, emin = FLOAT_BITS[dtype]
     _, exponent = torch.frexp(want)  # want = m 2^e, 0.5 <= |m| < 1: floor(log2 |want|) = e - 1
     exponent = torch.where(want == 0, emin, exponent - 1).clamp_(min=emin) - bits
     unit = torch.ldexp(torch.ones_like(want), exponent)
