@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_startup import make_adapter  # noqa: E402
+from bench_startup import make_adapter, polytool_command  # noqa: E402
 
 
 def best_of(cmd: list[str], repeat: int) -> tuple[float, float]:
@@ -45,9 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5, help="runs per command; the best is reported")
     args = parser.parse_args()
-    exe = shutil.which("polytool", path=str(Path(sys.executable).parent)) or shutil.which("polytool")
-    if exe is None:
-        sys.exit("the polytool command is not installed (pip install -e .)")
+    exe = polytool_command()
     with tempfile.TemporaryDirectory() as tmp:
         adapter, out = Path(tmp) / "adapter", Path(tmp) / "out"
         adapter.mkdir()

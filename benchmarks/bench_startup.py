@@ -63,14 +63,19 @@ def best_of(cmd: list[str], repeat: int) -> float:
     return min(times)
 
 
+def polytool_command() -> str:
+    """The installed polytool command beside this Python (else on PATH); exits naming the install step."""
+    exe = shutil.which("polytool", path=str(Path(sys.executable).parent)) or shutil.which("polytool")
+    if exe is None:
+        sys.exit("the polytool command is not installed (pip install -e .)")
+    return exe
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5, help="runs per command; the best is reported")
     args = parser.parse_args()
-    exe = shutil.which("polytool", path=str(Path(sys.executable).parent)) or shutil.which("polytool")
-    if exe is None:
-        sys.exit("the polytool command is not installed (pip install -e .)")
-    polytool = [exe]
+    polytool = [polytool_command()]
     with tempfile.TemporaryDirectory() as tmp:
         adapter = Path(tmp)
         size = make_adapter(adapter)

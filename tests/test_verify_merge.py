@@ -9,8 +9,6 @@ docs/ci.md between the merge-mutation-table markers (POLYTOOL_WRITE_DOCS=1 rewri
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from polytool.cli import main
-from test_mutations import Patch, inject, mutated
+from test_mutations import Patch, doc_block_is_current, inject, mutated
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
@@ -175,14 +173,8 @@ def render(rows: dict) -> str:
 
 
 def test_merge_mutation_table_in_docs(table):
-    block = render(table)
-    text = CI_DOC.read_text(encoding="utf-8")
-    assert text.count(BEGIN) == 1 and text.count(END) == 1, f"docs/ci.md needs one {BEGIN} ... {END} block"
-    if os.environ.get("POLYTOOL_WRITE_DOCS") == "1":
-        CI_DOC.write_text(re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S),
-                          encoding="utf-8")
-    assert block in CI_DOC.read_text(encoding="utf-8"), "docs/ci.md's merge mutation table is out of date: " \
-                                                        "rerun with POLYTOOL_WRITE_DOCS=1"
+    assert doc_block_is_current(CI_DOC, BEGIN, END, render(table)), \
+        "docs/ci.md's merge mutation table is out of date: rerun with POLYTOOL_WRITE_DOCS=1"
 
 
 def test_a_changed_or_missing_source_is_an_input_error_naming_it(sources, tmp_path):
