@@ -373,3 +373,21 @@ def test_lora_manifest_lines(matrix_case, tmp_path):
     assert json.loads(tokens[tokens.index("--lora-modules") + 1]) == {
         "name": "task-0", "path": paths[0], "base_model_name": load_adapter(case.adapter_dir).base_model_name_or_path}
     assert manifest["tgi"]["lines"][0] in result.stdout and (out / "SERVING.md").is_file()
+
+
+def test_shipped_gguf_base_is_llama_cpps_conversion_of_the_fixture(converters, tmp_path):
+    """fixtures/tiny-llama.gguf is what fixtures/make_gguf_base.py makes with llama.cpp's converter, byte for
+    byte, and llama.cpp computes the HF fixture with it: the README's `verify --gguf-base` line rests on it."""
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures"
+    sys.path.insert(0, str(fixtures))
+    import make_gguf_base
+
+    out = tmp_path / "tiny-llama.gguf"
+    make_gguf_base.convert(converters, out)
+    assert out.read_bytes() == make_gguf_base.OUT.read_bytes()
+    # and a correct GGUF LoRA of a trained adapter passes on it, another task's fails (the negative control)
+    collapse(str(fixtures / "mhr"), "--task", "2", "--to", "gguf", "--out", str(tmp_path / "t2.gguf"))
+    for task, code in (("2", 0), ("1", 1)):
+        res = CliRunner().invoke(main, ["verify", str(fixtures / "mhr"), "--against", str(tmp_path / "t2.gguf"), "--task",
+                                        task, "--gguf-base", str(make_gguf_base.OUT), "--json"])
+        assert res.exit_code == code, res.output
