@@ -156,10 +156,13 @@ def test_verify_passes_lora_and_dense(media, name, reference):
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_self_check_passes(media, name):
+def test_self_check_passes_and_says_what_it_fed(media, name):
     files = media(name)
-    code, report, err = verify_json(files["adapter"], "--base", files["base"], "--task", "0", "--inputs", "2")
-    assert code == 0 and report["summary"] == {"checks": 2, "passed": 2, "failed": 0}, err
+    got = run("verify", files["adapter"], "--base", files["base"], "--task", "0", "--inputs", "2")
+    assert got.exit_code == 0 and "PASS: 2 of 2 checks passed" in got.stdout, got.output
+    fed = {"clip-image-cls": "random pixel_values (2, 3, 16, 16) (seed 0)",
+           "whisper": "random input_features (2, 8, 32), decoder_input_ids (2, 32) (seed 0)"}[name]
+    assert f"inputs    {fed}" in got.stdout
 
 
 # ---- the runtimes that read the artifacts give PEFT's routed output ---------------------------------
@@ -258,6 +261,12 @@ def test_t5_gets_its_ids_as_decoder_ids():
     # an image_size pair
     ("ViTModel", "ViTConfig", dict(VISION, image_size=[16, 24]), {"pixel_values": [2, 3, 16, 24]}),
     ("WhisperForAudioClassification", "WhisperConfig", dict(WHISPER, num_labels=2), {"input_features": [2, 8, 32]}),
+    # Speech2Text: L frames of features, and decoder ids
+    ("Speech2TextForConditionalGeneration", "Speech2TextConfig",
+     dict(vocab_size=96, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+          decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, input_feat_per_channel=12,
+          conv_channels=16, max_source_positions=64, max_target_positions=64),
+     {"input_features": [2, 8, 12], "decoder_input_ids": [2, 8]}),
 ])
 def test_inputs_from_signature_and_config_run(model_class, config_class, kwargs, tensors):
     import transformers as tf
