@@ -307,3 +307,18 @@ def test_a_model_whose_inputs_cannot_be_made_exits_2(media, tmp_path):
     got = run("verify", media("clip-image-cls")["adapter"], "--base", base)
     assert got.exit_code == 2 and "Traceback" not in got.output
     assert "PatchTSTModel reads 'past_values', which verify cannot make" in got.stderr
+
+
+@pytest.mark.parametrize("task_type, config_class, kwargs, want", [
+    ("SEQ_2_SEQ_LM", "WhisperConfig", WHISPER, ("AutoModelForSpeechSeq2Seq", "seq2seq")),
+    (None, "WhisperConfig", dict(WHISPER, architectures=["WhisperForConditionalGeneration"]),
+     ("AutoModelForSpeechSeq2Seq", "seq2seq")),
+    ("SEQ_CLS", "WhisperConfig", WHISPER, ("AutoModelForAudioClassification", "encoder")),  # encoder-only head
+    ("SEQ_CLS", "CLIPConfig", dict(vision_config=VISION, text_config=TEXT), ("AutoModelForImageClassification", "encoder")),
+    ("SEQ_2_SEQ_LM", "T5Config", {}, ("AutoModelForSeq2SeqLM", "seq2seq")),  # as before
+    (None, "T5Config", dict(architectures=["T5EncoderModel"]), ("T5EncoderModel", "encoder")),  # takes no decoder ids
+])
+def test_model_class_for_images_and_audio(task_type, config_class, kwargs, want):
+    from polytool.verify.models import model_class
+
+    assert model_class(task_type, tiny(config_class, **kwargs)) == want
