@@ -23,6 +23,12 @@ PEFT_EMBEDDING_TARGETS = ("embed_tokens", "lm_head")
 TASK_CLASSES = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
                 "SEQ_CLS": "AutoModelForSequenceClassification", "TOKEN_CLS": "AutoModelForTokenClassification",
                 "QUESTION_ANS": "AutoModelForQuestionAnswering", "FEATURE_EXTRACTION": "AutoModel"}
+# A task's Auto class for the other modalities, tried in order where TASK_CLASSES' does not map the base's config
+# (PEFT's task types name text tasks: a Whisper adapter says SEQ_2_SEQ_LM, an image classifier's SEQ_CLS).
+TASK_CLASS_ALTERNATIVES = {"AutoModelForSeq2SeqLM": ("AutoModelForSpeechSeq2Seq",),
+                           "AutoModelForSequenceClassification": ("AutoModelForImageClassification",
+                                                                  "AutoModelForAudioClassification"),
+                           "AutoModelForTokenClassification": ("AutoModelForAudioFrameClassification",)}
 # Heads PEFT adds to modules_to_save by task type (peft's _set_trainable; SEQ_CLS before it picks the targets).
 TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
 

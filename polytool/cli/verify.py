@@ -24,9 +24,13 @@ from .render import handle_errors, progress, result
                              "without provenance (overrides the recorded one).")
 @click.option("--atol", type=float, help="Absolute tolerance (default: by the dtype the artifact stores, docs/ci.md).")
 @click.option("--rtol", type=float, help="Tolerance relative to each output's scale max|b| (default: by that dtype).")
-@click.option("--inputs", "n_inputs", type=int, default=4, show_default=True, help="Number of random sequences.")
-@click.option("--seq-len", type=int, help="Random sequence length (default 32); with --prompts, truncate to it.")
-@click.option("--prompts", type=click.Path(path_type=Path), help="Text file, one prompt per line (base's tokenizer).")
+@click.option("--inputs", "n_inputs", type=int, default=4, show_default=True,
+              help="Number of random inputs (sequences, images, audio clips).")
+@click.option("--seq-len", type=int, help="Random sequence length (default 32): token ids, decoder ids, audio "
+                                          "frames (wav2vec2-like); images and Whisper's features have the size "
+                                          "their config fixes. With --prompts, truncate to it.")
+@click.option("--prompts", type=click.Path(path_type=Path), help="Text file, one prompt per line (base's tokenizer; "
+                                                                "models that read token ids).")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
               help="auto: device_map='auto' through accelerate, for bases larger than one device.")
 @click.option("--allow-noop", is_flag=True, help="Accept tasks where the adapter does not change the base's output.")

@@ -168,9 +168,9 @@ def verify(o: VerifyOptions, progress: Callable | None = None) -> dict:
     class_name, family = model_class(adapter.task_type, config)
     targets = _targets(o, adapter, base_dir, config, progress)
     if o.prompts is not None:
-        batches, inputs = prompt_inputs(base_dir, Path(o.prompts), o.seq_len)
+        batches, inputs = prompt_inputs(base_dir, Path(o.prompts), o.seq_len, class_name, config)
     else:
-        batches, inputs = random_inputs(config, o.n_inputs, o.seq_len or DEFAULT_SEQ_LEN)
+        batches, inputs = random_inputs(config, o.n_inputs, o.seq_len or DEFAULT_SEQ_LEN, class_name)
     device = resolve_device("auto" if o.max_memory is not None and o.device == "cpu" else o.device)
     limit = None if o.max_memory is None else parse_size(o.max_memory)
     o = dataclasses.replace(o, device=device, max_memory=limit)

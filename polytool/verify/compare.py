@@ -33,13 +33,15 @@ def forward(model, family: str, batches: list[dict], capture: dict, **extra) -> 
     handles = [module.register_forward_hook(recorder(name)) for name, module in capture.items()]
     # with device_map="auto", accelerate moves it on; offloaded weights (meta) say nothing of where inputs go
     device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     try:
         with torch.no_grad():
-            for batch in batches:
-                ids = batch["input_ids"].to(device)
-                kwargs = {"input_ids": ids, **extra}
-                if family == "seq2seq":
-                    kwargs["decoder_input_ids"] = ids
+            for batch in batches:  # inputs.py built what this model's forward reads (ids, images, audio)
+                kwargs = {key: value.to(device, dtype) if value.is_floating_point() else value.to(device)
+                          for key, value in batch.items()}
+                if family == "seq2seq" and "decoder_input_ids" not in kwargs:  # the encoder's ids (T5, BART)
+                    kwargs["decoder_input_ids"] = kwargs["input_ids"]
+                kwargs.update(extra)
                 if family != "encoder":
                     kwargs["use_cache"] = False
                 for name, value in model(**kwargs).items():

@@ -1,34 +1,155 @@
-"""The inputs every model of a verify run sees: seeded random token ids, or the user's prompts."""
+"""The inputs every model of a verify run sees, built from the model's own forward signature and config:
+seeded random token ids, images, audio features or waveforms, or the user's prompts.
+
+    input_ids          (N, L) uniform in [0, vocab_size)                            text (L = --seq-len)
+    pixel_values       (N, num_channels, H, W), (H, W) = the (vision) config's image_size   vision
+    input_features     (N, num_mel_bins, 2 * max_source_positions)                   Whisper (its exact length)
+                       (N, L, input_feat_per_channel * input_channels)                Speech2Text-like
+    input_values       (N, samples): the raw audio whose conv feature stack gives L frames   wav2vec2-like
+    decoder_input_ids  encoder-decoders: the input_ids themselves (text), else (N, L) random ids   seq2seq
+
+What a model reads is its `main_input_name`; a model whose forward takes both input_ids and pixel_values and
+no labels (CLIP-like pairs) gets both. Floats are standard normal, drawn from one torch.Generator seeded
+with SEED after the ids: the same every run. compare.forward casts them to the model's dtype.
+"""
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
+from typing import Callable
 
 from ..errors import CheckpointError, PolytoolError
-from .models import why
+from .models import resolve_class, why
 
 SEED = 0
 DEFAULT_INPUTS, DEFAULT_SEQ_LEN = 4, 32
 
 
-def random_inputs(config, n: int, seq_len: int) -> tuple[list[dict], dict]:
-    """One batch of N x L token ids, seeded (SEED), uniform in [0, vocab_size): the same every run."""
+def forward_inputs(cls) -> tuple[str, list[str]]:
+    """(the class's name, the tensors verify feeds it, main input first); text models (or no class): input_ids."""
+    if cls is None:
+        return "the model", ["input_ids"]
+    params = inspect.signature(cls.forward).parameters
+    names = [getattr(cls, "main_input_name", "input_ids")]
+    if {"input_ids", "pixel_values"} <= set(params) and "labels" not in params:  # CLIP-like: text and image
+        names = ["input_ids", "pixel_values"]
+    if "decoder_input_ids" in params:
+        names.append("decoder_input_ids")
+    return cls.__name__, names
+
+
+def random_inputs(config, n: int, seq_len: int, class_name: str | None = None) -> tuple[list[dict], dict]:
+    """One seeded batch of N inputs for the model `class_name` (a transformers class, Auto ones resolved
+    for `config`; None: a text model): the same every run."""
     import torch
 
-    text = config.get_text_config()
-    vocab, limit = getattr(text, "vocab_size", None), getattr(text, "max_position_embeddings", None)
+    name, names = forward_inputs(resolve_class(class_name, config) if class_name else None)
+    if n < 1 or seq_len < 1:
+        raise PolytoolError(f"--inputs {n} --seq-len {seq_len}: need >= 1 each")
+    generator = torch.Generator().manual_seed(SEED)
+    batch: dict = {}
+    for key in names:
+        if key == "decoder_input_ids" and "input_ids" in batch:  # T5, BART: the encoder's ids (as before)
+            batch[key] = batch["input_ids"]
+            continue
+        if key not in BUILDERS:
+            raise PolytoolError(f"{name} reads {key!r}, which verify cannot make (it makes "
+                                f"{', '.join(BUILDERS)}): this model cannot be verified yet")
+        batch[key] = BUILDERS[key](config, n, seq_len, generator, name)
+    shapes = {key: list(value.shape) for key, value in batch.items()}
+    fixed = {"pixel_values"} | ({"input_features"} if hasattr(config, "num_mel_bins") else set())  # config-sized
+    return [batch], {"source": "random", "sequences": n, "seq_len": seq_len if set(batch) - fixed else None,
+                     "seed": SEED, "tensors": shapes}
+
+
+def _unsized(name: str, key: str, missing: str) -> PolytoolError:
+    return PolytoolError(f"{name} reads {key!r}, and its config has no {missing} to size it: this model cannot be "
+                         "verified yet")
+
+
+def _config_int(config, key: str, name: str, needs: str) -> int:
+    value = getattr(config, key, None)
+    if not isinstance(value, int) or value < 1:
+        raise _unsized(name, needs, key)
+    return value
+
+
+def _token_ids(config, n: int, seq_len: int, generator, name: str, decoder: bool = False):
+    import torch
+
+    text = config.get_text_config(decoder=True) if decoder else config.get_text_config()
+    vocab = getattr(text, "vocab_size", None)
     if not isinstance(vocab, int) or vocab < 1:
         raise PolytoolError("the base config has no vocab_size: pass real text with --prompts")
-    if n < 1 or seq_len < 1 or (isinstance(limit, int) and seq_len > limit):
+    limit = getattr(config, "max_target_positions", None) if decoder else None
+    limit = limit or getattr(text, "max_position_embeddings", None)
+    if isinstance(limit, int) and seq_len > limit:
         raise PolytoolError(f"--inputs {n} --seq-len {seq_len}: need >= 1 each and seq-len <= {limit} "
                             "(max_position_embeddings)")
-    ids = torch.randint(0, vocab, (n, seq_len), generator=torch.Generator().manual_seed(SEED))  # (N, L)
-    return [{"input_ids": ids}], {"source": "random", "sequences": n, "seq_len": seq_len, "seed": SEED}
+    return torch.randint(0, vocab, (n, seq_len), generator=generator)  # (N, L)
 
 
-def prompt_inputs(base_dir: Path, file: Path, seq_len: int | None) -> tuple[list[dict], dict]:
-    """One batch per non-empty line of `file`, tokenised by the base's tokenizer (truncated to seq_len)."""
+def _pixels(config, n: int, seq_len: int, generator, name: str):
+    """(N, C, H, W) standard normal (normalised images); the size from the vision config (CLIP: nested)."""
+    import torch
+
+    vision = getattr(config, "vision_config", None) or config
+    size = getattr(vision, "image_size", None)
+    size = (size, size) if isinstance(size, int) else tuple(size or ())
+    if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+        raise _unsized(name, "pixel_values", "image_size")
+    channels = getattr(vision, "num_channels", 3)
+    return torch.randn((n, channels, *size), generator=generator)  # (N, C, H, W)
+
+
+def _features(config, n: int, seq_len: int, generator, name: str):
+    """Whisper: (N, mel bins, 2 * max_source_positions), the one length its encoder takes (two convs, the second
+    of stride 2); Speech2Text-like: (N, L, features)."""
+    import torch
+
+    if hasattr(config, "num_mel_bins"):
+        mels = _config_int(config, "num_mel_bins", name, "input_features")
+        frames = 2 * _config_int(config, "max_source_positions", name, "input_features")
+        return torch.randn((n, mels, frames), generator=generator)  # (N, mels, frames)
+    per_channel = _config_int(config, "input_feat_per_channel", name, "input_features")
+    channels = getattr(config, "input_channels", 1)
+    return torch.randn((n, seq_len, per_channel * channels), generator=generator)  # (N, L, features)
+
+
+def _waveform(config, n: int, seq_len: int, generator, name: str):
+    """(N, samples): the shortest raw audio whose conv feature encoder (kernels k_i, strides s_i) gives L frames:
+    receptive field 1 + sum (k_i - 1) * prod(s_<i), then prod(s) samples a frame."""
+    import torch
+
+    kernels, strides = getattr(config, "conv_kernel", None), getattr(config, "conv_stride", None)
+    if not kernels or not strides or len(kernels) != len(strides):
+        raise _unsized(name, "input_values", "conv_kernel and conv_stride")
+    hop, field = 1, 1
+    for kernel, stride in zip(kernels, strides):
+        field += (kernel - 1) * hop
+        hop *= stride
+    return torch.randn((n, field + (seq_len - 1) * hop), generator=generator)  # (N, samples)
+
+
+def _decoder_ids(config, n: int, seq_len: int, generator, name: str):
+    return _token_ids(config, n, seq_len, generator, name, decoder=True)
+
+
+BUILDERS: dict[str, Callable] = {"input_ids": _token_ids, "pixel_values": _pixels, "input_features": _features,
+                                 "input_values": _waveform, "decoder_input_ids": _decoder_ids}
+
+
+def prompt_inputs(base_dir: Path, file: Path, seq_len: int | None, class_name: str | None = None,
+                  config=None) -> tuple[list[dict], dict]:
+    """One batch per non-empty line of `file`, tokenised by the base's tokenizer (truncated to seq_len); a model
+    that also reads an image (CLIP-like) gets a seeded one per prompt, encoder-decoders the ids as decoder ids."""
+    import torch
     from transformers import AutoTokenizer
 
+    name, names = forward_inputs(resolve_class(class_name, config) if class_name else None)
+    if "input_ids" not in names:
+        raise PolytoolError(f"--prompts: {name} reads {names[0]!r}, not token ids: drop --prompts (verify makes "
+                            "seeded inputs from the base's config)")
     try:
         prompts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as exc:
@@ -43,4 +164,12 @@ def prompt_inputs(base_dir: Path, file: Path, seq_len: int | None) -> tuple[list
     batches = [{"input_ids": tokenizer(p, return_tensors="pt", **trunc)["input_ids"]} for p in prompts]  # (1, len)
     if any(b["input_ids"].shape[1] == 0 for b in batches):
         raise PolytoolError("a prompt tokenises to no tokens", file)
-    return batches, {"source": "prompts", "file": str(file), "sequences": len(prompts), "seq_len": seq_len, "seed": None}
+    generator = torch.Generator().manual_seed(SEED)
+    for batch in batches:
+        for key in names[1:]:
+            batch[key] = batch["input_ids"] if key == "decoder_input_ids" else \
+                BUILDERS[key](config, 1, batch["input_ids"].shape[1], generator, name)
+    shapes = {key: [1, None] if key.endswith("input_ids") else list(batches[0][key].shape) for key in names}
+    return batches, {"source": "prompts", "file": str(file), "sequences": len(prompts), "seq_len": seq_len,
+                     "seed": None if names == ["input_ids"] else SEED, "tensors": shapes}
+

@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 from ..formats.base import require_dir
 from ..formats.safetensors import TORCH_NAMES, least_precise
-from ..architectures import TASK_CLASSES
+from ..architectures import TASK_CLASS_ALTERNATIVES, TASK_CLASSES
 from ..errors import CheckpointError, PolytoolError
 
 DEVICES = ("cpu", "cuda", "auto")
@@ -51,23 +51,57 @@ def base_config(base_dir: Path):
 
 
 def model_class(task_type: str | None, config) -> tuple[str, str]:
-    """(transformers class name, family) of the model the adapter was trained for: from PEFT's task_type,
-    else the base's `architectures`. family: 'causal', 'seq2seq' or 'encoder' (what inputs it takes)."""
+    """(transformers class name, family) of the model the adapter was trained for: from PEFT's task_type (its
+    Auto class, or the same task's for images or audio where that one does not map the base), else the base's
+    `architectures`. family: 'causal', 'seq2seq' (its forward takes decoder ids) or 'encoder'."""
     archs = list(config.architectures or [])
     seq2seq = bool(getattr(config, "is_encoder_decoder", False))
     if task_type in TASK_CLASSES:
-        name = TASK_CLASSES[task_type]
+        name = _mapping(TASK_CLASSES[task_type], config)
     elif any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
         name = "AutoModelForCausalLM"
     elif seq2seq and any(a.endswith("ForConditionalGeneration") for a in archs):
-        name = "AutoModelForSeq2SeqLM"
+        name = _mapping("AutoModelForSeq2SeqLM", config)
     else:
         import transformers
 
         name = next((a for a in archs if hasattr(transformers, a)), "AutoModel")
     if name == "AutoModelForCausalLM":
         return name, "causal"
+    cls = resolve_class(name, config)
+    if cls is not None:  # what the forward takes decides (Whisper's audio classifier is an encoder)
+        import inspect
+
+        seq2seq = "decoder_input_ids" in inspect.signature(cls.forward).parameters
     return name, "seq2seq" if seq2seq else "encoder"
+
+
+def _mapping(auto: str, config) -> str:
+    """`auto`, or the first of its TASK_CLASS_ALTERNATIVES that maps `config`'s type (else `auto`, which the
+    load then refuses in one line)."""
+    for name in (auto, *TASK_CLASS_ALTERNATIVES.get(auto, ())):
+        if resolve_class(name, config) is not None:
+            return name
+    return auto
+
+
+def resolve_class(name: str, config):
+    """The transformers model class `name` loads for `config` (an Auto class resolved through its mapping), or
+    None where transformers has no such class or the Auto class does not map the config."""
+    import transformers
+
+    cls = getattr(transformers, name, None)
+    mapping = getattr(cls, "_model_mapping", None)
+    if cls is None or mapping is None:
+        return cls
+    try:
+        found = mapping[type(config)]
+    except (KeyError, ValueError):
+        return None
+    if isinstance(found, (tuple, list)):  # several classes for one config: the one the base was saved as
+        archs = set(config.architectures or [])
+        found = next((c for c in found if c.__name__ in archs), found[0])
+    return found
 
 
 def load_model(directory: Path, class_name: str, device: str, max_memory: int | None = None,

@@ -11,9 +11,15 @@ def _fmt(x: float | None, pct: bool = False) -> str:
 
 
 def _inputs(inputs: dict) -> str:
-    if inputs["source"] == "random":
+    tensors = inputs.get("tensors") or {"input_ids": None}
+    if inputs["source"] == "random" and list(tensors) == ["input_ids"]:
         return f"{inputs['sequences']} x {inputs['seq_len']} random token ids (seed {inputs['seed']})"
-    return f"{inputs['sequences']} prompts from {inputs['file']}"
+    if inputs["source"] == "random":  # images, audio: "random pixel_values (4, 3, 224, 224) (seed 0)"
+        shapes = ", ".join(f"{name} ({', '.join(map(str, shape))})" for name, shape in tensors.items())
+        return f"random {shapes} (seed {inputs['seed']})"
+    extra = [name for name in tensors if not name.endswith("input_ids")]
+    seeded = f", with seeded {', '.join(extra)} (seed {inputs['seed']})" if extra else ""
+    return f"{inputs['sequences']} prompts from {inputs['file']}{seeded}"
 
 
 def _rules(report: dict) -> list[str]:
