@@ -31,6 +31,7 @@ def check_collapsible(adapter: PolyAdapter, base: BaseCheckpoint | None = None) 
         if found is None and module in {m.name for m in adapter.modules}:
             found = next((t.source for t in match_targets(base, [m for m in adapter.modules if m.name == module],
                                                           untie=True)), None)
+        found = found or base.locate(name)  # a family whose checkpoint names transformers converts
         if found is None:
             raise CheckpointError(f"the adapter saves embedding weight {key!r}, which the base has no tensor for: "
                                   "wrong base model?", base.directory)
@@ -47,7 +48,7 @@ def saved_module_keys(adapter: PolyAdapter, base: BaseCheckpoint) -> dict[str, s
     pairs = {}
     for module, params in adapter.saved_modules.items():
         for param, key in params.items():
-            found = find_tensor(f"{module}.{param}", base.tensors)
+            found = base.locate(f"{module}.{param}")
             if found is None:
                 raise CheckpointError(f"has no tensor for {module}.{param}, which the adapter trains (modules_to_save): "
                                       "save the base with the head class the adapter was trained with", base.directory)

@@ -60,7 +60,7 @@ def _base_facts(adapter: PolyAdapter, base_dir: Path | None) -> tuple[Any, str |
     try:
         directory = resolve_base_dir(base_dir, adapter.base_model_name_or_path, adapter.config.get("revision"),
                                      download=base_dir is not None)
-        return open_base(directory), None
+        return open_base(directory, renamer=None), None  # names as they are: inspect stays torch-free
     except CheckpointError as exc:
         if base_dir is not None:
             raise

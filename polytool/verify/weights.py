@@ -26,6 +26,7 @@ from ..formats.adapter import PolyAdapter
 from ..formats.base import match_targets, open_base
 from ..formats.safetensors import SafetensorsFile
 from ..collapse.fit import saved_module_keys
+from .names import checkpoint_name
 
 # stored dtype -> (explicit mantissa bits, smallest normal exponent)
 FLOAT_BITS = {"F64": (52, -1022), "F32": (23, -126), "BF16": (7, -126), "F16": (10, -14)}
@@ -144,7 +145,7 @@ def check_dense_weights(path: Path, base_dir: Path, adapter: PolyAdapter, delta:
     `allowance(module)`: None, or the (out, in) absolute error the update's definition allows per entry."""
     import torch
 
-    dense, base = open_base(path), open_base(base_dir)
+    dense, base = open_base(path, checkpoint_name), open_base(base_dir, checkpoint_name)
     merged = {t.key: t for t in match_targets(base, adapter.modules, untie=True)}
     replaced = saved_module_keys(adapter, base)
     counts = {"merged": 0, "replaced": 0, "identical": 0}
