@@ -226,13 +226,22 @@ def test_without_transformers_the_conversion_names_the_extra(vit, tmp_path):
 def resized(tmp_path_factory):
     """(base dir, {variant: adapter dir}, input_ids with new tokens): PEFT's adapters on a resized base, with
     embed_tokens and lm_head in modules_to_save ("saved") or saved whole by PEFT on its own ("whole")."""
+    return resized_case(tmp_path_factory.mktemp("resized"), tied=False, saved=["embed_tokens", "lm_head"])
+
+
+@pytest.fixture(scope="session")
+def resized_tied(tmp_path_factory):
+    """The same on a base whose lm_head is tied to embed_tokens; "saved" trains embed_tokens only."""
+    return resized_case(tmp_path_factory.mktemp("resized-tied"), tied=True, saved=["embed_tokens"])
+
+
+def resized_case(root: Path, tied: bool, saved: list[str]):
     import transformers as tf
 
-    root = tmp_path_factory.mktemp("resized")
     torch.manual_seed(0)
-    tf.LlamaForCausalLM(tf.LlamaConfig(**LLAMA)).eval().save_pretrained(root / "base")
+    tf.LlamaForCausalLM(tf.LlamaConfig(**dict(LLAMA, tie_word_embeddings=tied))).eval().save_pretrained(root / "base")
     adapters = {}
-    for variant, extra in {"saved": {"modules_to_save": ["embed_tokens", "lm_head"]}, "whole": {}}.items():
+    for variant, extra in {"saved": {"modules_to_save": saved}, "whole": {}}.items():
         base = resized_base(root / "base")
         adapters[variant] = peft_adapter(base, root / variant, task_type="CAUSAL_LM",
                                          target_modules=["q_proj", "v_proj"], **extra)
@@ -278,6 +287,33 @@ def test_a_resized_vocabulary_collapses_to_dense_and_lora(resized, variant, tmp_
     assert rel(got, want) <= TOL and rel(got, other) > 1e-3
     with pytest.raises(RuntimeError, match="size mismatch"):  # as for the Poly adapter: the base must be resized
         peft_routed(tf.LlamaForCausalLM.from_pretrained(base_dir), tmp_path / "l")
+
+
+def test_a_resized_tied_vocabulary(resized_tied, tmp_path):
+    """A tied base: embeddings PEFT saved whole (its lm_head copy is the same matrix) make a dense model that
+    ties them again; a trained embed_tokens beside the original lm_head cannot be tied, and is refused for
+    dense (the LoRA carries both, and PEFT loads it)."""
+    import transformers as tf
+
+    base_dir, adapters, ids = resized_tied
+    for variant in ("whole", "saved"):
+        routed = peft_routed(resized_base(base_dir), adapters[variant])
+        want, other = lm_logits(routed, ids, 1), lm_logits(routed, ids, 0)
+        res = run("collapse", adapters[variant], "--task", "1", "--base", base_dir, "--out", tmp_path / variant)
+        assert res.exit_code == 0, res.output
+        got = lm_logits(peft_routed(resized_base(base_dir), tmp_path / variant), ids)
+        assert rel(got, want) <= TOL and rel(got, other) > 1e-3
+    routed = peft_routed(resized_base(base_dir), adapters["whole"])
+    want, other = lm_logits(routed, ids, 1), lm_logits(routed, ids, 0)
+    res = run("collapse", adapters["whole"], "--task", "1", "--to", "dense", "--base", base_dir, "--out", tmp_path / "d")
+    assert res.exit_code == 0, res.output
+    config = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert config["vocab_size"] == NEW_VOCAB and config["tie_word_embeddings"] is True
+    got = lm_logits(tf.AutoModelForCausalLM.from_pretrained(tmp_path / "d").eval(), ids)
+    assert rel(got, want) <= TOL and rel(got, other) > 1e-3
+    res = run("collapse", adapters["saved"], "--task", "1", "--to", "dense", "--base", base_dir, "--out", tmp_path / "x")
+    assert res.exit_code == 2 and "which the base ties together (tie_word_embeddings)" in res.stderr
+    assert not (tmp_path / "x").exists()
 
 
 def test_inspect_names_the_resize(resized):

@@ -30,7 +30,7 @@ from ..formats.atomic import atomic_output_dir, check_output
 from ..core.collapse import collapse_factors, stored_delta
 from ..errors import CheckpointError, PolytoolError
 from ..formats.provenance import provenance
-from .fit import check_collapsible, resized_embeddings, saved_module_keys, vocab_size
+from .fit import check_collapsible, check_tied_copies, resized_embeddings, saved_module_keys, vocab_size
 from ..core.taskspec import TaskSpec
 
 BLOCK_BYTES = 1 << 20  # float32 bytes of one block of rows merged at once
@@ -216,6 +216,7 @@ def plan_merge(adapter: PolyAdapter, spec: TaskSpec, base: BaseCheckpoint,
     """Validate and lay out a dense merge of task spec `spec` into `base` (nothing is written)."""
     check_dense_spec(spec)
     check_collapsible(adapter, base)
+    check_tied_copies(adapter, base)
     whole = {**saved_module_keys(adapter, base), **resized_embeddings(adapter, base)}
     heads = {key: (adapter.tensor_shape(adapter_key), lambda k=adapter_key: adapter.tensor(k, np.float64))
              for key, adapter_key in whole.items()}

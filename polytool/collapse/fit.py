@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..architectures import CONV1D_MODEL_TYPES, OUTPUT_LEAVES, SAVED_EMBEDDING_NAMES
+from ..architectures import CONV1D_MODEL_TYPES, INPUT_EMBEDDING_NAMES, OUTPUT_LEAVES, SAVED_EMBEDDING_NAMES
 from ..errors import AdapterError, CheckpointError
 from ..formats.adapter import PolyAdapter
 from ..formats.base import (INDEX_NAME, INPUT_EMBEDDINGS, SINGLE_NAME, BaseCheckpoint, find_tensor, match_targets,
@@ -78,6 +78,27 @@ def resized_embeddings(adapter: PolyAdapter, base: BaseCheckpoint) -> dict[str, 
         if found is not None and _resized(base.tensors[found].shape, adapter.tensor_shape(key)):
             pairs[found] = key
     return pairs
+
+
+def check_tied_copies(adapter: PolyAdapter, base: BaseCheckpoint) -> None:
+    """A dense model of a base that ties its output head to the input embeddings ties them again: an adapter
+    that carries the input embeddings whole (trained or resized) and an output head copy that differs from
+    them (PEFT's model reads the one in and the other out) cannot be written so; refused, naming both."""
+    if not base.tie_word_embeddings:
+        return
+    inputs = {**{m: p["weight"] for m, p in adapter.saved_modules.items() if "weight" in p},
+              **whole_embeddings(adapter)}
+    inputs = [k for m, k in inputs.items() if m.rpartition(".")[2] in INPUT_EMBEDDING_NAMES]
+    heads = {**{m: p["weight"] for m, p in adapter.saved_modules.items() if "weight" in p},
+             **whole_embeddings(adapter)}
+    heads = [k for m, k in heads.items() if _tied_copy(base, m)]
+    for head in heads[:1] if inputs else []:
+        if adapter.tensor_shape(head) != adapter.tensor_shape(inputs[0]) or not np.array_equal(
+                adapter.tensor(head, np.float32), adapter.tensor(inputs[0], np.float32)):
+            raise AdapterError(f"the adapter's output head {head!r} differs from its input embeddings {inputs[0]!r}, "
+                               "which the base ties together (tie_word_embeddings): a dense model would tie them "
+                               "again. Collapse --to lora instead, or train with both in modules_to_save on an "
+                               "untied base", adapter.weights_file)
 
 
 def whole_embeddings(adapter: PolyAdapter) -> dict[str, str]:
