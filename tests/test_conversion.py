@@ -280,8 +280,9 @@ def test_a_resized_vocabulary_collapses_to_dense_and_lora(resized, variant, tmp_
     dense = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "d").eval()
     got = lm_logits(dense, ids)
     assert got.shape[-1] == NEW_VOCAB and rel(got, want) <= TOL and rel(got, other) > 1e-3
-    res = run("collapse", adapter, "--task", "1", "--base", base_dir, "--out", tmp_path / "l")
-    assert res.exit_code == 0, res.output
+    res = run("collapse", adapter, "--task", "1", "--base", base_dir, "--out", tmp_path / "l", "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["embedding_rows"] == NEW_VOCAB, res.output
+    assert f"base.resize_token_embeddings({NEW_VOCAB})" in (tmp_path / "l" / "README.md").read_text()
     lora = peft_routed(resized_base(base_dir), tmp_path / "l")  # PEFT: onto a base resized the same way
     got = lm_logits(lora, ids)
     assert rel(got, want) <= TOL and rel(got, other) > 1e-3

@@ -86,12 +86,8 @@ def check_tied_copies(adapter: PolyAdapter, base: BaseCheckpoint) -> None:
     them (PEFT's model reads the one in and the other out) cannot be written so; refused, naming both."""
     if not base.tie_word_embeddings:
         return
-    inputs = {**{m: p["weight"] for m, p in adapter.saved_modules.items() if "weight" in p},
-              **whole_embeddings(adapter)}
-    inputs = [k for m, k in inputs.items() if m.rpartition(".")[2] in INPUT_EMBEDDING_NAMES]
-    heads = {**{m: p["weight"] for m, p in adapter.saved_modules.items() if "weight" in p},
-             **whole_embeddings(adapter)}
-    heads = [k for m, k in heads.items() if _tied_copy(base, m)]
+    inputs = [k for m, k in _carried_weights(adapter).items() if m.rpartition(".")[2] in INPUT_EMBEDDING_NAMES]
+    heads = [k for m, k in _carried_weights(adapter).items() if _tied_copy(base, m)]
     for head in heads[:1] if inputs else []:
         if adapter.tensor_shape(head) != adapter.tensor_shape(inputs[0]) or not np.array_equal(
                 adapter.tensor(head, np.float32), adapter.tensor(inputs[0], np.float32)):
@@ -99,6 +95,19 @@ def check_tied_copies(adapter: PolyAdapter, base: BaseCheckpoint) -> None:
                                "which the base ties together (tie_word_embeddings): a dense model would tie them "
                                "again. Collapse --to lora instead, or train with both in modules_to_save on an "
                                "untied base", adapter.weights_file)
+
+
+def _carried_weights(adapter: PolyAdapter) -> dict[str, str]:
+    """{module: adapter key} of every weight the adapter carries whole (modules_to_save, embeddings saved whole)."""
+    return {**{m: p["weight"] for m, p in adapter.saved_modules.items() if "weight" in p}, **whole_embeddings(adapter)}
+
+
+def embedding_rows(adapter: PolyAdapter) -> int | None:
+    """The row count of the input embeddings the adapter carries whole (a resized or trained vocabulary), if
+    any: PEFT loads such an adapter onto a base with as many (base.resize_token_embeddings(rows) first)."""
+    rows = [adapter.tensor_shape(k)[0] for m, k in _carried_weights(adapter).items()
+            if m.rpartition(".")[2] in INPUT_EMBEDDING_NAMES and len(adapter.tensor_shape(k)) == 2]
+    return rows[0] if rows else None
 
 
 def whole_embeddings(adapter: PolyAdapter) -> dict[str, str]:

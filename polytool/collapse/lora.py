@@ -27,7 +27,7 @@ from ..formats.adapter_dir import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 from ..formats.provenance import TASKS_INDEX, TRUNCATION_KEY, provenance, truncation_record, write_tasks_index
 from ..formats.safetensors import cast_float
 from ..formats.safetensors_writer import SafetensorsWriter, TensorSpec
-from .fit import check_collapsible, whole_embeddings
+from .fit import check_collapsible, embedding_rows, whole_embeddings
 
 LORA_DTYPES = ("F32", "F16", "BF16")
 
@@ -150,9 +150,12 @@ def write_lora(adapter: PolyAdapter, spec: TaskSpec, directory: Path, o: LoraOpt
             writer.write(key, cast_float(adapter.tensor(key, np.float64), dtype))
     write_json(directory / CONFIG_NAME, lora_config(adapter, o.fan_in_fan_out))
     # backslashreplace: a path that is not valid UTF-8 is shown escaped, not refused
-    (directory / "README.md").write_text(lora_card(adapter, spec), encoding="utf-8", errors="backslashreplace")
+    rows = embedding_rows(adapter)
+    (directory / "README.md").write_text(lora_card(adapter, spec, resize=rows), encoding="utf-8",
+                                         errors="backslashreplace")
     files = [CONFIG_NAME, WEIGHTS_NAME, "README.md"]
-    return {"files": files, "tensors": len(specs), "bytes": sum((directory / f).stat().st_size for f in files)}
+    written = {"files": files, "tensors": len(specs), "bytes": sum((directory / f).stat().st_size for f in files)}
+    return written if rows is None else {**written, "embedding_rows": rows}
 
 
 def export_lora(adapter: PolyAdapter, spec: TaskSpec, out: Path, o: LoraOptions = LoraOptions()) -> dict:
