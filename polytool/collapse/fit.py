@@ -119,8 +119,9 @@ def whole_embeddings(adapter: PolyAdapter) -> dict[str, str]:
 def saved_module_keys(adapter: PolyAdapter, base: BaseCheckpoint) -> dict[str, str]:
     """{base checkpoint key: adapter key} of every modules_to_save tensor (a trained head, or embeddings of a
     resized vocabulary: another row count), shapes checked. PEFT's copies of the wrapper itself (saved beside
-    a resized embedding in modules_to_save: `<module>.modules_to_save.weight`, `<module>.original_module.weight`)
-    are carried into a LoRA as they are and not written into a dense model."""
+    a resized embedding in modules_to_save: `<module>.modules_to_save.weight`, a duplicate of the trained copy,
+    and `<module>.original_module.weight`, the base's) are neither written nor carried: PEFT loads the trained
+    copy (`<module>.weight`) alone, the same outputs without a warning."""
     pairs = {}
     for module, params in adapter.saved_modules.items():
         for param, key in params.items():

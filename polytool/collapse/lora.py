@@ -27,7 +27,7 @@ from ..formats.adapter_dir import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 from ..formats.provenance import TASKS_INDEX, TRUNCATION_KEY, provenance, truncation_record, write_tasks_index
 from ..formats.safetensors import cast_float
 from ..formats.safetensors_writer import SafetensorsWriter, TensorSpec
-from .fit import check_collapsible, embedding_rows, whole_embeddings
+from .fit import WRAPPER_COPIES, check_collapsible, embedding_rows, whole_embeddings
 
 LORA_DTYPES = ("F32", "F16", "BF16")
 
@@ -138,7 +138,8 @@ def write_lora(adapter: PolyAdapter, spec: TaskSpec, directory: Path, o: LoraOpt
     for m in adapter.modules:
         specs += [TensorSpec(f"{PREFIX}{m.name}.lora_A.weight", dtype, (adapter.r, m.in_features)),
                   TensorSpec(f"{PREFIX}{m.name}.lora_B.weight", dtype, (m.out_features, adapter.r))]
-    saved = [key for params in adapter.saved_modules.values() for key in params.values()]
+    saved = [key for params in adapter.saved_modules.values() for param, key in params.items()
+             if not param.startswith(WRAPPER_COPIES)]  # PEFT loads the trained copy alone, as it saves it
     saved += list(whole_embeddings(adapter).values())
     specs += [TensorSpec(key, dtype, adapter.tensor_shape(key)) for key in saved]
     with SafetensorsWriter(directory / WEIGHTS_NAME, specs, provenance(adapter, spec, request=o.request)) as writer:
