@@ -45,14 +45,16 @@ def checkpoint_key(base: BaseCheckpoint, name: str) -> str | None:
     names = base.__dict__.get("_family_names")
     if names is None:
         names = base.__dict__["_family_names"] = family_names(base)
+    found = find_tensor(name, names.renamed)
+    if found is not None:
+        return names.renamed[found]
     found = find_tensor(name, names.converted)
     if found is not None or any(_search(p, name) for p in names.fused_targets):
         module = name.rpartition(".")[0]
         raise CheckpointError(f"module {module!r}: transformers builds its weight from other tensors of the "
                               f"checkpoint ({names.converted.get(found, 'a fused or split tensor')}), not by renaming "
                               "one: polytool merges into renamed weights only", base.directory)
-    found = find_tensor(name, names.renamed)
-    return None if found is None else names.renamed[found]
+    return None
 
 
 def _search(pattern: str, name: str) -> bool:
@@ -72,7 +74,10 @@ def family_names(base: BaseCheckpoint) -> FamilyNames:
         return FamilyNames({}, {}, [])
     from transformers.conversion_mapping import get_model_conversion_mapping
 
-    transforms = get_model_conversion_mapping(model)
+    try:
+        transforms = get_model_conversion_mapping(model)
+    except ValueError:  # transformers' own refusal (conflicting fusions): it cannot load this class either
+        return FamilyNames({}, {}, [])
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     meta = model.state_dict()
@@ -91,7 +96,7 @@ def meta_model(directory, config: dict):
 
     try:
         hf_config = transformers.AutoConfig.from_pretrained(directory)
-    except (OSError, ValueError, KeyError, TypeError):
+    except Exception:  # noqa: BLE001 - transformers raises many types for a config it cannot read
         return None
     names = [a for a in config.get("architectures") or [] if isinstance(a, str)]
     classes = [getattr(transformers, n, None) for n in names]
@@ -100,5 +105,5 @@ def meta_model(directory, config: dict):
             if classes and classes[0] is not None:
                 return classes[0](hf_config)
             return transformers.AutoModel.from_config(hf_config)
-        except (ValueError, KeyError, TypeError, AttributeError, ImportError):
+        except Exception:  # noqa: BLE001 - a class that cannot be built on the meta device: no renaming known
             return None
