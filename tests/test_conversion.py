@@ -5,6 +5,7 @@ beside a negative control (another task, the base)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -205,18 +206,24 @@ def test_a_fused_weight_is_refused_naming_the_module(tmp_path):
     assert res.exit_code == 0, res.output
 
 
-def test_without_transformers_the_conversion_names_the_extra(vit, tmp_path):
-    """A light install (torch and transformers unimportable) cannot read the family's conversion: exit 2
-    naming the extra, nothing written."""
-    base_dir, adapter, _ = vit
+def light(*args) -> subprocess.CompletedProcess:
+    """polytool's CLI with torch and transformers unimportable, as in a light install (test_light_install.py)."""
     code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None; "
             "from polytool.cli import main; main(sys.argv[1:])")
-    res = subprocess.run([sys.executable, "-c", code, "collapse", str(adapter), "--task", "1", "--to", "dense",
-                          "--base", str(base_dir), "--out", str(tmp_path / "d")], cwd=ROOT, capture_output=True,
-                         text=True, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_without_transformers_the_conversion_names_the_extra(vit, tmp_path):
+    """A light install (torch and transformers unimportable) cannot read the family's conversion: exit 2
+    naming the extra, nothing written. inspect, which compares names as they are, still runs."""
+    base_dir, adapter, _ = vit
+    res = light("collapse", adapter, "--task", "1", "--to", "dense", "--base", base_dir, "--out", tmp_path / "d")
     assert res.returncode == 2 and res.stdout == "" and not (tmp_path / "d").exists()
     assert "vit.layers.0.attention.q_proj.weight' is not a key of the base checkpoint" in res.stderr
     assert res.stderr.rstrip().endswith("pip install 'polytool[torch]'") and "Traceback" not in res.stderr
+    res = light("inspect", adapter, "--base", base_dir, "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["saved_modules"], res.stderr
 
 
 # ---- resized vocabulary: resize_token_embeddings(100) on a 96-row Llama before the adapter was made
