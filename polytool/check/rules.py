@@ -80,16 +80,19 @@ def rule_targets(f: LoraFacts, stack: str, base: BaseCheckpoint | None) -> Findi
     if base is None:
         return Finding("targets", "skipped", behaviour, "pass --base DIR to match module paths against the base")
     keys = set(base.tensors)
-    exact, shifted, missing = [], [], []
+    exact, shifted, missing, renamed = [], [], [], []
     for module in f.modules:
         tied_output = base.tie_word_embeddings and module.rpartition(".")[2] in OUTPUT_LEAVES
         if module + ".weight" in keys or tied_output:
             exact.append(module)
         elif find_key(module, keys) is not None:
             shifted.append(module)
+        elif base.locate(module + ".weight") is not None:  # the family's conversion renames the checkpoint's key
+            exact.append(module)
+            renamed.append(module)
         else:
             missing.append(module)
-    unmatched = stack == "peft" and not _targets_match(f.config.get("target_modules"), base)
+    unmatched = stack == "peft" and not _targets_match(f.config.get("target_modules"), base, renamed)
     if unmatched:
         return Finding("targets", "problem", "target_modules that select no module of the model make PEFT refuse the "
                        "adapter (NoMatchingPeftModuleError)", f"target_modules {f.config.get('target_modules')!r} "
@@ -103,12 +106,13 @@ def rule_targets(f: LoraFacts, stack: str, base: BaseCheckpoint | None) -> Findi
                    "train or rename against the class and checkpoint the stack serves")
 
 
-def _targets_match(targets, base: BaseCheckpoint) -> bool:
+def _targets_match(targets, base: BaseCheckpoint, renamed: list[str] = ()) -> bool:
     """Whether target_modules selects a module of the base as PEFT matches it (a regex fully matching a module
-    path, or a name equal to a path or to its last dotted components); the modules are read off the weights."""
+    path, or a name equal to a path or to its last dotted components); the modules are read off the weights,
+    with `renamed`: the adapter's modules whose checkpoint keys the family's conversion renames."""
     import re
 
-    modules = {key.rpartition(".")[0] for key in base.tensors}
+    modules = {key.rpartition(".")[0] for key in base.tensors} | set(renamed)
     modules |= {m.partition(".")[2] for m in modules if "." in m}  # a checkpoint saved with its head's prefix
     if isinstance(targets, str):
         if NESTED_REPEAT.search(targets):  # could take exponential time on a module name: selects nothing here

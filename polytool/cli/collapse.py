@@ -66,6 +66,9 @@ def _render_collapse(data: dict) -> str:
     else:
         where = f"{data['out']}/task-<id>" if data["task"] == "all" else data["out"]
         lines.append(f"  {data['tensors']} tensors, {data['dtype']}; load with PeftModel.from_pretrained(base, {where!r})")
+        if data.get("embedding_rows"):
+            lines.append(f"  carries the embeddings whole ({data['embedding_rows']} rows): resize the base first, "
+                         f"base.resize_token_embeddings({data['embedding_rows']})")
     if data.get("manifest"):
         from ..formats.manifest import render_manifest
 

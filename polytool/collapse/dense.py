@@ -30,13 +30,14 @@ from ..formats.atomic import atomic_output_dir, check_output
 from ..core.collapse import collapse_factors, stored_delta
 from ..errors import CheckpointError, PolytoolError
 from ..formats.provenance import provenance
-from .fit import check_collapsible, saved_module_keys
+from .fit import check_collapsible, check_tied_copies, resized_embeddings, saved_module_keys, vocab_size
 from ..core.taskspec import TaskSpec
 
 BLOCK_BYTES = 1 << 20  # float32 bytes of one block of rows merged at once
 Progress = Callable[[Iterable, int, str], Iterable]
 Delta = Callable[[int, int, bool], np.ndarray]  # (lo, hi, transposed) -> rows lo:hi of the delta as stored
 DeltaSource = Callable[[str, type], Delta]  # (module, float dtype to compute in) -> its Delta
+Replacement = tuple[tuple[int, ...], Callable[[], np.ndarray]]  # a tensor written whole: (shape, its value)
 
 
 @dataclass(frozen=True)
@@ -99,10 +100,10 @@ class MergePlan:
         return total + self.others_bytes
 
 
-def _ops(base: BaseCheckpoint, targets: list[WeightTarget], dtype: str | None,
-         replaced: dict[str, Callable[[], np.ndarray]]) -> list[Op]:
+def _ops(base: BaseCheckpoint, targets: list[WeightTarget], dtype: str | None, replaced: dict[str, Replacement]) -> list[Op]:
     """Every output tensor in base order; an untied weight follows the embedding it is copied from;
-    `replaced` {base key: its value}: tensors the adapter trained whole (heads), written in place."""
+    `replaced` {base key: (shape, its value)}: tensors the adapter trained whole (heads, the embeddings of a
+    resized vocabulary: another row count), written in place."""
     merged = {t.key: t for t in targets if t.key == t.source}
     untied: dict[str, list[WeightTarget]] = {}
     for t in targets:
@@ -111,8 +112,8 @@ def _ops(base: BaseCheckpoint, targets: list[WeightTarget], dtype: str | None,
     ops = []
     for key, info in base.tensors.items():
         out_dtype = dtype if dtype and info.dtype in FLOAT_DTYPES else info.dtype
-        ops.append(Op(TensorSpec(key, out_dtype, info.shape), info.shard, key, info.dtype, merged.get(key),
-                      replaced.get(key)))
+        shape, value = replaced.get(key, (info.shape, None))
+        ops.append(Op(TensorSpec(key, out_dtype, shape), info.shard, key, info.dtype, merged.get(key), value))
         for t in untied.get(key, []):
             ops.append(Op(TensorSpec(t.key, out_dtype, info.shape), info.shard, key, info.dtype, t))
     return ops
@@ -156,8 +157,16 @@ def _index(base: BaseCheckpoint, shards: list[OutShard], repacked: bool) -> dict
     return {"metadata": metadata, "weight_map": {op.out.name: s.name for s in shards for op in s.ops}}
 
 
-def _config(base: BaseCheckpoint, targets: list[WeightTarget], dtype: str | None) -> dict | None:
+def _config(base: BaseCheckpoint, targets: list[WeightTarget], dtype: str | None,
+            replaced: dict[str, Replacement]) -> dict | None:
     config = dict(base.config)
+    vocab = vocab_size(base, {key: shape for key, (shape, _) in replaced.items()})
+    if vocab is not None:  # a resized vocabulary: where the config keeps it (a nested text config's own)
+        text = config.get("text_config")
+        if "vocab_size" in config or not (isinstance(text, dict) and "vocab_size" in text):
+            config["vocab_size"] = vocab
+        if isinstance(text, dict) and "vocab_size" in text:
+            config["text_config"] = {**text, "vocab_size": vocab}
     if any(t.tied_to for t in targets):
         config["tie_word_embeddings"] = False
         if isinstance(config.get("text_config"), dict) and "tie_word_embeddings" in config["text_config"]:
@@ -207,16 +216,18 @@ def plan_merge(adapter: PolyAdapter, spec: TaskSpec, base: BaseCheckpoint,
     """Validate and lay out a dense merge of task spec `spec` into `base` (nothing is written)."""
     check_dense_spec(spec)
     check_collapsible(adapter, base)
-    heads = {key: (lambda k=adapter_key: adapter.tensor(k, np.float64))
-             for key, adapter_key in saved_module_keys(adapter, base).items()}
+    check_tied_copies(adapter, base)
+    whole = {**saved_module_keys(adapter, base), **resized_embeddings(adapter, base)}
+    heads = {key: (adapter.tensor_shape(adapter_key), lambda k=adapter_key: adapter.tensor(k, np.float64))
+             for key, adapter_key in whole.items()}
     return plan_dense(base, adapter.modules, provenance(adapter, spec, routing=False, request=options.request), options, spec, heads)
 
 
 def plan_dense(base: BaseCheckpoint, modules: Iterable, stamp: dict[str, str], options: DenseOptions = DenseOptions(),
-               spec: TaskSpec | None = None, replaced: dict[str, Callable[[], np.ndarray]] | None = None) -> MergePlan:
+               spec: TaskSpec | None = None, replaced: dict[str, Replacement] | None = None) -> MergePlan:
     """Validate and lay out a dense merge of deltas for `modules` (name, in_features, out_features) into
-    `base`; every shard's metadata gets `stamp` (provenance). `replaced` {base key: its new value}: tensors
-    written whole instead of the base's (a trained head of modules_to_save)."""
+    `base`; every shard's metadata gets `stamp` (provenance). `replaced` {base key: (its shape, its new value)}:
+    tensors written whole instead of the base's (a trained head of modules_to_save, resized embeddings)."""
     dtype, max_shard_size = options.dtype, options.max_shard_size
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise PolytoolError(f"output dtype {dtype!r} is not allowed: {', '.join(FLOAT_DTYPES)}")
@@ -227,7 +238,7 @@ def plan_dense(base: BaseCheckpoint, modules: Iterable, stamp: dict[str, str], o
     ops = _ops(base, targets, dtype, replaced)
     shards = _layout(base, ops, max_shard_size, stamp)
     return MergePlan(base, spec, targets, shards, _index(base, shards, max_shard_size is not None),
-                     _config(base, targets, dtype), *_others(base))
+                     _config(base, targets, dtype, replaced), *_others(base))
 
 
 # ---- writing ---------------------------------------------------------------------------------

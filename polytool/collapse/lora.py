@@ -27,7 +27,7 @@ from ..formats.adapter_dir import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 from ..formats.provenance import TASKS_INDEX, TRUNCATION_KEY, provenance, truncation_record, write_tasks_index
 from ..formats.safetensors import cast_float
 from ..formats.safetensors_writer import SafetensorsWriter, TensorSpec
-from .fit import check_collapsible
+from .fit import WRAPPER_COPIES, check_collapsible, embedding_rows, whole_embeddings
 
 LORA_DTYPES = ("F32", "F16", "BF16")
 
@@ -48,9 +48,18 @@ def lora_config(adapter: PolyAdapter, fan_in_fan_out: bool) -> dict:
         "fan_in_fan_out": fan_in_fan_out,
         "target_modules": adapter.config.get("target_modules"),
         "exclude_modules": adapter.config.get("exclude_modules"),
-        "modules_to_save": adapter.config.get("modules_to_save") if adapter.saved_modules else None,
+        "modules_to_save": _modules_to_save(adapter),
         "inference_mode": True,
     }
+
+
+def _modules_to_save(adapter: PolyAdapter) -> list[str] | None:
+    """The adapter's modules_to_save (where it saved any), plus the embedding layers it saved whole (a resized
+    vocabulary): PEFT loads those into its modules_to_save copies, onto a base resized the same way."""
+    saved = adapter.config.get("modules_to_save") if adapter.saved_modules else None
+    saved = [saved] if isinstance(saved, str) else list(saved or [])
+    saved += [m for m in whole_embeddings(adapter) if m not in saved]
+    return saved or None
 
 
 # ---- rank control: LoRAs of any per-module rank, from factors ---------------------------------
@@ -129,20 +138,25 @@ def write_lora(adapter: PolyAdapter, spec: TaskSpec, directory: Path, o: LoraOpt
     for m in adapter.modules:
         specs += [TensorSpec(f"{PREFIX}{m.name}.lora_A.weight", dtype, (adapter.r, m.in_features)),
                   TensorSpec(f"{PREFIX}{m.name}.lora_B.weight", dtype, (m.out_features, adapter.r))]
-    saved = [key for params in adapter.saved_modules.values() for key in params.values()]
+    saved = [key for params in adapter.saved_modules.values() for param, key in params.items()
+             if not param.startswith(WRAPPER_COPIES)]  # PEFT loads the trained copy alone, as it saves it
+    saved += list(whole_embeddings(adapter).values())
     specs += [TensorSpec(key, dtype, adapter.tensor_shape(key)) for key in saved]
     with SafetensorsWriter(directory / WEIGHTS_NAME, specs, provenance(adapter, spec, request=o.request)) as writer:
         for module, A, B in collapse_adapter(adapter, spec):  # in module order, float64
             lora_A, lora_B = lora_weights(A, B)  # (r, in), (out, r)
             writer.write(f"{PREFIX}{module.name}.lora_A.weight", cast_float(lora_A, dtype))
             writer.write(f"{PREFIX}{module.name}.lora_B.weight", cast_float(lora_B, dtype))
-        for key in saved:  # trained heads (modules_to_save), under the keys PEFT saves them with
+        for key in saved:  # trained heads (modules_to_save), resized embeddings, under the keys PEFT saves them with
             writer.write(key, cast_float(adapter.tensor(key, np.float64), dtype))
     write_json(directory / CONFIG_NAME, lora_config(adapter, o.fan_in_fan_out))
     # backslashreplace: a path that is not valid UTF-8 is shown escaped, not refused
-    (directory / "README.md").write_text(lora_card(adapter, spec), encoding="utf-8", errors="backslashreplace")
+    rows = embedding_rows(adapter)
+    (directory / "README.md").write_text(lora_card(adapter, spec, resize=rows), encoding="utf-8",
+                                         errors="backslashreplace")
     files = [CONFIG_NAME, WEIGHTS_NAME, "README.md"]
-    return {"files": files, "tensors": len(specs), "bytes": sum((directory / f).stat().st_size for f in files)}
+    written = {"files": files, "tensors": len(specs), "bytes": sum((directory / f).stat().st_size for f in files)}
+    return written if rows is None else {**written, "embedding_rows": rows}
 
 
 def export_lora(adapter: PolyAdapter, spec: TaskSpec, out: Path, o: LoraOptions = LoraOptions()) -> dict:

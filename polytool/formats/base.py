@@ -8,14 +8,16 @@
 `open_base` reads only headers (no tensor data). `match_targets` maps every adapted module to
 exactly one checkpoint weight of the right shape, or raises naming the module: exact
 `<path>.weight` first, else the unique key one leading wrapper component away (`model.`,
-`bert.`, `transformer.`, ...). Torch-free.
+`bert.`, `transformer.`, ...), else through the family's own renaming of its checkpoint keys (a `Renamer`:
+the product's is formats/conversion.py, transformers' conversion mapping, which needs torch; `open_base(dir,
+renamer=None)` stays torch-free and matches names as they are). Torch-free itself.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from .safetensors import FLOAT_DTYPES, SafetensorsFile, read_index
 from .hub import local_or_hub
@@ -29,6 +31,10 @@ INDEX_NAME = "model.safetensors.index.json"
 FOREIGN_WEIGHTS = ("pytorch_model*.bin", "pytorch_model.bin.index.json", "tf_model*.h5", "tf_model.h5.index.json",
                    "flax_model*.msgpack", "flax_model.msgpack.index.json", "model.ckpt*")
 INPUT_EMBEDDINGS = tuple(f"{name}.weight" for name in INPUT_EMBEDDING_NAMES)
+
+
+# (base, model tensor name) -> the checkpoint key it is renamed from, or None: a family's conversion of its names
+Renamer = Callable[["BaseCheckpoint", str], "str | None"]
 
 
 @dataclass(frozen=True)
@@ -52,8 +58,9 @@ class WeightTarget:
 class BaseCheckpoint:
     """A validated safetensors base directory: config, shard layout, every tensor's dtype and shape."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, renamer: Renamer | None = None):
         self.directory = directory
+        self.renamer = renamer
         self.config = read_config(directory)
         self.model_type = str(self.config.get("model_type", ""))
         self.conv1d = self.model_type in CONV1D_MODEL_TYPES
@@ -86,6 +93,14 @@ class BaseCheckpoint:
                 if key in self.tensors:
                     raise CheckpointError(f"tensor {key!r} is stored twice ({self.tensors[key].shard} and {shard})", self.directory)
                 self.tensors[key] = TensorInfo(shard, st.dtype(key), st.shape(key))
+
+    def locate(self, name: str) -> str | None:
+        """The checkpoint key of model tensor `name` (`<module path>.<param>`): find_tensor's, else the key the
+        family's conversion renames to it (self.renamer; none without one); None when there is none."""
+        found = find_tensor(name, self.tensors)
+        if found is None and self.renamer is not None:
+            found = self.renamer(self, name)
+        return found
 
     @property
     def shards(self) -> list[str]:
@@ -135,9 +150,18 @@ def _missing_weights(directory: Path) -> CheckpointError:
     return CheckpointError(f"no {SINGLE_NAME} or {INDEX_NAME}: not a safetensors model directory", directory)
 
 
-def open_base(directory: str | Path) -> BaseCheckpoint:
-    """Open and validate a base model directory (headers only)."""
-    return BaseCheckpoint(require_dir(Path(directory), "base model directory"))
+def family_renamer(base: BaseCheckpoint, name: str) -> str | None:
+    """The product's Renamer: transformers' conversion of the family's checkpoint names (formats/conversion.py,
+    imported only when a name is not a key as it is: it needs torch)."""
+    from .conversion import checkpoint_key
+
+    return checkpoint_key(base, name)
+
+
+def open_base(directory: str | Path, renamer: Renamer | None = family_renamer) -> BaseCheckpoint:
+    """Open and validate a base model directory (headers only). `renamer`: where a model tensor name is not a
+    checkpoint key, (base, name) -> the key the family's conversion renames to it (None: names as they are)."""
+    return BaseCheckpoint(require_dir(Path(directory), "base model directory"), renamer)
 
 
 # ---- locating the base -----------------------------------------------------------------------
@@ -223,17 +247,19 @@ def match_target(base: BaseCheckpoint, module: str, in_features: int, out_featur
     """One adapted module -> its WeightTarget, checking shape and weight tying; raises naming the module."""
     transposed = base.conv1d and not _is_output_embedding(module)
     shape = (in_features, out_features) if transposed else (out_features, in_features)
-    key = find_key(module, base.tensors)
+    tied_output = base.tie_word_embeddings and _is_output_embedding(module)
+    key = find_key(module, base.tensors) if tied_output else base.locate(module + ".weight")
     tied_to = None
     if key is None:
-        source = _tied_source(base, shape) if base.tie_word_embeddings and _is_output_embedding(module) else None
+        source = _tied_source(base, shape) if tied_output else None
         if source is None:
-            raise CheckpointError(f"module {module!r} of the adapter has no weight in the base checkpoint "
-                                  f"(looked for {module}.weight, with or without a leading prefix): wrong base model?", base.directory)
+            raise CheckpointError(f"module {module!r} of the adapter has no weight in the base checkpoint (looked "
+                                  f"for {module}.weight, with or without a leading prefix, and as the family's "
+                                  "conversion renames it): wrong base model?", base.directory)
         key, tied_to = module + ".weight", source
     else:
         source = key
-        if base.tie_word_embeddings and _is_output_embedding(module):
+        if tied_output:
             tied_to = _tied_source(base, shape) or "the input embeddings"
     info = base.tensors[source]
     if info.shape != shape:

@@ -67,12 +67,14 @@ def _verify(adapter: Any, against: str, base: Any = None, extra: str = "") -> st
             f"Exit 0 proves the artifact computes what the routed Poly model computes ({DOCS_URL}ci.md).")
 
 
-def lora_card(adapter: Any, spec: TaskSpec, truncated: str = "", base: Any = None) -> str:
-    """The card of a LoRA collapsed from one task spec (collapse --to lora)."""
+def lora_card(adapter: Any, spec: TaskSpec, truncated: str = "", base: Any = None, resize: int | None = None) -> str:
+    """The card of a LoRA collapsed from one task spec (collapse --to lora); `resize`: the row count of the
+    embeddings it carries whole (a resized vocabulary), which the base is resized to before PEFT loads it."""
     name = adapter.base_model_name_or_path or "BASE_MODEL"
     auto = TASK_CLASSES.get(adapter.task_type or "", "AutoModel")
     exact = (f"With its routing fixed, the Poly adapter is\nexactly this LoRA: lora_alpha {LORA_ALPHA} and r {adapter.r} "
              "give PEFT's scaling 1/r, the same as Poly's.")
+    resized = "" if resize is None else f"\nbase.resize_token_embeddings({resize})  # the vocabulary the adapter was trained with"
     body = f"""# LoRA collapsed from a Poly/MHR adapter: {spec_label(spec)}
 
 Written by polytool {__version__} from the Poly/MHR adapter `{adapter.directory}`
@@ -84,7 +86,7 @@ The routing weights of every module are recorded in the safetensors metadata (`p
 from transformers import {auto}
 from peft import PeftModel
 
-base = {auto}.from_pretrained({name!r})
+base = {auto}.from_pretrained({name!r}){resized}
 model = PeftModel.from_pretrained(base, {THIS!r})
 ```
 

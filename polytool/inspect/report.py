@@ -60,7 +60,7 @@ def _base_facts(adapter: PolyAdapter, base_dir: Path | None) -> tuple[Any, str |
     try:
         directory = resolve_base_dir(base_dir, adapter.base_model_name_or_path, adapter.config.get("revision"),
                                      download=base_dir is not None)
-        return open_base(directory), None
+        return open_base(directory, renamer=None), None  # names as they are: inspect stays torch-free
     except CheckpointError as exc:
         if base_dir is not None:
             raise
@@ -91,6 +91,9 @@ def _extras(adapter: PolyAdapter, base: Any) -> dict[str, Any]:
                 entry["equals_base"] = bool(list(st.shape(found)) == entry["shape"] and np.array_equal(
                     st.float_array(found, np.float32), adapter.tensor(key, np.float32)))
             entry["base_key"] = found
+            rows = base.tensors[found].shape[0] if base.tensors[found].shape else None
+            if len(entry["shape"]) == 2 and rows != entry["shape"][0]:
+                entry["resized_from"] = rows  # a resized vocabulary: the base's row count
         embeddings.append(entry)
     return {"saved_modules": saved, "saved_embeddings": embeddings}
 
@@ -160,7 +163,9 @@ def _render_extras(rep: dict) -> list[str]:
         lines.append(f"  trained     {m['module']} (modules_to_save, {params:,} parameters): {names}")
     for e in rep["saved_embeddings"]:
         same = {True: "equal to the base's", False: "DIFFERS from the base's", None: "not compared: base not at hand"}
-        lines.append(f"  embedding   {e['module']} {e['shape']} saved whole by PEFT ({same[e['equals_base']]})")
+        what = (f"a resized vocabulary: the base has {e['resized_from']} rows; written whole by collapse"
+                if e.get("resized_from") is not None else same[e["equals_base"]])
+        lines.append(f"  embedding   {e['module']} {e['shape']} saved whole by PEFT ({what})")
     return lines
 
 

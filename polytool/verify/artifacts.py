@@ -14,6 +14,7 @@ from ..errors import AdapterError, CheckpointError, PolytoolError
 from ..formats.provenance import RECIPE_KEY, REQUEST_KEY, SHA_KEY, TASK_KEY, TASKS_INDEX
 from ..formats.lora import LoraArtifact, read_lora
 from .models import stored_dtype, utf8_path, why
+from .names import checkpoint_name
 from .reference import routing_spec
 
 Spec = Any  # a task spec under test, verify's own canonical form: an int, "uniform", "mean" or "1:0.7,3:0.3"
@@ -179,7 +180,7 @@ def _lora_target(path: Path, adapter: PolyAdapter, override: str | None, given_b
 def _dense_target(path: Path, adapter: PolyAdapter, base_dir: Path, override: str | None) -> Target:
     from ..formats.base import match_targets, open_base
 
-    dense, base = open_base(path), open_base(base_dir)
+    dense, base = open_base(path, checkpoint_name), open_base(base_dir, checkpoint_name)
     if dense.model_type != base.model_type:
         raise CheckpointError(f"is a {dense.model_type!r} model, the base a {base.model_type!r} one", path)
     for key, info in base.tensors.items():

@@ -13,6 +13,7 @@ from .compare import errors, forward, non_finite
 from .lora_apply import attach_lora, swap_saved_modules
 from .options import VerifyOptions
 from .models import linear_layers, load_model, stored_dtype
+from .names import checkpoint_name
 from .product import _product_dense, _product_lora, _saved
 from .swap import ModelWeights, _ideal_dense, _is_conv1d
 
@@ -45,7 +46,7 @@ class Run(ModelWeights):
         self.reference = ReferenceAdapter(adapter.directory)
         from ..formats.base import match_targets, open_base
 
-        self.base = open_base(base_dir)
+        self.base = open_base(base_dir, checkpoint_name)
         self.targets = {t.module: t for t in match_targets(self.base, adapter.modules, untie=True)}
         self.peft = None
         if reference == "peft":

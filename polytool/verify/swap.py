@@ -17,6 +17,7 @@ import numpy as np
 from ..collapse.fit import saved_module_keys
 from ..formats.base import open_base
 from ..formats.safetensors import FLOAT_DTYPES, SafetensorsFile
+from .names import checkpoint_name
 from .weights import CHUNK
 
 
@@ -123,7 +124,7 @@ class ModelWeights:
         """A dense artifact's merged weights, each read when its producer is called (a view of the mapped file,
         in its stored dtype)."""
 
-        dense = open_base(path)
+        dense = open_base(path, checkpoint_name)
         for name, target in self.targets.items():
             yield name, (lambda key=target.key: SafetensorsFile(path / dense.tensors[key].shard).tensor(key))
 
@@ -132,7 +133,7 @@ class ModelWeights:
         one in the model (same name and shape; tied tensors given one value) and the base checkpoint holds
         it too (to read it back); None where that is not so (then the artifact is loaded whole)."""
 
-        dense = open_base(path)
+        dense = open_base(path, checkpoint_name)
         named = self.model.state_dict(keep_vars=True)
         pairs, seen = {}, set()
         for key, info in dense.tensors.items():
@@ -156,7 +157,7 @@ class ModelWeights:
             with torch.no_grad():
                 pairs[key].copy_(SafetensorsFile(directory / tensors[key].shard).tensor(key))
 
-        dense, done = open_base(path), []
+        dense, done = open_base(path, checkpoint_name), []
         try:
             for key in pairs:
                 done.append(key)
@@ -169,7 +170,7 @@ class ModelWeights:
     def _artifact_heads(self, path: Path) -> dict:
         """A dense artifact's trained heads (modules_to_save), by model tensor name."""
 
-        dense, heads = open_base(path), {}
+        dense, heads = open_base(path, checkpoint_name), {}
         for key, adapter_key in saved_module_keys(self.adapter, self.base).items():
             module = next(m for m, params in self.adapter.saved_modules.items() if adapter_key in params.values())
             param = next(p for p, k in self.adapter.saved_modules[module].items() if k == adapter_key)

@@ -4,7 +4,7 @@
                          within one unit in the last place (ulp) of that dtype, plus the rounding of the
                          writer's arithmetic bounded by the operands: COMPUTE_EPS[dtype] * (|W0| + |U|),
                          |U| = |B|.T @ |A|.T / r (where the sum cancels, that bound is larger than its ulp)
-    trained head      == the adapter's modules_to_save copy, rounded once (within one ulp)
+    trained head      == the adapter's modules_to_save copy (or resized embeddings), rounded once (within one ulp)
     any other tensor  == the base's, byte for byte (or, where the artifact was written in another dtype,
                          the base's value rounded once)
 
@@ -25,7 +25,8 @@ import numpy as np
 from ..formats.adapter import PolyAdapter
 from ..formats.base import match_targets, open_base
 from ..formats.safetensors import SafetensorsFile
-from ..collapse.fit import saved_module_keys
+from ..collapse.fit import resized_embeddings, saved_module_keys
+from .names import checkpoint_name
 
 # stored dtype -> (explicit mantissa bits, smallest normal exponent)
 FLOAT_BITS = {"F64": (52, -1022), "F32": (23, -126), "BF16": (7, -126), "F16": (10, -14)}
@@ -144,9 +145,9 @@ def check_dense_weights(path: Path, base_dir: Path, adapter: PolyAdapter, delta:
     `allowance(module)`: None, or the (out, in) absolute error the update's definition allows per entry."""
     import torch
 
-    dense, base = open_base(path), open_base(base_dir)
+    dense, base = open_base(path, checkpoint_name), open_base(base_dir, checkpoint_name)
     merged = {t.key: t for t in match_targets(base, adapter.modules, untie=True)}
-    replaced = saved_module_keys(adapter, base)
+    replaced = {**saved_module_keys(adapter, base), **resized_embeddings(adapter, base)}  # written whole
     counts = {"merged": 0, "replaced": 0, "identical": 0}
     worst, not_ideal, first_bad, first_bad_ulps = 0.0, 0, None, None
     files: dict[Path, SafetensorsFile] = {}
