@@ -332,3 +332,20 @@ def test_inspect_names_the_resize(resized):
     assert embeddings["model.embed_tokens"]["resized_from"] == 96 and embeddings["model.embed_tokens"]["shape"] == [100, 32]
     res = run("inspect", adapters["whole"], "--base", base_dir)
     assert "a resized vocabulary: the base has 96 rows" in res.stdout
+
+
+def test_vit_artifacts_pass_verify_end_to_end(vit, tmp_path):
+    """polytool verify on a family whose checkpoint names are converted on load: the dense model and the LoRA
+    of task 1 pass against the adapter (pixel_values built from the config), and fail as task 0."""
+    base_dir, adapter, _ = vit
+    for kind in ("dense", "lora"):
+        out = tmp_path / kind
+        res = run("collapse", adapter, "--task", "1", "--to", kind, "--base", base_dir, "--out", out)
+        assert res.exit_code == 0, res.output
+        res = run("verify", adapter, "--base", base_dir, "--against", out, "--json")
+        assert res.exit_code == 0, res.output
+        report = json.loads(res.stdout)
+        assert report["inputs"]["tensors"] == {"pixel_values": [4, 3, VIT["image_size"], VIT["image_size"]]}
+        assert all(c["passed"] and c["max_rel_err"] <= TOL for c in report["checks"]), report["checks"]
+        res = run("verify", adapter, "--base", base_dir, "--against", out, "--task", "0", "--json")
+        assert res.exit_code == 1, res.output
