@@ -10,7 +10,6 @@ import tomllib
 from importlib.metadata import version
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTRAS = ("torch", "plot", "gguf", "auto")

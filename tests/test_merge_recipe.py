@@ -2,7 +2,6 @@
 every merge output carries the recipe.yml that re-runs it, to the same tensors. Bad recipes are exit 2."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np

@@ -216,7 +216,7 @@ BASE_CASES = {
                                           "verify": f"incomplete checkpoint: 1 weights missing or mis-shaped (e.g. {Q})"}),
     "adapter for another base (shape)": (set_tensor(Q, lambda a: a[:32]),
                                          {**every(f"the adapter needs a weight of shape [64, 64] (out, in), but {Q} is [32, 64]",
-                                                  "dense lora"), "verify": f"incomplete checkpoint: 1 weights missing or mis-shaped"}),
+                                                  "dense lora"), "verify": "incomplete checkpoint: 1 weights missing or mis-shaped"}),
     "NaN in an adapted weight": (set_tensor(Q, poke(5, np.nan)), {"dense": f"weight '{Q}' holds NaN or Inf: the base checkpoint is broken",
                                                                    "verify": "the model's own outputs contain NaN or Inf"}),
     "Inf in an adapted weight": (set_tensor(Q, poke(0, -np.inf)), {"dense": f"weight '{Q}' holds NaN or Inf"}),
