@@ -10,6 +10,7 @@ splits the rows and columns among threads, never the r-long sums.
 from __future__ import annotations
 
 import ctypes
+import importlib
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -41,7 +42,7 @@ def _openblas() -> tuple | None:
 @contextmanager
 def one_blas_thread() -> Iterator[None]:
     """Inside the block numpy's BLAS (OpenBLAS) runs on one thread; the count is restored after."""
-    import numpy  # noqa: F401  (loads the library)
+    importlib.import_module("numpy")  # loads its BLAS
 
     found = _openblas()
     if found is None:
