@@ -4,8 +4,10 @@ ships, through ctypes; elsewhere a no-op).
 The dense merge multiplies (rows, r) by (r, in) with r ~ 8, 1500 times per GB: too little work per call for
 threads to pay. OpenBLAS still splits each call over every core and spin-waits for the others; where those
 cores are busy (a shared CI runner, a box running other jobs) each call waits for a descheduled thread: a
-1.08 GB merge took 20 s of CPU instead of 2 (docs/performance.md). One thread gives the same bits: OpenBLAS
-splits the rows and columns among threads, never the r-long sums.
+1.08 GB merge took 20 s of CPU instead of 2 (docs/performance.md). One thread also makes the output the same
+on every machine: OpenBLAS's threaded sgemm differs from its one-thread kernel in the last float32 bit of ~5%
+of such products, so a merge's bytes depended on the core count (on the 1.08 GB benchmark model the bfloat16
+rounding hid every such bit: the output is byte for byte the one written before).
 """
 from __future__ import annotations
 
