@@ -8,22 +8,26 @@ benchmarks/_work/, then times each route in a child process and reads its peak R
     peft       polytool collapse --to lora, then transformers from_pretrained + PeftModel.from_pretrained
                + merge_and_unload + save_pretrained (the LoRA step's time is included)
     cp         cp -r of the base directory
+    before     with --before DIR: the same polytool command from another source tree (e.g. `git worktree add
+               DIR <commit>`), so that a change is measured before and after in one run
 
-Each route runs --repeat times (the file cache is warm after the first); the best time and the
-largest peak RSS are reported. Usage: python benchmarks/bench_merge.py [--sizes small,large] [--keep]
+Each route runs --repeat times, the routes interleaved (the file cache is warm after the first); the best and
+median times and the largest peak RSS are reported. Usage: python benchmarks/bench_merge.py [--sizes small,large]
+[--repeat N] [--before DIR] [--skip-peft] [--keep]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 
-from synthetic import PROJ, llama_tensors, measure, write_adapter, write_base  # noqa: E402
+from synthetic import PROJ, llama_tensors, measure, tree_env, write_adapter, write_base  # noqa: E402
 
 SIZES = {  # name -> (hidden, intermediate, vocab): about 259 MB and 1.08 GB in bfloat16
     "small": (1024, 2816, 13000),
@@ -40,30 +44,37 @@ model.save_pretrained(sys.argv[3])
 """
 
 
-def run_routes(work: Path, name: str, repeat: int, skip_peft: bool) -> dict:
+def run_routes(work: Path, name: str, repeat: int, skip_peft: bool, before: Path | None) -> dict:
+    """Each route `repeat` times, interleaved (cp, polytool, polytool before, PEFT, cp, ...): a busy machine
+    slows all of them alike. Per route: every time, the best and median, and the largest peak RSS."""
     base, adapter, out = work / f"base-{name}", work / f"adapter-{name}", work / f"out-{name}"
     polytool = str(Path(sys.executable).parent / "polytool")
     report = work / "time.txt"
+    dense = [polytool, "collapse", str(adapter), "--task", "0", "--to", "dense", "--out", str(out)]
     routes = {
         "cp": lambda: [measure(["cp", "-r", str(base), str(out)], report)],
-        "polytool": lambda: [measure([polytool, "collapse", str(adapter), "--task", "0", "--to", "dense",
-                                      "--out", str(out)], report)],
-        "peft": lambda: [measure([polytool, "collapse", str(adapter), "--task", "0", "--out", str(work / "lora")], report),
+        "polytool": lambda: [measure(dense, report, tree_env(ROOT.parent))],
+        "before": lambda: [measure(dense, report, tree_env(before))],
+        "peft": lambda: [measure([polytool, "collapse", str(adapter), "--task", "0", "--out", str(work / "lora")], report,
+                                 tree_env(ROOT.parent)),
                          measure([sys.executable, "-c", PEFT_ROUTE, str(base), str(work / "lora"), str(out)], report)],
     }
-    results = {}
-    for route, fn in routes.items():
-        if route == "peft" and skip_peft:
-            continue
-        best_t, worst_rss = float("inf"), 0.0
-        for _ in range(repeat):
+    skip = ({"peft"} if skip_peft else set()) | ({"before"} if before is None else set())
+    times: dict[str, list] = {r: [] for r in routes if r not in skip}
+    rss: dict[str, float] = {r: 0.0 for r in times}
+    for _ in range(repeat):
+        for route in times:
             for p in (out, work / "lora"):
                 shutil.rmtree(p, ignore_errors=True)
-            parts = fn()
-            best_t = min(best_t, sum(t for t, _ in parts))
-            worst_rss = max(worst_rss, max(m for _, m in parts))
-        results[route] = {"seconds": best_t, "peak_rss_mb": worst_rss}
-        print(f"  {name:<6} {route:<9} {best_t:7.2f} s  {worst_rss:8.0f} MB", flush=True)
+            parts = routes[route]()
+            times[route].append(sum(t for t, _ in parts))
+            rss[route] = max(rss[route], max(m for _, m in parts))
+    results = {}
+    for route, ts in times.items():
+        results[route] = {"seconds": min(ts), "median_seconds": statistics.median(ts), "all_seconds": ts,
+                          "peak_rss_mb": rss[route]}
+        print(f"  {name:<6} {route:<9} best {min(ts):7.2f} s  median {statistics.median(ts):7.2f} s  "
+              f"{rss[route]:8.0f} MB", flush=True)
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(work / "lora", ignore_errors=True)
     return results
@@ -76,6 +87,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "_work")
     parser.add_argument("--keep", action="store_true", help="keep the generated bases for another run")
     parser.add_argument("--skip-peft", action="store_true")
+    parser.add_argument("--before", type=Path, help="another polytool source tree (e.g. a git worktree of the "
+                                                   "commit before a change), run as the route 'before'")
     args = parser.parse_args()
     sizes = args.sizes.split(",")
     res = {}
@@ -88,7 +101,7 @@ def main() -> None:
                 total = write_base(base, hidden, inter, vocab, LAYERS, SHARD_BYTES)
                 write_adapter(adapter, base, llama_tensors(hidden, inter, vocab, LAYERS), PROJ, R, SKILLS, SPLITS, TASKS)
                 print(f"generated {name}: {total / 1e6:.0f} MB bf16 in {time.perf_counter() - t:.1f} s", flush=True)
-            res[name] = run_routes(args.work, name, args.repeat, args.skip_peft)
+            res[name] = run_routes(args.work, name, args.repeat, args.skip_peft, args.before)
     finally:
         if not args.keep:
             shutil.rmtree(args.work, ignore_errors=True)
@@ -97,25 +110,31 @@ def main() -> None:
 
 
 def report(res: dict) -> None:
+    """Best times (medians in brackets) and the ratios the goals are stated in."""
     for name, r in res.items():
         p, c = r["polytool"], r["cp"]
-        line = f"{name}: polytool {p['seconds']:.2f} s / {p['peak_rss_mb']:.0f} MB, cp {c['seconds']:.2f} s"
+        line = (f"{name}: polytool {p['seconds']:.2f} s ({p['median_seconds']:.2f}) / {p['peak_rss_mb']:.0f} MB, "
+                f"cp {c['seconds']:.2f} s ({c['median_seconds']:.2f})")
+        if "before" in r:
+            b = r["before"]
+            line += (f", before {b['seconds']:.2f} s ({b['median_seconds']:.2f}) / {b['peak_rss_mb']:.0f} MB "
+                     f"({b['seconds'] / p['seconds']:.2f}x polytool's time)")
         if "peft" in r:
             f = r["peft"]
-            line += (f", PEFT route {f['seconds']:.2f} s / {f['peak_rss_mb']:.0f} MB: "
+            line += (f", PEFT route {f['seconds']:.2f} s ({f['median_seconds']:.2f}) / {f['peak_rss_mb']:.0f} MB: "
                      f"{f['seconds'] / p['seconds']:.1f}x faster, {p['peak_rss_mb'] / f['peak_rss_mb']:.2f}x the RSS")
         print(line)
     if {"small", "large"} <= res.keys():
         s, l = res["small"], res["large"]
-        dp = l["polytool"]["seconds"] - s["polytool"]["seconds"]
-        dc = l["cp"]["seconds"] - s["cp"]["seconds"]
-        drss = l["polytool"]["peak_rss_mb"] - s["polytool"]["peak_rss_mb"]
-        print(f"marginal cost small -> large: polytool {dp:.2f} s, cp {dc:.2f} s ({dp / max(dc, 1e-9):.1f}x); "
-              f"polytool peak RSS +{drss:.0f} MB")
-        speed = l["peft"]["seconds"] / l["polytool"]["seconds"] if "peft" in l else float("nan")
-        rss = l["polytool"]["peak_rss_mb"] / l["peft"]["peak_rss_mb"] if "peft" in l else float("nan")
-        print(f"SUMMARY 1.08 GB bf16: {speed:.1f}x faster than PEFT at {rss:.2f}x its peak RSS; "
-              f"marginal {dp / max(dc, 1e-9):.1f}x cp's; RSS +{drss:.0f} MB over the 259 MB run")
+        for route in [r for r in ("polytool", "before") if r in s and r in l]:
+            dp = l[route]["seconds"] - s[route]["seconds"]
+            dc = l["cp"]["seconds"] - s["cp"]["seconds"]
+            drss = l[route]["peak_rss_mb"] - s[route]["peak_rss_mb"]
+            speed = l["peft"]["seconds"] / l[route]["seconds"] if "peft" in l else float("nan")
+            ratio = l[route]["peak_rss_mb"] / l["peft"]["peak_rss_mb"] if "peft" in l else float("nan")
+            print(f"SUMMARY {route} 1.08 GB bf16: {speed:.1f}x faster than PEFT (goal 8x) at {ratio:.2f}x its peak "
+                  f"RSS; marginal cost small -> large {dp:.2f} s, cp's {dc:.2f} s: {dp / max(dc, 1e-9):.1f}x (goal "
+                  f"1.5x); peak RSS +{drss:.0f} MB over the 259 MB run")
 
 
 if __name__ == "__main__":

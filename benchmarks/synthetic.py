@@ -93,15 +93,26 @@ def write_adapter(directory: Path, base: Path, tensors: Tensors, targets: tuple[
     return (directory / "adapter_model.safetensors").stat().st_size
 
 
-def measure(cmd: list[str], report: Path) -> tuple[float, float]:
+def measure(cmd: list[str], report: Path, env: dict | None = None) -> tuple[float, float]:
     """(wall seconds, peak RSS in MB) of one command under /usr/bin/time (a child spawned from this
     Python process would count this process's pages in its own peak RSS), after a sync so that
-    earlier runs' writeback does not land on this one."""
+    earlier runs' writeback does not land on this one. `env`: variables set for the command."""
     os.sync()
     start = time.perf_counter()
     proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(report), *cmd], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+                          stderr=subprocess.PIPE, text=True, env=None if env is None else {**os.environ, **env})
     elapsed = time.perf_counter() - start
     if proc.returncode:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
     return elapsed, int(report.read_text().split()[-1]) / 1024
+
+
+def tree_env(tree: Path | None) -> dict | None:
+    """The environment that runs the polytool of source tree `tree` (this checkout for the benchmarks' own
+    route; `--before DIR`, e.g. a `git worktree` of the commit to compare with) with this interpreter: its
+    directory first on PYTHONPATH."""
+    if tree is None:
+        return None
+    if not (tree / "polytool" / "__init__.py").is_file():
+        raise SystemExit(f"--before {tree}: no polytool/__init__.py there (give a source tree of polytool)")
+    return {"PYTHONPATH": os.pathsep.join([str(tree.resolve()), *filter(None, [os.environ.get("PYTHONPATH")])])}

@@ -97,3 +97,23 @@ def test_a_merge_card_says_when_verify_does_not_apply(odd_base, tmp_path):
         "--out", tmp_path / "ties")
     text = (tmp_path / "ties" / "README.md").read_text()
     assert "does not check this merge (it uses ties" in text and "polytool verify " + str(adapter) not in text
+
+
+@pytest.mark.parametrize("meta", [
+    {"base_model": None, "base_model_relation": "merge", "library_name": "transformers", "tags": ["polytool", "poly"],
+     "polytool": {"version": "1", "source": "/a: b #c 'q\"", "task": 1, "base": None, "revision": None}},
+    {"polytool": {"recipe": {"sources": [{"source": "x:0"}], "weights": [0.5, 1e-20]}}, "tags": ["a", "b", "a"],
+     "base_model": "org/näme", "library_name": "peft", "base_model_relation": "adapter", "license": "other"},
+    {"tags": "one", "pipeline_tag": "text-generation", "model_name": "日本", "extra": [1, 2.5, True, None]},
+])
+def test_cards_are_what_huggingface_hub_writes(meta):
+    """render_card writes with the YAML library alone what ModelCard(ModelCardData(...)) wrote (the dense merge
+    no longer imports huggingface_hub's card module): the same text, byte for byte."""
+    from huggingface_hub import ModelCardData
+
+    from polytool.formats.cards import render_card
+
+    body = "# Title\n\nText: with `code` and --- rules\n"
+    data = ModelCardData(**{k: v for k, v in meta.items() if v is not None})
+    theirs = str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body.strip()}\n", ignore_metadata_errors=True))
+    assert render_card(meta, body) == theirs

@@ -27,6 +27,7 @@ from ..formats.safetensors_writer import SafetensorsWriter, TensorSpec, encode_h
 from ..formats.cards import dense_card
 from ..formats.jsonfile import write_json
 from ..formats.atomic import atomic_output_dir, check_output
+from ..core.blas import one_blas_thread
 from ..core.collapse import collapse_factors, stored_delta
 from ..errors import CheckpointError, PolytoolError
 from ..formats.provenance import provenance
@@ -298,15 +299,20 @@ def _blocks(op: Op, src: SafetensorsFile, fd: int, deltas: DeltaSource) -> Itera
         return
     if op.target:
         delta = deltas(op.target.module, wide)
+    # bfloat16 in, float32 arithmetic: decode and round in two buffers reused block after block (fresh arrays per
+    # block cost more in new pages than the arithmetic); what is yielded is always a new array
+    reuse = op.source_dtype == "BF16" and wide is np.float32
+    decoded = np.empty((min(step, rows),) + shape[1:], np.float32) if reuse else None
+    scratch = np.empty_like(decoded, np.uint32) if reuse and op.out.dtype == "BF16" else None
     for lo in range(0, rows, step):
         hi = min(rows, lo + step)
         raw = _read_rows(fd, start + lo * row_len * itemsize, op.source_dtype, (hi - lo,) + shape[1:])
-        x = bf16_to_f32(raw) if op.source_dtype == "BF16" else raw
+        x = bf16_to_f32(raw, None if decoded is None else decoded[:hi - lo]) if op.source_dtype == "BF16" else raw
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, in one line
             x = x.astype(wide, copy=False)
             if op.target:
                 x += delta(lo, hi, op.target.transposed)  # (rows, in), or (rows, out) for Conv1D
-            out = cast_float(x, op.out.dtype)
+            out = cast_float(x, op.out.dtype, None if scratch is None else scratch[:hi - lo])
         if not _finite(out, op.out.dtype).all():
             source = _read_rows(fd, start + lo * row_len * itemsize, op.source_dtype, (hi - lo,) + shape[1:])
             _check_non_finite(op, source, out, src.path)
@@ -386,8 +392,9 @@ def write_merge(plan: MergePlan, deltas: DeltaSource, directory: Path, progress:
     written in place of the base's (README.md: a merged model must not call itself the base; recipe.yml)."""
     counts = {"merged": 0, "copied": 0, "converted": 0, "replaced": 0}
     steps = _steps(plan, deltas, directory)
-    for op in progress(steps, plan.n_tensors, "merging") if progress else steps:
-        counts[op.kind] += 1
+    with one_blas_thread():  # thin (rows, r) @ (r, in) products: threads cost more than they give (core/blas.py)
+        for op in progress(steps, plan.n_tensors, "merging") if progress else steps:
+            counts[op.kind] += 1
     if plan.index is not None:
         write_json(directory / INDEX_NAME, plan.index)
     texts = texts or {}

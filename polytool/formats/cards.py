@@ -1,6 +1,6 @@
-"""README.md model cards of the artifacts polytool writes (LoRA, dense model, GGUF folder, merge), through
-huggingface_hub's ModelCard / ModelCardData: YAML front matter the hub reads (base_model as a hub id where
-known, base_model_relation, library_name, tags) plus a `polytool` block (source, sha256, task or recipe),
+"""README.md model cards of the artifacts polytool writes (LoRA, dense model, GGUF folder, merge), as
+huggingface_hub's ModelCard / ModelCardData write them: YAML front matter the hub reads (base_model as a hub
+id where known, base_model_relation, library_name, tags) plus a `polytool` block (source, sha256, task or recipe),
 then where the artifact came from, how to load it and the `polytool verify` command that proves it.
 The YAML is written by a YAML library, so any path (with `: `, `#`, quotes) gives valid front matter."""
 from __future__ import annotations
@@ -32,15 +32,27 @@ def hub_id(name: str | Path | None) -> str | None:
         local = path.exists()
     except (OSError, ValueError):
         local = False
-    return repo if is_repo_id(repo) and not local else None
+    return repo if not local and is_repo_id(repo) else None  # a local base never imports huggingface_hub
+
+
+# huggingface_hub's ModelCardData fields, in the order its to_yaml writes them (before any other key)
+CARD_FIELDS = ("base_model", "datasets", "eval_results", "language", "library_name", "license", "license_name",
+               "license_link", "metrics", "model_name", "pipeline_tag", "tags")
 
 
 def render_card(meta: dict[str, Any], body: str) -> str:
-    """A model card: `meta` (None values dropped) as YAML front matter, then `body` (Markdown)."""
-    from huggingface_hub import ModelCard, ModelCardData
+    """A model card: `meta` (None values dropped) as YAML front matter, then `body` (Markdown). The text
+    huggingface_hub's `str(ModelCard(...))` of `ModelCardData(**meta)` gives (tests/test_cards.py compares
+    them), written with the YAML library alone: importing huggingface_hub's card module (its HTTP client and
+    hub API) took 0.3 s and 14 MB of every dense merge (docs/performance.md)."""
+    import yaml
 
-    data = ModelCardData(**{k: v for k, v in meta.items() if v is not None})
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body.strip()}\n", ignore_metadata_errors=True))
+    meta = {k: v for k, v in meta.items() if v is not None}
+    if isinstance(meta.get("tags"), (list, str)):  # as ModelCardData keeps them: unique, in order
+        meta["tags"] = list(dict.fromkeys([meta["tags"]] if isinstance(meta["tags"], str) else meta["tags"]))
+    ordered = {k: meta[k] for k in CARD_FIELDS if k in meta} | {k: v for k, v in meta.items() if k not in CARD_FIELDS}
+    front = yaml.dump(ordered, sort_keys=False, allow_unicode=True).strip()
+    return f"---\n{front}\n---\n\n{body.strip()}\n"
 
 
 def _base_meta(base: Any, relation: str, library: str, tags: list[str]) -> dict[str, Any]:

@@ -51,15 +51,24 @@ def least_precise(names: Iterable[str]) -> str | None:
 TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
-def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
-    """uint16 bfloat16 bit patterns -> float32 (exact)."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+def bf16_to_f32(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """uint16 bfloat16 bit patterns -> float32 (exact); written into `out` (float32, bits' shape) where given."""
+    if out is None:
+        return (bits.astype(np.uint32) << 16).view(np.float32)
+    np.left_shift(bits, 16, out=out.view(np.uint32), dtype=np.uint32)
+    return out
 
 
-def f32_to_bf16(x: np.ndarray) -> np.ndarray:
-    """float32 -> uint16 bfloat16 bit patterns, rounded to nearest even (as torch rounds)."""
+def f32_to_bf16(x: np.ndarray, scratch: np.ndarray | None = None) -> np.ndarray:
+    """float32 -> uint16 bfloat16 bit patterns, rounded to nearest even (as torch rounds). `scratch`: a uint32
+    array of x's shape to compute in, reused by a caller that converts block after block (else one is made)."""
     u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = ((u + (((u >> 16) & 1) + 0x7FFF)) >> 16).astype(np.uint16)
+    t = np.right_shift(u, 16, out=scratch)  # (u + ((u >> 16) & 1) + 0x7FFF) >> 16, in uint32, in place
+    t &= 1
+    t += 0x7FFF
+    t += u
+    t >>= 16
+    rounded = t.astype(np.uint16)
     nan = np.isnan(x)
     if nan.any():
         rounded[nan] = 0x7FC0
@@ -227,10 +236,11 @@ def _f64_to_f32_odd(x: np.ndarray) -> np.ndarray:
     return y
 
 
-def cast_float(x: np.ndarray, dtype: str) -> np.ndarray:
-    """Round a float32/float64 array once to the float safetensors `dtype` (BF16 as uint16 bits)."""
+def cast_float(x: np.ndarray, dtype: str, scratch: np.ndarray | None = None) -> np.ndarray:
+    """Round a float32/float64 array once to the float safetensors `dtype` (BF16 as uint16 bits; `scratch` as
+    f32_to_bf16's)."""
     if dtype == "BF16":
-        return f32_to_bf16(_f64_to_f32_odd(x) if x.dtype == np.float64 else x)
+        return f32_to_bf16(_f64_to_f32_odd(x) if x.dtype == np.float64 else x, scratch)
     if dtype not in ("F64", "F32", "F16"):
         raise PolytoolError(f"cannot round to {dtype}: allowed F64, F32, F16, BF16")
     return x.astype(DTYPES[dtype][0], copy=False)

@@ -25,7 +25,7 @@ from ..errors import CheckpointError, PolytoolError
 from ..formats.adapter import PolyAdapter, load_adapter
 from ..formats.base import resolve_base_dir
 from .artifacts import Target, artifact_targets, spec_under_test
-from .compare import Measured, Rule, errors, kl, make_check, non_finite, top1
+from .compare import Measured, Rule, errors, kl, make_check, non_finite, one_thread, top1
 from .inputs import DEFAULT_INPUTS, DEFAULT_SEQ_LEN, prompt_inputs, random_inputs  # noqa: F401 (the defaults: part of the API)
 from .models import base_config, model_class, release_memory, resolve_device, stored_dtype, utf8_path
 from .options import VerifyOptions
@@ -148,7 +148,8 @@ def _targets(o: VerifyOptions, adapter: PolyAdapter, base_dir: Path, config, pro
     self-check every task (or the one --task names), collapsed in memory by the product code."""
     if o.against:
         targets = [t for path in o.against for t in artifact_targets(Path(path), adapter, base_dir, o.task)]
-        _dense_weight_checks(targets, adapter, base_dir, progress)
+        with one_thread():  # passes over cache-sized chunks: one thread (compare.one_thread)
+            _dense_weight_checks(targets, adapter, base_dir, progress)
         release_memory()  # the chunks and updates of the weight check, before the model is loaded
         return targets
     base_dtype = stored_dtype(base_dir, config)

@@ -11,9 +11,11 @@ per position (mean and max), and the share of positions whose argmax agrees.
 """
 from __future__ import annotations
 
+import functools
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 Errors = dict[str, tuple[float, float]]  # name -> (max |a - b|, max |b|)
 
@@ -53,6 +55,30 @@ def forward(model, family: str, batches: list[dict], capture: dict, **extra) -> 
     return outputs, modules
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one thread inside the block. For verify's passes over small tensors or cache-sized chunks (the
+    comparisons, the weight-space check): a second thread barely helps a pass bound by memory, and where the
+    cores are shared (CI runners, a busy box) every op waits for a descheduled thread at its barrier: the
+    weight-space check of a 1.08 GB model took 14-28 s of CPU on two threads, 1.6 s on one (performance.md)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _one_thread(function):
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with one_thread():
+            return function(*args, **kwargs)
+    return wrapper
+
+
 def _copy(tensor):
     import torch
 
@@ -68,6 +94,7 @@ def _max_diff(a, b) -> float:
     return float((a - b).abs().max()) if a.numel() else 0.0
 
 
+@_one_thread
 def errors(out: dict[str, list], ref: dict[str, list]) -> Errors:
     """{name: (max |a - b|, max |b|)} over every batch; NaN or Inf in `out` is an infinite error."""
     from ..errors import PolytoolError
@@ -82,6 +109,7 @@ def errors(out: dict[str, list], ref: dict[str, list]) -> Errors:
     return result
 
 
+@_one_thread
 def non_finite(outputs: dict[str, list]) -> str | None:
     """The first output holding NaN or Inf in any batch, or None."""
     import torch
@@ -106,6 +134,7 @@ def rel(diff: float, scale: float) -> float:
     return diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf)
 
 
+@_one_thread
 def top1(out: dict[str, list], ref: dict[str, list]) -> float | None:
     """Fraction of positions whose argmax over the logits agrees (None without logits)."""
     import torch
@@ -116,6 +145,7 @@ def top1(out: dict[str, list], ref: dict[str, list]) -> float | None:
     return float(torch.cat(same).float().mean())
 
 
+@_one_thread
 def kl(out: dict[str, list], ref: dict[str, list]) -> tuple[float, float] | None:
     """(mean, max) over positions of KL(reference || artifact) of the softmax of the logits, in nats."""
     import torch

@@ -176,6 +176,12 @@ class LowRankUpdate:
     def __getitem__(self, rows: slice) -> torch.Tensor:
         return (self.A[rows] if self.transposed else self.B.T[rows]) @ self._right
 
+    def rows_into(self, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
+        """self[lo:hi], the same product, written into the leading rows of `out` (a float64 buffer reused block
+        after block: a new 2 MB result per block costs more in fresh pages than the product itself)."""
+        left = self.A[lo:hi] if self.transposed else self.B.T[lo:hi]  # (rows, r)
+        return torch.mm(left, self._right, out=out[:left.shape[0]])  # (rows, r) @ (r, cols)
+
 
 def _normalise(w: torch.Tensor) -> torch.Tensor:
     """(q, s): each split's weights divided by their sum plus 1e-12."""

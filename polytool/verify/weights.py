@@ -80,17 +80,21 @@ def _same_bits(a, b) -> bool:
 def compare(st: SafetensorsFile, key: str, want: Callable[[int, int], Any],
             scale: Callable[[int, int], Any] | None = None) -> tuple[float, int]:
     """(max ulps among the elements that are not the ideal rounding, how many those are) of tensor `key`
-    against `want(lo, hi)`: the exact float64 values of its rows [lo, hi), flattened; with `scale(lo, hi)` (the
-    absolute error allowed beside one ulp, flattened) in units of the allowed error instead (see _ulps). An element equal to the
-    ideal rounding (torch's of the exact value) is within half a unit by construction and is not measured."""
+    against `want(lo, hi)`: the exact float64 values of its rows [lo, hi), flattened (a tensor the caller may
+    reuse for the next rows: it is read before the next call); with `scale(lo, hi)` (the absolute error allowed
+    beside one ulp, flattened) in units of the allowed error instead (see _ulps). An element equal to the ideal
+    rounding (torch's of the exact value) is within half a unit by construction and is not measured."""
+    import torch
+
     if int(np.prod(st.shape(key))) == 0:
         return 0.0, 0
     rows = _rows(st, key)
     step = max(1, CHUNK // rows.shape[1])
     worst, not_ideal = 0.0, 0
+    rounded = torch.empty(step * rows.shape[1], dtype=rows.dtype)  # one buffer for every chunk's ideal rounding
     for lo in range(0, rows.shape[0], step):
         got, exact = rows[lo:lo + step].reshape(-1), want(lo, lo + step)
-        ideal = exact.to(got.dtype)
+        ideal = rounded[:got.numel()].copy_(exact)  # the same rounding as exact.to(got.dtype)
         if _same_bits(got, ideal):
             continue
         off = got != ideal
@@ -119,19 +123,25 @@ def _check_merged(st: SafetensorsFile, key: str, base_rows: Callable, update: An
     """compare() of a merged weight: the exact value is the base's rows (float64, exactly) plus the update's, the
     allowance bounded by the operands |W0| + |U| (|U| = |B|.T @ |A|.T / r for a low-rank update), plus `extra`
     (out, in), the absolute error the update's own definition allows per entry (a pruned merge's float32
-    arithmetic and ambiguous selections: reference_merge.py), where given."""
+    arithmetic and ambiguous selections: reference_merge.py), where given. `base_rows(lo, hi)`: the base's rows
+    [lo, hi) in its stored dtype, (rows, rest)."""
     import torch
 
     update = update.T if transposed else update  # (out, in) -> the stored layout
     extra = None if extra is None else (extra.T if transposed else extra)
     size = abs(update)
     eps = COMPUTE_EPS[st.dtype(key)]
+    shape = st.shape(key)
+    step = max(1, CHUNK // max(1, int(np.prod(shape[1:]))))
+    buffer = torch.empty((min(step, shape[0]), *shape[1:]), dtype=torch.float64)  # reused: no new pages per chunk
 
-    def exact(lo, hi):  # update's rows + base's, a new tensor
-        return torch.add(update[lo:hi].reshape(-1), base_rows(lo, hi))
+    def exact(lo, hi):  # update's rows + base's: the same float64 sum as torch.add(update[lo:hi], base), in place
+        rows = update.rows_into(lo, hi, buffer) if hasattr(update, "rows_into") else \
+            buffer[:min(hi, shape[0]) - lo].copy_(update[lo:hi].reshape(-1, *shape[1:]))
+        return rows.add_(base_rows(lo, hi)).reshape(-1)
 
     def allowed(lo, hi):  # COMPUTE_EPS (|W0| + |U|) of rows [lo, hi), plus the definition's own allowance
-        bound = torch.add(size[lo:hi].reshape(-1).abs(), base_rows(lo, hi).abs()).mul_(eps)
+        bound = torch.add(size[lo:hi].reshape(-1).abs(), base_rows(lo, hi).reshape(-1).double().abs()).mul_(eps)
         return bound if extra is None else bound.add_(extra[lo:hi].reshape(-1))
 
     return compare(st, key, exact, allowed)
@@ -160,6 +170,9 @@ def check_dense_weights(path: Path, base_dir: Path, adapter: PolyAdapter, delta:
     def flat(st: SafetensorsFile, key: str):  # rows [lo, hi) of a tensor, exact, flattened
         return lambda lo, hi: _rows(st, key)[lo:hi].reshape(-1).double()
 
+    def stored(st: SafetensorsFile, key: str):  # rows [lo, hi) of a tensor, in its stored dtype and shape
+        return lambda lo, hi: st.tensor(key)[lo:hi]
+
     try:
         items = dense.tensors.items()
         for key, info in progress(items, len(items), f"weights of {path.name}") if progress else items:
@@ -177,7 +190,7 @@ def check_dense_weights(path: Path, base_dir: Path, adapter: PolyAdapter, delta:
             else:
                 if target is not None:
                     extra = None if allowance is None else allowance(target.module)
-                    error, off = _check_merged(st, key, flat(base_st, source), delta(target.module),
+                    error, off = _check_merged(st, key, stored(base_st, source), delta(target.module),
                                                target.transposed, extra)
                     counts["merged"] += 1
                 else:
