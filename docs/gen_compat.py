@@ -1,7 +1,10 @@
 """Generate docs/compatibility.md, the compatibility matrix, from a run of the matrix tests.
 
     python docs/gen_compat.py     run the matrix tests (MATRIX_TESTS) and
-                                  rewrite docs/compatibility.md from what they recorded
+                                  rewrite docs/compatibility.md from what they recorded, with the sweep's
+                                  section from benchmarks/sweep_results.json (docs/compat_sweep.py)
+    python docs/gen_compat.py --sweep-only
+                                  keep the page's matrix section, render the sweep's section again
 
 Each matrix test calls the `compat_record(case, check, max_rel_err)` fixture (tests/conftest.py) after
 its assertions passed; with POLYTOOL_COMPAT_JSON set the records are written to that file at the end of
@@ -19,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "compatibility.md"
+SWEEP_RESULTS = ROOT / "benchmarks" / "sweep_results.json"
 MATRIX_TESTS = ["tests/test_compat_model.py", "tests/test_compat_artifacts.py", "tests/test_reference.py"]
 # (record check name, column title); a column shows the largest relative error recorded for the case
 COLUMNS = [
@@ -72,9 +76,28 @@ def render(records: list[dict], peft_version: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sweep_section() -> str:
+    """The sweep's section, or nothing where benchmarks/sweep.py has not written its results."""
+    sys.path.insert(0, str(ROOT / "docs"))
+    from compat_sweep import render_sweep
+
+    if not SWEEP_RESULTS.is_file():
+        return ""
+    return "\n" + render_sweep(json.loads(SWEEP_RESULTS.read_text(encoding="utf-8")))
+
+
 def main() -> int:
     import peft
 
+    if sys.argv[1:] == ["--sweep-only"]:
+        sys.path.insert(0, str(ROOT / "docs"))
+        from compat_sweep import HEADING
+
+        page = OUT.read_text(encoding="utf-8")
+        matrix = page.split("\n" + HEADING)[0].rstrip("\n") + "\n"
+        OUT.write_text(matrix + sweep_section(), encoding="utf-8")
+        print(f"wrote the sweep's section of {OUT.relative_to(ROOT)}", file=sys.stderr)
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         records_file = Path(tmp) / "records.json"
         env = dict(os.environ, POLYTOOL_COMPAT_JSON=str(records_file))
@@ -85,7 +108,7 @@ def main() -> int:
             print(f"the matrix tests failed (exit {code}): docs/compatibility.md not rewritten", file=sys.stderr)
             return code
         records = json.loads(records_file.read_text(encoding="utf-8"))
-    OUT.write_text(render(records, peft.__version__), encoding="utf-8")
+    OUT.write_text(render(records, peft.__version__) + sweep_section(), encoding="utf-8")
     print(f"wrote {OUT.relative_to(ROOT)} ({len(records)} records)", file=sys.stderr)
     return 0
 

@@ -1,0 +1,93 @@
+"""The sweep's adapter, written by PEFT: targets chosen as PEFT would, Poly tensors randomised (train-free).
+
+    wrap(model, model_type, task_type, inputs) -> (PeftModel, info)   raises Outcome("peft-cannot-wrap", ...)
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+from sweep_family import HEADS, Outcome, one_line
+
+R, N_TASKS, N_SKILLS, N_SPLITS = 2, 3, 2, 2
+
+
+def targets(model_type: str, model, inputs: dict) -> tuple[object, list[str] | None, str]:
+    """(target_modules, exclude_modules, how): PEFT's default for the model_type, else all-linear less the
+    Linears whose input is not 3-D in a forward (PEFT's Poly layer multiplies with bmm)."""
+    import torch
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_POLY_TARGET_MODULES_MAPPING as DEFAULTS
+
+    if model_type in DEFAULTS:
+        return DEFAULTS[model_type], None, "PEFT's default"
+    seen: dict[str, int] = {}
+
+    def record(name: str, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else next(iter(kwargs.values()))
+        if seen.get(name, 3) == 3:  # any call without a 3-D input excludes the module
+            seen[name] = x.dim()
+
+    hooks = [m.register_forward_pre_hook(lambda _m, args, kwargs, name=name: record(name, args, kwargs),
+                                         with_kwargs=True)
+             for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    heads = {name for name in seen if any(part.endswith(HEADS) for part in name.split("."))}
+    exclude = sorted(heads | {name for name, dim in seen.items() if dim != 3})
+    if seen and len(exclude) == len(seen):
+        raise Outcome("peft-cannot-wrap", f"no Linear but the task head sees a 3-D input (PEFT's Poly layer "
+                      f"multiplies with bmm): inputs {sorted(set(seen.values()))}-D")
+    return "all-linear", exclude or None, "all-linear" + (f" less {len(exclude)} (heads, non-3-D)" if exclude else "")
+
+
+def randomize(model, seed: int = 1) -> None:
+    """B != 0, task-dependent routing (logits N(0, 2^2)), heads in modules_to_save moved off their init."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "poly_lora_A" in name or "poly_lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+            elif "module_logits" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 2.0)
+            elif "modules_to_save" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+def _splits_divide(model, n_splits: int) -> bool:
+    return all(m.in_features % n_splits == 0 and m.out_features % n_splits == 0
+               for m in model.modules() if hasattr(m, "poly_lora_A") and hasattr(m, "in_features"))
+
+
+def wrap(model, model_type: str, task_type: str | None, inputs: dict):
+    """PEFT's Poly model of `model` (which it modifies), randomised; n_splits 2 where every target divides."""
+    from peft import PolyConfig, get_peft_model
+
+    try:
+        target_modules, exclude, how = targets(model_type, model, inputs)
+    except Outcome:
+        raise
+    except Exception as exc:
+        raise Outcome("skipped", f"cannot trace the Linears' inputs: {one_line(exc)}") from None
+    spare = copy.deepcopy(model)  # for n_splits 1 when a target does not divide by 2
+    peft_model = None
+    for n_splits in (N_SPLITS, 1):
+        config = PolyConfig(task_type=task_type, r=R, n_tasks=N_TASKS, n_skills=N_SKILLS, n_splits=n_splits,
+                            target_modules=target_modules, exclude_modules=exclude)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                peft_model = get_peft_model(model if n_splits == N_SPLITS else spare, config).eval()
+        except Exception as exc:
+            raise Outcome("peft-cannot-wrap", f"get_peft_model: {one_line(exc)}") from None
+        if _splits_divide(peft_model, n_splits):
+            break
+    randomize(peft_model)
+    n_targets = sum(1 for m in peft_model.modules() if hasattr(m, "poly_lora_A") and hasattr(m, "in_features"))
+    return peft_model, {"targets": how if isinstance(target_modules, str) else ",".join(sorted(target_modules)),
+                        "n_targets": n_targets, "n_splits": n_splits}
