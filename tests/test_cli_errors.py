@@ -91,3 +91,16 @@ def test_lora_without_a_base_says_what_it_did_not_check(tmp_path):
     assert "wrote 4 LoRAs (task-0 .. task-3)" in res.stdout and " 0.1 MB)" in res.stdout  # 4 LoRAs, 4 cards
     res = CliRunner().invoke(main, ["collapse", str(FIXTURES / "mhr"), "--task", "0", "--out", str(tmp_path / "p")])
     assert res.exit_code == 0 and "warning" not in res.stderr  # the recorded base is at hand: checked, no warning
+
+
+def test_python_dash_m_polytool_runs_the_cli():
+    """`python -m polytool` is the `polytool` command (the sweep and users without the script use it)."""
+    import os
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-m", "polytool", "--help"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Usage: polytool ") and "collapse" in done.stdout
