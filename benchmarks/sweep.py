@@ -1,7 +1,7 @@
 """The whole zoo: every model_type of transformers' task mappings, wrapped with PEFT's Poly, through polytool.
 
     python benchmarks/sweep.py [--mapping causal-lm,...] [--only TYPE,...] [--jobs N] [--results FILE]
-                               [--rerun STATUS,...] [--timeout S] [--limit N]
+                               [--rerun STATUS,...] [--timeout S] [--limit N] [--cli subprocess]
 
 Each family runs in its own process (forked from this one after the imports, so torch, transformers and PEFT
 are imported once), under a memory cap and a timeout, so one bad family cannot stall the sweep; the process
@@ -157,9 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rerun", default="", help="comma-separated statuses to run again")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per family")
     parser.add_argument("--limit", type=int, help="run at most this many families")
+    parser.add_argument("--cli", choices=["inprocess", "subprocess"], default="inprocess",
+                        help="run polytool's commands through Click in the family's process, or as "
+                             "`python -m polytool` subprocesses (each imports torch again)")
     args = parser.parse_args(argv)
     os.nice(max(0, 15 - os.nice(0)))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ["SWEEP_CLI"] = args.cli
     import importlib
 
     for module in ("torch", "peft", "transformers", "polytool.cli"):  # imported once, inherited by every fork

@@ -1,10 +1,14 @@
 """polytool's CLI on one family: inspect, collapse to LoRA and dense, verify against both.
 
 Each command runs through Click in this (already separate, per-family) process, so its exit code, its stderr
-and any traceback are what a shell would see, without importing torch again for every command.
+and any traceback are what a shell would see, without importing torch again for every command; with
+SWEEP_CLI=subprocess (sweep.py --cli subprocess) each runs as `python -m polytool ...` instead (slower).
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from sweep_family import AWAITS_CONV, AWAITS_INPUTS, Outcome
@@ -13,6 +17,13 @@ from sweep_family import AWAITS_CONV, AWAITS_INPUTS, Outcome
 def run_cli(args: list[str]) -> tuple[int, str, str]:
     """(exit code, stdout, stderr) of `polytool ARGS`; a traceback (exception escaping Click) is a failure."""
     import traceback
+
+    if os.environ.get("SWEEP_CLI") == "subprocess":
+        done = subprocess.run([sys.executable, "-m", "polytool", *args], capture_output=True, text=True)
+        if "Traceback (most recent call last)" in done.stderr:
+            raise Outcome("polytool-fails", f"`polytool {' '.join(_short(args))}`: traceback: "
+                          f"{done.stderr.strip().splitlines()[-1][:240]}", traceback=done.stderr[-2000:])
+        return done.returncode, done.stdout, done.stderr
 
     from click.testing import CliRunner
 

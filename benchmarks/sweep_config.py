@@ -79,6 +79,9 @@ def overrides(config) -> dict:
             out[key] = _small_list(key, value)
         elif isinstance(value, list) and old_layers and len(value) == old_layers and old_layers > LAYERS:
             out[key] = value[:LAYERS]  # per-layer settings (layer_types, ...) follow the layer count
+    for kv in ("num_key_value_heads", "num_kv_heads", "n_kv_heads"):  # MHA stays MHA (MLA needs it)
+        if kv in out and values.get(kv) == values.get("num_attention_heads", values.get("n_head")):
+            out[kv] = out.get("num_attention_heads", out.get("n_head", HEADS))
     if "qk_rope_head_dim" in out and "head_dim" in values:  # MLA: rope acts on head_dim = qk_rope_head_dim
         out["head_dim"] = out["qk_rope_head_dim"]
     return out
