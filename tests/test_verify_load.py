@@ -1,6 +1,7 @@
 """verify's model load: a half-precision checkpoint is loaded in its own dtype and upcast (so the float32
 model never sits beside the whole mapped checkpoint); the result must be the model transformers loads in
-float32, bit for bit, on every architecture of the matrix, buffers included."""
+float32, bit for bit, on every architecture of the matrix, buffers included. The class: the task's Auto class,
+or the base's own where that Auto class does not know the config."""
 from __future__ import annotations
 
 import pytest
@@ -47,3 +48,16 @@ def test_negative_control_buffers_computed_in_half_precision_differ(half_bases, 
     monkeypatch.setattr(models, "_float32_buffers", lambda model: None)
     assert _differing(half_bases["gemma-tied"], matrix.CASES["gemma-tied"].model_class) == [
         "model.embed_tokens.embed_scale"]
+
+
+@pytest.mark.parametrize("config_class,task_type,own", [
+    ("MllamaTextConfig", "CAUSAL_LM", "MllamaForCausalLM"),  # AutoModelForCausalLM refuses mllama_text_model
+    ("EvollaConfig", "FEATURE_EXTRACTION", "EvollaModel"),  # AutoModel refuses evolla
+])
+def test_class_is_the_bases_own_where_the_auto_class_refuses_its_config(config_class, task_type, own):
+    import transformers as tf
+
+    config = getattr(tf, config_class)(architectures=[own])
+    assert models.model_class(task_type, config) == (own, "causal" if task_type == "CAUSAL_LM" else "encoder")
+    llama = tf.LlamaConfig(architectures=["LlamaForCausalLM"])  # the control: a config the Auto class knows
+    assert models.model_class("CAUSAL_LM", llama)[0] == "AutoModelForCausalLM"

@@ -66,7 +66,7 @@ def model_class(task_type: str | None, config) -> tuple[str, str]:
         import transformers
 
         name = next((a for a in archs if hasattr(transformers, a)), "AutoModel")
-    if name == "AutoModelForCausalLM":
+    if name == "AutoModelForCausalLM" or task_type == "CAUSAL_LM":  # MllamaForCausalLM: a causal LM too
         return name, "causal"
     cls = resolve_class(name, config)
     if cls is not None:  # what the forward takes decides (Whisper's audio classifier is an encoder)
@@ -77,12 +77,15 @@ def model_class(task_type: str | None, config) -> tuple[str, str]:
 
 
 def _mapping(auto: str, config) -> str:
-    """`auto`, or the first of its TASK_CLASS_ALTERNATIVES that maps `config`'s type (else `auto`, which the
-    load then refuses in one line)."""
+    """`auto`, or the first of its TASK_CLASS_ALTERNATIVES that maps `config`'s type, else the base's own class
+    (its `architectures`: mllama's text model under CAUSAL_LM, Evolla under FEATURE_EXTRACTION), else `auto`,
+    which the load then refuses in one line."""
+    import transformers
+
     for name in (auto, *TASK_CLASS_ALTERNATIVES.get(auto, ())):
         if resolve_class(name, config) is not None:
             return name
-    return auto
+    return next((a for a in config.architectures or [] if hasattr(transformers, a)), auto)
 
 
 def resolve_class(name: str, config):
@@ -94,6 +97,8 @@ def resolve_class(name: str, config):
     mapping = getattr(cls, "_model_mapping", None)
     if cls is None or mapping is None:
         return cls
+    if type(config) not in mapping:  # what from_pretrained asks: EvollaConfig is found by getitem, refused there
+        return None
     try:
         found = mapping[type(config)]
     except (KeyError, ValueError):
