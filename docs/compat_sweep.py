@@ -12,7 +12,7 @@ STATUSES = [  # (status, cell mark, column title)
     ("pass", "ok", "pass"),
     ("polytool-fails", "FAIL", "polytool fails"),
     ("peft-cannot-wrap", "peft", "PEFT cannot wrap"),
-    ("peft-cannot-load", "peft-lora", "PEFT misloads the LoRA"),
+    ("peft-cannot-load", "peft-lora", "PEFT cannot load the LoRA"),
     ("skipped", "skip", "skipped"),
     ("sweep-error", "err", "sweep error"),
 ]
@@ -37,8 +37,9 @@ task 2 must change the output by more than 1e-4).
   artifact differs (the reasons are listed below; those marked *awaits issue22-...* wait on work being merged:
   verify's inputs for vision and audio models, transformers' renamed checkpoint keys).
 - **PEFT cannot wrap**: PEFT's own error building or running the Poly model (quoted below).
-  **PEFT misloads the LoRA**: polytool's dense model passes, but PEFT's LoRA loader wraps other modules than
-  the LoRA names (its transformers-v5 MoE target conversion renames `gate_proj`/`up_proj`/`down_proj`).
+  **PEFT cannot load the LoRA**: polytool's dense model passes, but PEFT's LoRA loader refuses the targets
+  (Mamba's `out_proj`) or wraps other modules than the LoRA names (its transformers-v5 MoE target conversion
+  turns every `gate_proj`/`up_proj`/`down_proj` target into fused experts, dense MLPs and attention gates too).
 - **skipped**: the family could not be made small or run with token ids or pixel values (the reason is
   recorded). **sweep error**: the sweep's own harness failed (a timeout, the memory cap).
 """
@@ -79,7 +80,7 @@ def render_sweep(data: dict) -> str:
     families, meta = data.get("families", data), data.get("meta", {})
     blank = {k: meta.get(k, "?") for k in ("date", "transformers", "peft", "torch")}
     parts = [INTRO.format(heading=HEADING, **blank), "### Counts per mapping", "", *counts_table(families), "",
-             "### Every family", "", "ok pass, FAIL polytool fails, peft PEFT cannot wrap, peft-lora PEFT misloads the "
+             "### Every family", "", "ok pass, FAIL polytool fails, peft PEFT cannot wrap, peft-lora PEFT cannot load the "
              "LoRA, skip skipped, err sweep error; empty: not in that mapping (or not run).", "",
              *family_table(families), ""]
     for status, _, title in STATUSES[1:]:
