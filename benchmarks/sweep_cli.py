@@ -7,6 +7,7 @@ SWEEP_CLI=subprocess (sweep.py --cli subprocess) each runs as `python -m polytoo
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +45,7 @@ def _short(args: list[str]) -> list[str]:
 def step(args: list[str], needs_inputs: str | None = None) -> str:
     code, out, err = run_cli(args)
     if code != 0:
-        last = (err.strip().splitlines() or [""])[-1]
+        last = re.sub(r"/\S*/(base|adapter|lora|dense)\b", r"\1", (err.strip().splitlines() or [""])[-1])
         reason = f"`polytool {' '.join(_short(args))}` exit {code}: {last[:240]}"
         if needs_inputs and args[0] == "verify":
             reason = f"{AWAITS_INPUTS}: {reason}"
