@@ -1,6 +1,7 @@
 """The docs stay true: docs/cli.md is what docs/gen_cli.py generates from the Click commands,
 docs/troubleshooting.md lists every error message polytool raises (and nothing it no longer raises),
-the inspect example is the command's real output, and the CI gate script runs on the fixtures."""
+the inspect example is the command's real output, the CI gate script runs on the fixtures, and
+docs/compatibility.md lists every matrix case and renders the committed sweep results."""
 from __future__ import annotations
 
 import ast
@@ -111,3 +112,19 @@ def test_ci_gate_script_runs_on_the_fixtures(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert '"passed": true' in (tmp_path / "verify.json").read_text()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["dense-3", "loras"]
+
+
+def test_compatibility_page_lists_the_matrix_and_the_sweep():
+    """Every case of tests/matrix.py has a row; the sweep's section is what docs/gen_compat.py --sweep-only
+    renders from benchmarks/sweep_results.json (rerun it after a sweep)."""
+    import json
+
+    from matrix import CASES
+
+    sys.path.insert(0, str(ROOT / "docs"))
+    from compat_sweep import render_sweep
+
+    page = (ROOT / "docs" / "compatibility.md").read_text(encoding="utf-8")
+    assert all(f"| `{name}` |" in page for name in CASES)
+    results = json.loads((ROOT / "benchmarks" / "sweep_results.json").read_text(encoding="utf-8"))
+    assert render_sweep(results) in page, "docs/compatibility.md: rerun python docs/gen_compat.py --sweep-only"
