@@ -16,7 +16,7 @@ SMALL_INTS = {
     **dict.fromkeys(("hidden_size", "d_model", "n_embd", "dim", "embed_dim", "word_embed_proj_dim", "d_embed",
                      "embedding_size", "hidden_dim", "projection_dim", "proj_dim", "text_embed_dim",
                      "vision_embed_dim", "emb_dim", "n_embed", "model_dim", "d_hidden"), HIDDEN),
-    **dict.fromkeys(("num_hidden_layers", "n_layer", "num_layers", "encoder_layers", "decoder_layers",
+    **dict.fromkeys(LAYER_KEYS := ("num_hidden_layers", "n_layer", "num_layers", "encoder_layers", "decoder_layers",
                      "num_decoder_layers", "n_layers", "num_encoder_layers", "depth", "decoder_num_layers",
                      "num_text_layers", "num_vision_layers", "vision_layers", "text_layers",
                      "encoder_num_layers", "num_attention_layers"), LAYERS),
@@ -58,7 +58,7 @@ def _small_list(key: str, value) -> list | None:
     return None
 
 
-def overrides(config) -> dict:
+def overrides(config, layers: int = LAYERS) -> dict:
     """The keyword arguments that make `config` (a PretrainedConfig) small, sub-configs as nested dicts."""
     from transformers import PretrainedConfig
 
@@ -68,17 +68,19 @@ def overrides(config) -> dict:
     out: dict = {}
     for key, value in values.items():
         if isinstance(value, PretrainedConfig):
-            out[key] = overrides(value)
+            out[key] = overrides(value, layers)
         elif isinstance(value, bool) or value is None:
             continue
+        elif isinstance(value, int) and key in LAYER_KEYS:
+            out[key] = min(value, layers)
         elif isinstance(value, int) and key in SMALL_INTS and value > SMALL_INTS[key]:
             out[key] = SMALL_INTS[key]
         elif isinstance(value, int) and key.endswith(TOKEN_SUFFIXES) and value >= VOCAB:
             out[key] = VOCAB - 1 - sum(map(ord, key)) % 8  # a special id inside the small vocabulary
         elif _small_list(key, value) is not None:
             out[key] = _small_list(key, value)
-        elif isinstance(value, list) and old_layers and len(value) == old_layers and old_layers > LAYERS:
-            out[key] = value[:LAYERS]  # per-layer settings (layer_types, ...) follow the layer count
+        elif isinstance(value, list) and old_layers and len(value) == old_layers and old_layers > layers:
+            out[key] = value[:layers]  # per-layer settings (layer_types, ...) follow the layer count
     for kv in ("num_key_value_heads", "num_kv_heads", "n_kv_heads"):  # MHA stays MHA (MLA needs it)
         if kv in out and values.get(kv) == values.get("num_attention_heads", values.get("n_head")):
             out[kv] = out.get("num_attention_heads", out.get("n_head", HEADS))
@@ -87,14 +89,15 @@ def overrides(config) -> dict:
     return out
 
 
-def tiny_config(model_type: str, pad: bool = False):
+def tiny_config(model_type: str, pad: bool = False, layers: int = LAYERS):
     """The family's config class built with its defaults made small (ValueError and others propagate).
-    pad: give a config without a pad token one (sequence classification pools at the last non-pad token)."""
+    pad: give a config without a pad token one (sequence classification pools at the last non-pad token).
+    layers: at most this many layers (hybrids place their attention layers by period: 2 may hold none)."""
     from transformers import CONFIG_MAPPING
 
     cls = CONFIG_MAPPING[model_type]
     default = cls()
-    config = cls(**_as_kwargs(overrides(default), default))
+    config = cls(**_as_kwargs(overrides(default, layers), default))
     for part in {id(c): c for c in (config, config.get_text_config())}.values():
         if pad and getattr(part, "pad_token_id", None) is None:
             part.pad_token_id = 0

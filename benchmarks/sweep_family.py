@@ -29,6 +29,7 @@ MAPPINGS = {  # the sweep's name -> (transformers.models.auto.modeling_auto tabl
 BOUND, DIFFERS = 1e-5, 1e-4  # task 1's artifacts vs routed; task 2 (and the bare base) must differ by more
 MAX_PARAMS = 20_000_000  # a "tiny" model larger than this was not made small
 BATCH, SEQ = 2, 8
+LAYERS = (2, 8)  # layers of the tiny model; the second where the first cannot run
 AWAITS_INPUTS = "awaits issue22-inputs (verify builds only input_ids)"
 AWAITS_CONV = "awaits issue22-conv (checkpoint keys renamed by transformers)"
 # PEFT's classes of trained heads (modules_to_save by task type): all-linear leaves them to the task head
@@ -77,16 +78,17 @@ def _steps(mapping: str, model_type: str, workdir: Path, result: dict) -> None:
 
     class_name = families(mapping)[model_type]
     result["class"] = class_name
-    cls, config = _model_class(class_name), _config(model_type, pad=mapping == "seq-cls")
+    cls = _model_class(class_name)
     base_dir, adapter_dir = workdir / "base", workdir / "adapter"
-    base = _build_base(cls, config)
+    layers = LAYERS[0]
     try:
-        inputs = make_inputs(base, config)
-    except Outcome:
-        raise
-    except Exception as exc:
-        raise Outcome("skipped", f"cannot make inputs: {one_line(exc)}") from None
-    base_out = forward(base, inputs, "the tiny base does not run")
+        config, base, inputs, base_out = _tiny_base(cls, model_type, mapping, layers)
+    except Outcome as out:  # hybrids place attention layers by period: 2 layers may hold none
+        if out.status != "skipped" or out.reason.startswith(("needs", "not made small")):
+            raise
+        layers = LAYERS[1]
+        config, base, inputs, base_out = _tiny_base(cls, model_type, mapping, layers)
+    result["layers"] = layers
     try:
         base.save_pretrained(base_dir)
         fresh = cls.from_pretrained(base_dir).eval()
@@ -122,6 +124,19 @@ def _second_opinion(cls, base_dir: Path, workdir: Path, inputs: dict, routed1) -
         return f"dense not compared ({one_line(exc, 80)})"
 
 
+def _tiny_base(cls, model_type: str, mapping: str, layers: int):
+    """(config, model, inputs, the model's output) of the family made small with at most `layers` layers."""
+    config = _config(model_type, pad=mapping == "seq-cls", layers=layers)
+    base = _build_base(cls, config)
+    try:
+        inputs = make_inputs(base, config)
+    except Outcome:
+        raise
+    except Exception as exc:
+        raise Outcome("skipped", f"cannot make inputs: {one_line(exc)}") from None
+    return config, base, inputs, forward(base, inputs, "the tiny base does not run")
+
+
 def _model_class(class_name: str):
     import transformers
 
@@ -131,11 +146,11 @@ def _model_class(class_name: str):
     return cls
 
 
-def _config(model_type: str, pad: bool):
+def _config(model_type: str, pad: bool, layers: int):
     from sweep_config import tiny_config
 
     try:
-        return tiny_config(model_type, pad)
+        return tiny_config(model_type, pad, layers)
     except Exception as exc:
         raise Outcome("skipped", f"cannot make a small config: {one_line(exc)}") from None
 
