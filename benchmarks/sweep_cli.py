@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sweep_family import AWAITS_CONV, AWAITS_INPUTS, Outcome
+from sweep_family import Outcome
 
 
 def run_cli(args: list[str]) -> tuple[int, str, str]:
@@ -42,20 +42,16 @@ def _short(args: list[str]) -> list[str]:
     return [Path(a).name if "/" in a else a for a in args]
 
 
-def step(args: list[str], needs_inputs: str | None = None) -> str:
+def step(args: list[str]) -> str:
     code, out, err = run_cli(args)
     if code != 0:
         last = re.sub(r"/\S*/(base|adapter|lora|dense)\b", r"\1", (err.strip().splitlines() or [""])[-1])
         reason = f"`polytool {' '.join(_short(args))}` exit {code}: {last[:240]}"
-        if needs_inputs and args[0] == "verify":
-            reason = f"{AWAITS_INPUTS}: {reason}"
-        elif "has no weight in the base checkpoint" in err:
-            reason = f"{AWAITS_CONV}: {reason}"
         raise Outcome("polytool-fails", reason, exit_code=code)
     return out
 
 
-def polytool_steps(adapter: Path, base: Path, workdir: Path, needs_inputs: str | None) -> tuple[Path, Path]:
+def polytool_steps(adapter: Path, base: Path, workdir: Path) -> tuple[Path, Path]:
     """Run the four commands; the LoRA and dense directories they wrote."""
     lora, dense = workdir / "lora", workdir / "dense"
     a, b = str(adapter), str(base)
@@ -63,5 +59,5 @@ def polytool_steps(adapter: Path, base: Path, workdir: Path, needs_inputs: str |
     step(["collapse", a, "--task", "1", "--to", "lora", "--base", b, "--out", str(lora), "--json"])
     step(["collapse", a, "--task", "1", "--to", "dense", "--base", b, "--out", str(dense), "--json"])
     step(["verify", a, "--base", b, "--against", str(lora), "--against", str(dense), "--inputs", "2",
-          "--seq-len", "8", "--json"], needs_inputs)
+          "--seq-len", "8", "--json"])
     return lora, dense

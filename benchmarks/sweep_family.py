@@ -30,8 +30,6 @@ BOUND, DIFFERS = 1e-5, 1e-4  # task 1's artifacts vs routed; task 2 (and the bar
 MAX_PARAMS = 20_000_000  # a "tiny" model larger than this was not made small
 BATCH, SEQ = 2, 8
 LAYERS = (2, 8)  # layers of the tiny model; the second where the first cannot run
-AWAITS_INPUTS = "awaits issue22-inputs (verify builds only input_ids)"
-AWAITS_CONV = "awaits issue22-conv (checkpoint keys renamed by transformers)"
 # PEFT's classes of trained heads (modules_to_save by task type): all-linear leaves them to the task head
 HEADS = ("classifier", "score", "qa_outputs")
 
@@ -107,7 +105,7 @@ def _steps(mapping: str, model_type: str, workdir: Path, result: dict) -> None:
         raise Outcome("skipped", "tasks 1 and 2 give the same output")
     peft_model.save_pretrained(adapter_dir)
     try:
-        lora_dir, dense_dir = polytool_steps(adapter_dir, base_dir, workdir, needs_inputs=_needs_inputs(inputs))
+        lora_dir, dense_dir = polytool_steps(adapter_dir, base_dir, workdir)
     except Outcome as out:
         if out.extra.get("exit_code") == 1:  # verify found a mismatch: does PEFT's routed model agree?
             out.reason += "; " + _second_opinion(cls, base_dir, workdir, inputs, routed[0])
@@ -197,12 +195,9 @@ def make_inputs(model, config) -> dict:
     raise Outcome("skipped", f"needs `{name}` inputs (audio or other: not built by the sweep)")
 
 
-def _needs_inputs(inputs: dict) -> str | None:
-    return None if "input_ids" in inputs else next(iter(inputs))
-
-
-def forward(model, inputs: dict, what: str, task: int | None = None):
-    """The head's outputs as one float tensor (logits, start/end logits, or the last hidden state)."""
+def forward(model, inputs: dict, what: str, task: int | None = None, status: str | None = None):
+    """The head's outputs as one float tensor (logits, start/end logits, or the last hidden state). A failure
+    ends the family: `status`, by default skipped for the base and PEFT cannot wrap for the routed model."""
     import torch
 
     extra = {} if task is None else {"task_ids": torch.full((BATCH,), task)}
@@ -212,7 +207,7 @@ def forward(model, inputs: dict, what: str, task: int | None = None):
     except Outcome:
         raise
     except Exception as exc:
-        status = "peft-cannot-wrap" if task is not None else "skipped"
+        status = status or ("peft-cannot-wrap" if task is not None else "skipped")
         raise Outcome(status, f"{what}: {one_line(exc)}") from None
     keys = [k for k in ("logits", "start_logits", "end_logits", "last_hidden_state") if out.get(k) is not None]
     if not keys:
@@ -237,11 +232,11 @@ def independent_check(cls, base_dir: Path, lora_dir: Path, dense_dir: Path, inpu
             warnings.simplefilter("ignore")
             lora = PeftModel.from_pretrained(cls.from_pretrained(base_dir).eval(), lora_dir).eval()
     except Exception as exc:  # e.g. PEFT refuses LoRA on Mamba's out_proj
-        dense_err = rel_err(forward(dense, inputs, "the dense output does not run"), routed1)
+        dense_err = rel_err(forward(dense, inputs, "the dense output does not run", status="polytool-fails"), routed1)
         status = "peft-cannot-load" if dense_err <= BOUND else "polytool-fails"
         raise Outcome(status, f"PEFT's LoRA loader: {one_line(exc)}; dense rel {dense_err:.1e}") from None
-    rel = {"dense": rel_err(forward(dense, inputs, "the dense output does not run"), routed1),
-           "lora": rel_err(forward(lora, inputs, "the LoRA output does not run"), routed1)}
+    rel = {"dense": rel_err(forward(dense, inputs, "the dense output does not run", status="polytool-fails"), routed1),
+           "lora": rel_err(forward(lora.base_model, inputs, "the LoRA output does not run", status="polytool-fails"), routed1)}
     for kind, err in rel.items():
         if not err <= BOUND:
             if kind == "lora" and (moved := _peft_retargeted(lora, lora_dir)):

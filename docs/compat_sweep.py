@@ -17,7 +17,6 @@ STATUSES = [  # (status, cell mark, column title)
     ("sweep-error", "err", "sweep error"),
 ]
 MARKS = {s: mark for s, mark, _ in STATUSES}
-AWAITING = "awaits issue22-"
 
 INTRO = """{heading}
 
@@ -34,8 +33,8 @@ transformers and the LoRA by PEFT must match PEFT's routed model for task 1 (rel
 task 2 must change the output by more than 1e-4).
 
 - **pass**: every command exits 0 and both artifacts match. **polytool fails**: a command fails or an
-  artifact differs (the reasons are listed below; those marked *awaits issue22-...* wait on work being merged:
-  verify's inputs for vision and audio models, transformers' renamed checkpoint keys).
+  artifact differs (the reasons are listed below, with the dense model against PEFT's routed model where
+  verify found a mismatch).
 - **PEFT cannot wrap**: PEFT's own error building or running the Poly model (quoted below).
   **PEFT cannot load the LoRA**: polytool's dense model passes, but PEFT's LoRA loader refuses the targets
   (Mamba's `out_proj`) or wraps other modules than the LoRA names (its transformers-v5 MoE target conversion
@@ -46,17 +45,14 @@ task 2 must change the output by more than 1e-4).
 
 
 def counts_table(families: dict) -> list[str]:
-    head = ["mapping", "families"] + [title for _, _, title in STATUSES] + [
-        "of which awaiting a merge", "pass / (pass + polytool fails)", "the same, not counting those awaiting"]
+    head = ["mapping", "families"] + [title for _, _, title in STATUSES] + ["pass / (pass + polytool fails)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for mapping in MAPPINGS + ["all"]:
         rows = [r for r in families.values() if mapping in ("all", r["mapping"])]
         count = Counter(r["status"] for r in rows)
-        waiting = sum(1 for r in rows if r["status"] == "polytool-fails" and r["reason"].startswith(AWAITING))
         wrapped = count["pass"] + count["polytool-fails"]
         cells = [f"**{mapping}**" if mapping == "all" else mapping, str(len(rows))]
-        cells += [str(count[s]) for s, _, _ in STATUSES] + [str(waiting), _rate(count["pass"], wrapped),
-                                                            _rate(count["pass"], wrapped - waiting)]
+        cells += [str(count[s]) for s, _, _ in STATUSES] + [_rate(count["pass"], wrapped)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

@@ -1,6 +1,6 @@
 """A sample of the whole-zoo sweep (benchmarks/sweep.py) in the suite: the same per-family function on families
-that pass today, spread over the mappings and the styles (decoder, encoder, encoder-decoder, fused QKV, MLA,
-MoE, n_splits 1 and 2), plus the sweep's own classification (PEFT's error quoted; a wrong formula caught).
+that pass today, spread over the mappings and the styles (decoder, encoder, encoder-decoder, fused QKV, vision
+with checkpoint names converted on load), plus the sweep's own classification (PEFT's error quoted; a wrong formula caught).
 
 Each family: a tiny random model made from its own config class, a Poly adapter written by PEFT on it, polytool's
 inspect / collapse (LoRA, dense) / verify through the CLI, the dense model in transformers and the LoRA in PEFT
@@ -26,6 +26,7 @@ SAMPLE = [  # (mapping, model_type): fast families that pass today
     ("token-cls", "biogpt"), ("token-cls", "electra"), ("token-cls", "albert"),
     ("qa", "bert"), ("qa", "xlm-roberta"), ("qa", "big_bird"),
     ("feature", "bert"), ("feature", "t5"), ("feature", "mistral"),
+    ("image-cls", "vit"), ("image-cls", "dinov2"),  # pixel values; checkpoint names converted on load
 ]
 
 
