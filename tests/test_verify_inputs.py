@@ -322,3 +322,52 @@ def test_model_class_for_images_and_audio(task_type, config_class, kwargs, want)
     from polytool.verify.models import model_class
 
     assert model_class(task_type, tiny(config_class, **kwargs)) == want
+
+
+def test_llava_like_models_get_text_without_image_tokens():
+    """A model whose images enter as image tokens of its ids gets token ids alone, none of them the image
+    token (random images with random ids crashed LLaVA-like models: 'Image features and image tokens do not
+    match'); the ids run through the model. Control: without the image token the same config draws it."""
+    import transformers as tf
+
+    text = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64)
+    config = tf.LlavaConfig(vision_config=dict(VISION), text_config=dict(text, model_type="llama"),
+                            image_token_index=5)
+    batches, info = random_inputs(config, 4, 32, "LlavaModel")
+    ids = batches[0]["input_ids"]
+    assert info["tensors"] == {"input_ids": [4, 32]} and not (ids == 5).any()
+    plain = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(SEED))
+    assert (plain == 5).any() and torch.equal(ids[plain != 5], plain[plain != 5])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        assert torch.isfinite(tf.LlavaModel(config).eval()(**batches[0]).last_hidden_state).all()
+
+
+def test_encoder_decoder_classifiers_get_one_eos_at_the_end():
+    """BART classifies the hidden state of each row's <eos> and refuses rows with different counts of it."""
+    import transformers as tf
+
+    config = tf.BartConfig(vocab_size=16, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                           decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48,
+                           max_position_embeddings=64, num_labels=3, eos_token_id=2)
+    batches, _ = random_inputs(config, 4, 32, "BartForSequenceClassification")
+    ids = batches[0]["input_ids"]
+    assert (ids[:, -1] == 2).all() and ((ids == 2).sum(1) == 1).all()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        assert tf.BartForSequenceClassification(config).eval()(**batches[0]).logits.shape == (4, 3)
+    generated, _ = random_inputs(config, 4, 32, "BartForConditionalGeneration")  # control: other heads untouched
+    assert not (generated[0]["input_ids"][:, -1] == 2).all()
+
+
+def test_a_forward_that_refuses_the_inputs_is_a_one_line_error():
+    from polytool.verify.compare import forward
+
+    class Refuses(torch.nn.Module):
+        def forward(self, input_ids, use_cache=None):
+            raise ValueError("Each example must have the same number of <eos> tokens.\nmore")
+
+    with pytest.raises(PolytoolError, match=r"Refuses's forward refused verify's inputs \(input_ids \[2, 4\]\): "
+                                            r"ValueError: Each example must have the same number of <eos> tokens\. "):
+        forward(Refuses(), "encoder", [{"input_ids": torch.zeros(2, 4, dtype=torch.long)}], {})

@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from ..errors import PolytoolError
+
 Errors = dict[str, tuple[float, float]]  # name -> (max |a - b|, max |b|)
 
 
@@ -44,15 +46,30 @@ def forward(model, family: str, batches: list[dict], capture: dict, **extra) -> 
                 if family == "seq2seq" and "decoder_input_ids" not in kwargs:  # the encoder's ids (T5, BART)
                     kwargs["decoder_input_ids"] = kwargs["input_ids"]
                 kwargs.update(extra)
-                if family != "encoder":
+                if family != "encoder" and _generates(model):  # heads that do not generate set it themselves
                     kwargs["use_cache"] = False
-                for name, value in model(**kwargs).items():
+                try:
+                    result = model(**kwargs)
+                except Exception as exc:  # noqa: BLE001 - the model's own code refusing these inputs
+                    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in batch.items())
+                    raise PolytoolError(f"{type(model).__name__}'s forward refused verify's inputs ({shapes}): "
+                                        f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''} "
+                                        "(this model cannot be verified with generated inputs yet)") from None
+                for name, value in result.items():
                     if isinstance(value, torch.Tensor) and value.is_floating_point():
                         outputs.setdefault(name, []).append(_copy(value))
     finally:
         for handle in handles:
             handle.remove()
     return outputs, modules
+
+
+def _generates(model) -> bool:
+    can = getattr(model, "can_generate", None)
+    try:
+        return bool(can()) if callable(can) else False
+    except Exception:  # noqa: BLE001 - a custom model's can_generate
+        return False
 
 
 @contextmanager

@@ -25,13 +25,29 @@ SEED = 0
 DEFAULT_INPUTS, DEFAULT_SEQ_LEN = 4, 32
 
 
-def forward_inputs(cls) -> tuple[str, list[str]]:
-    """(the class's name, the tensors verify feeds it, main input first); text models (or no class): input_ids."""
+IMAGE_TOKEN_KEYS = ("image_token_id", "image_token_index")  # configs whose images enter as tokens of the ids
+
+
+def image_token(config) -> int | None:
+    """The id that marks an image's place in the token ids (LLaVA-like models), None for other models."""
+    for key in IMAGE_TOKEN_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def forward_inputs(cls, config=None) -> tuple[str, list[str]]:
+    """(the class's name, the tensors verify feeds it, main input first); text models (or no class): input_ids.
+    A model whose images enter as image tokens of its ids (LLaVA-like: the config names an image token) gets
+    text alone: its image path needs ids and images made for each other, which random ones are not."""
     if cls is None:
         return "the model", ["input_ids"]
     params = inspect.signature(cls.forward).parameters
     names = [getattr(cls, "main_input_name", "input_ids")]
-    if {"input_ids", "pixel_values"} <= set(params) and "labels" not in params:  # CLIP-like: text and image
+    if "input_ids" in params and config is not None and image_token(config) is not None:
+        names = ["input_ids"]
+    elif {"input_ids", "pixel_values"} <= set(params) and "labels" not in params:  # CLIP-like: text and image
         names = ["input_ids", "pixel_values"]
     if "decoder_input_ids" in params:
         names.append("decoder_input_ids")
@@ -43,7 +59,7 @@ def random_inputs(config, n: int, seq_len: int, class_name: str | None = None) -
     for `config`; None: a text model): the same every run."""
     import torch
 
-    name, names = forward_inputs(resolve_class(class_name, config) if class_name else None)
+    name, names = forward_inputs(resolve_class(class_name, config) if class_name else None, config)
     if n < 1 or seq_len < 1:
         raise PolytoolError(f"--inputs {n} --seq-len {seq_len}: need >= 1 each")
     generator = torch.Generator().manual_seed(SEED)
@@ -86,7 +102,23 @@ def _token_ids(config, n: int, seq_len: int, generator, name: str, decoder: bool
     if isinstance(limit, int) and seq_len > limit:
         raise PolytoolError(f"--inputs {n} --seq-len {seq_len}: need >= 1 each and seq-len <= {limit} "
                             "(max_position_embeddings)")
-    return torch.randint(0, vocab, (n, seq_len), generator=generator)  # (N, L)
+    ids = torch.randint(0, vocab, (n, seq_len), generator=generator)  # (N, L)
+    return _fit_ids(ids, config, vocab, name)
+
+
+def _fit_ids(ids, config, vocab: int, name: str):
+    """Random ids made acceptable where a model reads meaning into one id: no image token (LLaVA-like models
+    would look for an image there), and for an encoder-decoder classifier (BART, T5) exactly one <eos>, at the
+    end of each row, whose hidden state is the one classified."""
+    marker = image_token(config)
+    if marker is not None and 0 <= marker < vocab:
+        ids[ids == marker] = (marker + 1) % vocab
+    eos = getattr(config, "eos_token_id", None)
+    if name.endswith("ForSequenceClassification") and getattr(config, "is_encoder_decoder", False) \
+            and isinstance(eos, int) and 0 <= eos < vocab:
+        ids[ids == eos] = (eos + 1) % vocab
+        ids[:, -1] = eos
+    return ids
 
 
 def _pixels(config, n: int, seq_len: int, generator, name: str):
@@ -146,7 +178,7 @@ def prompt_inputs(base_dir: Path, file: Path, seq_len: int | None, class_name: s
     import torch
     from transformers import AutoTokenizer
 
-    name, names = forward_inputs(resolve_class(class_name, config) if class_name else None)
+    name, names = forward_inputs(resolve_class(class_name, config) if class_name else None, config)
     if "input_ids" not in names:
         raise PolytoolError(f"--prompts: {name} reads {names[0]!r}, not token ids: drop --prompts (verify makes "
                             "seeded inputs from the base's config)")
