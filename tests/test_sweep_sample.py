@@ -27,6 +27,9 @@ SAMPLE = [  # (mapping, model_type): fast families that pass today
     ("qa", "bert"), ("qa", "xlm-roberta"), ("qa", "big_bird"),
     ("feature", "bert"), ("feature", "t5"), ("feature", "mistral"),
     ("image-cls", "vit"), ("image-cls", "dinov2"),  # pixel values; checkpoint names converted on load
+    # renamed on load beside fused experts (verify reads the renamings of the tensors no converter takes)
+    ("causal-lm", "minicpm5_moe"), ("causal-lm", "nemotron_h"),
+    ("seq-cls", "bart"), ("feature", "llava"),  # the <eos> an encoder-decoder classifier needs; image tokens
 ]
 
 

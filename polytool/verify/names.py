@@ -39,7 +39,15 @@ def saved_names(directory, keys: set[str]) -> dict[str, str]:
         with torch.device("meta"):
             model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
         names = [n for n in model.state_dict()]
-        saved = revert_weight_conversion(model, {n: n for n in names})  # {saved key: model name}: the values travel
     except Exception:  # noqa: BLE001 - transformers raises many types; no renaming is then verify's reading
         return {}
+    try:
+        saved = revert_weight_conversion(model, {n: n for n in names})  # {saved key: model name}: the values travel
+    except Exception:  # noqa: BLE001 - a converter (fused experts) cannot run on names: each name on its own,
+        saved = {}  # so that the renamings of the family's other tensors are still read
+        for n in names:
+            try:
+                saved.update(revert_weight_conversion(model, {n: n}))
+            except Exception:  # noqa: BLE001 - a tensor save_pretrained converts: not a renamed weight
+                continue
     return {str(n): k for k, n in saved.items() if k in keys and isinstance(n, str) and n != k}
