@@ -286,9 +286,22 @@ def test_inputs_from_signature_and_config_run(model_class, config_class, kwargs,
 def test_a_model_without_image_size_is_refused():
     from types import SimpleNamespace
 
-    config = SimpleNamespace(num_channels=3)  # a config that names no image size (transformers' own validate it)
+    config = SimpleNamespace(patch_size=4)  # a config that names no image size nor channels
     with pytest.raises(PolytoolError, match="ViTModel reads 'pixel_values', and its config has no image_size"):
         random_inputs(config, 2, 8, "ViTModel")
+
+
+def test_a_convolutional_model_without_image_size_gets_any_size():
+    """CvT's config names no image_size (its convolutions take any): verify feeds ANY_IMAGE_SIZE images."""
+    import transformers as tf
+    from polytool.verify.inputs import ANY_IMAGE_SIZE
+
+    config = tf.CvtConfig(embed_dim=[16, 32, 48], num_heads=[1, 2, 4], depth=[1, 2, 3], num_labels=2)  # depth[i] > i
+    batches, info = random_inputs(config, 2, 8, "CvtForImageClassification")
+    assert info["tensors"] == {"pixel_values": [2, 3, ANY_IMAGE_SIZE, ANY_IMAGE_SIZE]} and info["seq_len"] is None
+    torch.manual_seed(0)
+    with torch.no_grad():
+        assert tf.CvtForImageClassification(config).eval()(**batches[0]).logits.shape == (2, 2)
 
 
 def test_prompts_for_a_model_without_token_ids_exit_2(media, tmp_path):

@@ -22,6 +22,7 @@ from ..errors import CheckpointError, PolytoolError
 from .models import resolve_class, why
 
 SEED = 0
+ANY_IMAGE_SIZE = 64  # pixels a side, for a vision model whose config names no image_size (a fully convolutional one)
 DEFAULT_INPUTS, DEFAULT_SEQ_LEN = 4, 32
 
 
@@ -127,6 +128,8 @@ def _pixels(config, n: int, seq_len: int, generator, name: str):
 
     vision = getattr(config, "vision_config", None) or config
     size = getattr(vision, "image_size", None)
+    if size is None and isinstance(getattr(vision, "num_channels", None), int):  # convolutional (CvT, SegFormer):
+        size = ANY_IMAGE_SIZE  # no configured size, any size runs
     size = (size, size) if isinstance(size, int) else tuple(size or ())
     if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
         raise _unsized(name, "pixel_values", "image_size")
