@@ -349,3 +349,31 @@ def test_vit_artifacts_pass_verify_end_to_end(vit, tmp_path):
         assert all(c["passed"] and c["max_rel_err"] <= TOL for c in report["checks"]), report["checks"]
         res = run("verify", adapter, "--base", base_dir, "--against", out, "--task", "0", "--json")
         assert res.exit_code == 1, res.output
+
+
+@pytest.mark.parametrize("variant", ["saved", "whole"])
+def test_a_resized_vocabulary_passes_verify(resized, variant, tmp_path):
+    """verify resizes its base as PEFT needs it (the rows of the embedding the adapter carries whole): the self-check,
+    the dense model and the LoRA pass; as another task they fail; a changed row of a new token fails the weight check."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    base_dir, adapters, _ = resized
+    adapter = adapters[variant]
+    res = run("verify", adapter, "--base", base_dir, "--json")
+    assert res.exit_code == 0, res.output
+    for kind in ("dense", "lora"):
+        res = run("collapse", adapter, "--task", "1", "--to", kind, "--base", base_dir, "--out", tmp_path / kind)
+        assert res.exit_code == 0, res.output
+        res = run("verify", adapter, "--base", base_dir, "--against", tmp_path / kind, "--json")
+        assert res.exit_code == 0 and all(c["passed"] for c in json.loads(res.stdout)["checks"]), res.output
+        res = run("verify", adapter, "--base", base_dir, "--against", tmp_path / kind, "--task", "0", "--json")
+        assert res.exit_code == 1, res.output
+    file = tmp_path / "dense" / "model.safetensors"
+    with safe_open(str(file), "np") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(file))
+    tensors["model.embed_tokens.weight"][NEW_VOCAB - 2] *= 1.5  # a token only the resized vocabulary has
+    save_file(tensors, str(file), metadata=metadata)
+    res = run("verify", adapter, "--base", base_dir, "--against", tmp_path / "dense", "--json")
+    assert res.exit_code == 1, res.output

@@ -15,7 +15,7 @@ from ..formats.provenance import RECIPE_KEY, REQUEST_KEY, SHA_KEY, TASK_KEY, TAS
 from ..formats.lora import LoraArtifact, read_lora
 from .models import stored_dtype, utf8_path, why
 from .names import checkpoint_name
-from .reference import routing_spec
+from .reference import ReferenceAdapter, routing_spec
 
 Spec = Any  # a task spec under test, verify's own canonical form: an int, "uniform", "mean" or "1:0.7,3:0.3"
 
@@ -183,9 +183,11 @@ def _dense_target(path: Path, adapter: PolyAdapter, base_dir: Path, override: st
     dense, base = open_base(path, checkpoint_name), open_base(base_dir, checkpoint_name)
     if dense.model_type != base.model_type:
         raise CheckpointError(f"is a {dense.model_type!r} model, the base a {base.model_type!r} one", path)
+    whole = ReferenceAdapter(adapter.directory).replaced  # the gate's own reading of what the adapter carries whole
     for key, info in base.tensors.items():
         got = dense.tensors.get(key)
-        if got is None or got.shape != info.shape:
+        resized = key in whole and got is not None and tuple(whole[key].shape) == tuple(got.shape)  # a vocabulary
+        if (got is None or got.shape != info.shape) and not resized:
             shown = "missing" if got is None else f"of shape {list(got.shape)}"
             raise CheckpointError(f"does not belong to this base: tensor {key!r} is {shown}, "
                                   f"the base's is {list(info.shape)}", path)

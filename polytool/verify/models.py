@@ -294,3 +294,17 @@ def linear_layers(model) -> dict:
     from transformers.pytorch_utils import Conv1D
 
     return {name: m for name, m in model.named_modules() if name and isinstance(m, (torch.nn.Linear, Conv1D))}
+
+
+def fit_vocabulary(model, whole: dict) -> int | None:
+    """Resize `model`'s token embeddings (transformers' resize_token_embeddings, as PEFT needs the base resized
+    first) to the rows of the input embedding an adapter carries whole (`whole`: model tensor name -> tensor);
+    the new row count, or None where the adapter keeps the base's vocabulary."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embedding, "weight", None)
+    name = next((n for n, p in model.named_parameters() if p is weight), None) if weight is not None else None
+    tensor = whole.get(name) if name else None
+    if tensor is None or tensor.dim() != 2 or tensor.shape[0] == weight.shape[0]:
+        return None
+    model.resize_token_embeddings(int(tensor.shape[0]), mean_resizing=False)  # the adapter sets the rows
+    return int(tensor.shape[0])

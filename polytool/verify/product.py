@@ -26,11 +26,17 @@ def _product_lora(adapter: PolyAdapter, spec: TaskSpec) -> LoraArtifact:
 
 
 def _saved(adapter: PolyAdapter) -> dict:
-    """The adapter's trained heads (modules_to_save) by model tensor name."""
+    """What the LoRA carries whole, by model tensor name: the trained heads (modules_to_save, without the copies
+    PEFT's wrapper of a resized embedding saves beside `<m>.weight`) and embeddings saved whole (resized)."""
     import numpy as np
 
-    return {f"{module}.{param}": adapter.tensor(key, np.float32)
-            for module, params in adapter.saved_modules.items() for param, key in params.items()}
+    copies = ("modules_to_save.", "original_module.")
+    heads = {f"{module}.{param}": adapter.tensor(key, np.float32)
+             for module, params in adapter.saved_modules.items() for param, key in params.items()
+             if not (param.startswith(copies) and param.partition(".")[2] in params)}
+    whole = {f"{path}.weight": adapter.tensor(key, np.float32) for path, key in adapter.saved_embeddings.items()
+             if ".base_layer." not in key}
+    return {**heads, **whole}
 
 
 def _product_dense(adapter: PolyAdapter, spec: TaskSpec, layers: dict, base_weight: Callable[[str], Any],

@@ -97,8 +97,10 @@ class ReferenceAdapter:
         # everything else PEFT saved: model tensor name -> tensor. A saved embedding layer (`<path>.base_layer.
         # weight`, e.g. a tied lm_head target) is loaded into the layer's own weight, tied twin included, as PEFT
         # loads it; a modules_to_save head is PEFT's copy of the module: its tied twin keeps the base's values.
+        # PEFT's wrapper of a resized embedding in modules_to_save may also save its copies under
+        # `<m>.modules_to_save.` and `<m>.original_module.`: PEFT loads `<m>.weight`, the trained copy, alone
         self.replaced = {k[len(PREFIX):].replace(".base_layer.", "."): v for k, v in self.tensors.items()
-                         if not k.endswith(POLY_SUFFIXES)}
+                         if not k.endswith(POLY_SUFFIXES) and not _wrapper_copy(k, self.tensors)}
         self.embedding_layers = {k[len(PREFIX):].replace(".base_layer.", ".") for k in self.tensors
                                  if ".base_layer." in k and not k.endswith(POLY_SUFFIXES)}
 
@@ -181,6 +183,14 @@ class LowRankUpdate:
         after block: a new 2 MB result per block costs more in fresh pages than the product itself)."""
         left = self.A[lo:hi] if self.transposed else self.B.T[lo:hi]  # (rows, r)
         return torch.mm(left, self._right, out=out[:left.shape[0]])  # (rows, r) @ (r, cols)
+
+
+def _wrapper_copy(key: str, tensors: dict) -> bool:
+    """`<m>.original_module.<p>` or `<m>.modules_to_save.<p>` beside `<m>.<p>`: a copy PEFT does not load."""
+    for part in (".original_module.", ".modules_to_save."):
+        if part in key:
+            return key.replace(part, ".", 1) in tensors
+    return False
 
 
 def _normalise(w: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from .artifacts import Target
 from .compare import errors, forward, non_finite
 from .lora_apply import attach_lora, swap_saved_modules
 from .options import VerifyOptions
-from .models import linear_layers, load_model, stored_dtype
+from .models import fit_vocabulary, linear_layers, load_model, stored_dtype
 from .names import checkpoint_name
 from .product import _product_dense, _product_lora, _saved
 from .swap import ModelWeights, _ideal_dense, _is_conv1d
@@ -30,7 +30,9 @@ class Run(ModelWeights):
         self.device, self.reference_kind, self.one_copy = options.device, reference, options.one_copy
         self.max_memory, self.offload_dir = options.max_memory, options.offload_dir
         device, max_memory, offload_dir = self.device, self.max_memory, self.offload_dir
+        self.reference = ReferenceAdapter(adapter.directory)
         self.model = load_model(base_dir, class_name, device, max_memory, offload_dir)
+        self.vocabulary = fit_vocabulary(self.model, self.reference.replaced)
         self.offloaded = any(p.is_meta for p in self.model.parameters())
         if self.offloaded and (adapter.saved_modules or adapter.saved_embeddings or reference == "peft"):
             raise PolytoolError("--max-memory offloads the model, and this check would swap tensors into it (trained "
@@ -43,7 +45,6 @@ class Run(ModelWeights):
         self.layers = linear_layers(self.model)
         self.capture = {m.name: self.layers[m.name] for m in adapter.modules}
         self.base_dtype = stored_dtype(base_dir, self.model.config)
-        self.reference = ReferenceAdapter(adapter.directory)
         from ..formats.base import match_targets, open_base
 
         self.base = open_base(base_dir, checkpoint_name)
@@ -52,7 +53,9 @@ class Run(ModelWeights):
         if reference == "peft":
             from .reference_peft import peft_poly
 
-            self.peft = peft_poly(load_model(base_dir, class_name, device), adapter.directory)
+            copy = load_model(base_dir, class_name, device)
+            fit_vocabulary(copy, self.reference.replaced)
+            self.peft = peft_poly(copy, adapter.directory)
 
     def run(self, model, capture: dict, **extra) -> tuple[dict, dict]:
         return forward(model, self.family, self.batches, capture, **extra)
