@@ -5,9 +5,14 @@
 from __future__ import annotations
 
 import copy
+import sys
 import warnings
+from pathlib import Path
 
 from sweep_family import HEADS, Outcome, one_line
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from matrix import randomize  # noqa: E402 (tests/matrix.py: the adapter values every test uses)
 
 R, N_TASKS, N_SKILLS, N_SPLITS = 2, 3, 2, 2
 
@@ -42,21 +47,6 @@ def targets(model_type: str, model, inputs: dict) -> tuple[object, list[str] | N
         raise Outcome("peft-cannot-wrap", f"no Linear but the task head sees a 3-D input (PEFT's Poly layer "
                       f"multiplies with bmm): inputs {sorted(set(seen.values()))}-D")
     return "all-linear", exclude or None, "all-linear" + (f" less {len(exclude)} (heads, non-3-D)" if exclude else "")
-
-
-def randomize(model, seed: int = 1) -> None:
-    """B != 0, task-dependent routing (logits N(0, 2^2)), heads in modules_to_save moved off their init."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "poly_lora_A" in name or "poly_lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-            elif "module_logits" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 2.0)
-            elif "modules_to_save" in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.5)
 
 
 def _splits_divide(model, n_splits: int) -> bool:

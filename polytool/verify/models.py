@@ -300,7 +300,12 @@ def fit_vocabulary(model, whole: dict) -> int | None:
     """Resize `model`'s token embeddings (transformers' resize_token_embeddings, as PEFT needs the base resized
     first) to the rows of the input embedding an adapter carries whole (`whole`: model tensor name -> tensor);
     the new row count, or None where the adapter keeps the base's vocabulary."""
-    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if not whole:
+        return None
+    try:
+        embedding = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):  # a model without token embeddings (vision, audio)
+        return None
     weight = getattr(embedding, "weight", None)
     name = next((n for n, p in model.named_parameters() if p is weight), None) if weight is not None else None
     tensor = whole.get(name) if name else None
