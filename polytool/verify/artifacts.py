@@ -183,10 +183,10 @@ def _dense_target(path: Path, adapter: PolyAdapter, base_dir: Path, override: st
     dense, base = open_base(path, checkpoint_name), open_base(base_dir, checkpoint_name)
     if dense.model_type != base.model_type:
         raise CheckpointError(f"is a {dense.model_type!r} model, the base a {base.model_type!r} one", path)
-    whole = ReferenceAdapter(adapter.directory).replaced  # the gate's own reading of what the adapter carries whole
+    carried = ReferenceAdapter(adapter.directory)  # the gate's own reading of what the adapter carries whole
     for key, info in base.tensors.items():
         got = dense.tensors.get(key)
-        resized = key in whole and got is not None and tuple(whole[key].shape) == tuple(got.shape)  # a vocabulary
+        resized = got is not None and carried.whole_shape(key) == tuple(got.shape)  # a resized vocabulary
         if (got is None or got.shape != info.shape) and not resized:
             shown = "missing" if got is None else f"of shape {list(got.shape)}"
             raise CheckpointError(f"does not belong to this base: tensor {key!r} is {shown}, "

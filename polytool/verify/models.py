@@ -296,11 +296,11 @@ def linear_layers(model) -> dict:
     return {name: m for name, m in model.named_modules() if name and isinstance(m, (torch.nn.Linear, Conv1D))}
 
 
-def fit_vocabulary(model, whole: dict) -> int | None:
+def fit_vocabulary(model, reference) -> int | None:
     """Resize `model`'s token embeddings (transformers' resize_token_embeddings, as PEFT needs the base resized
-    first) to the rows of the input embedding an adapter carries whole (`whole`: model tensor name -> tensor);
-    the new row count, or None where the adapter keeps the base's vocabulary."""
-    if not whole:
+    first) to the rows of the input embedding the adapter carries whole (`reference`: verify's ReferenceAdapter,
+    its `whole_shape`); the new row count, or None where the adapter keeps the base's vocabulary."""
+    if not reference.whole:
         return None
     try:
         embedding = model.get_input_embeddings()
@@ -308,8 +308,8 @@ def fit_vocabulary(model, whole: dict) -> int | None:
         return None
     weight = getattr(embedding, "weight", None)
     name = next((n for n, p in model.named_parameters() if p is weight), None) if weight is not None else None
-    tensor = whole.get(name) if name else None
-    if tensor is None or tensor.dim() != 2 or tensor.shape[0] == weight.shape[0]:
+    shape = reference.whole_shape(name) if name else None
+    if shape is None or len(shape) != 2 or shape[0] == weight.shape[0]:
         return None
-    model.resize_token_embeddings(int(tensor.shape[0]), mean_resizing=False)  # the adapter sets the rows
-    return int(tensor.shape[0])
+    model.resize_token_embeddings(shape[0], mean_resizing=False)  # the adapter sets the rows
+    return shape[0]

@@ -25,6 +25,7 @@ import json
 import math
 import os
 from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Union
 
@@ -99,10 +100,24 @@ class ReferenceAdapter:
         # loads it; a modules_to_save head is PEFT's copy of the module: its tied twin keeps the base's values.
         # PEFT's wrapper of a resized embedding in modules_to_save may also save its copies under
         # `<m>.modules_to_save.` and `<m>.original_module.`: PEFT loads `<m>.weight`, the trained copy, alone
-        self.replaced = {k[len(PREFIX):].replace(".base_layer.", "."): v for k, v in self.tensors.items()
-                         if not k.endswith(POLY_SUFFIXES) and not _wrapper_copy(k, self.tensors)}
+        self.whole = {k[len(PREFIX):].replace(".base_layer.", "."): k for k in self.tensors
+                      if not k.endswith(POLY_SUFFIXES) and not _wrapper_copy(k, self.tensors)}  # name -> key
         self.embedding_layers = {k[len(PREFIX):].replace(".base_layer.", ".") for k in self.tensors
                                  if ".base_layer." in k and not k.endswith(POLY_SUFFIXES)}
+
+    @cached_property
+    def replaced(self) -> dict[str, torch.Tensor]:
+        """Model tensor name -> what the adapter carries whole for it, read when first asked for."""
+        return {name: self.tensors[key] for name, key in self.whole.items()}
+
+    def whole_shape(self, name: str) -> tuple[int, ...] | None:
+        """The shape of the tensor the adapter carries whole for model tensor `name` (None: none), read from the
+        file's header: a resized vocabulary's embeddings are not read for it."""
+        key = self.whole.get(name)
+        if key is None:
+            return None
+        tensors = self.tensors
+        return tensors.shape(key) if isinstance(tensors, _Tensors) else tuple(tensors[key].shape)
 
     def _tensor(self, module: str, suffix: str) -> torch.Tensor:
         return self.tensors[PREFIX + module + suffix].double()
@@ -235,6 +250,12 @@ class _Tensors(Mapping):
             raise KeyError(name)
         with safe_open(self.file, framework="pt") as f:
             return f.get_tensor(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        from safetensors import safe_open
+
+        with safe_open(self.file, framework="pt") as f:
+            return tuple(f.get_slice(name).get_shape())
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names)

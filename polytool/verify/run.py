@@ -32,7 +32,7 @@ class Run(ModelWeights):
         device, max_memory, offload_dir = self.device, self.max_memory, self.offload_dir
         self.reference = ReferenceAdapter(adapter.directory)
         self.model = load_model(base_dir, class_name, device, max_memory, offload_dir)
-        self.vocabulary = fit_vocabulary(self.model, self.reference.replaced)
+        fit_vocabulary(self.model, self.reference)
         self.offloaded = any(p.is_meta for p in self.model.parameters())
         if self.offloaded and (adapter.saved_modules or adapter.saved_embeddings or reference == "peft"):
             raise PolytoolError("--max-memory offloads the model, and this check would swap tensors into it (trained "
@@ -54,7 +54,7 @@ class Run(ModelWeights):
             from .reference_peft import peft_poly
 
             copy = load_model(base_dir, class_name, device)
-            fit_vocabulary(copy, self.reference.replaced)
+            fit_vocabulary(copy, self.reference)
             self.peft = peft_poly(copy, adapter.directory)
 
     def run(self, model, capture: dict, **extra) -> tuple[dict, dict]:
