@@ -186,24 +186,91 @@ def test_the_two_readings_of_the_names_agree(vit):
     assert backwards["vit.layers.1.mlp.fc1.weight"] == "vit.encoder.layer.1.intermediate.dense.weight"
 
 
-def test_a_fused_weight_is_refused_naming_the_module(tmp_path):
-    """Dinov2 with a SwiGLU MLP: its checkpoint's mlp.weights_in is split into gate_proj and up_proj on load
-    (a WeightConverter): no one weight to merge into. A renamed target of the same model merges."""
+DINO = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, image_size=16, patch_size=4,
+            use_swiglu_ffn=True)
+
+
+@pytest.fixture(scope="session")
+def dino(tmp_path_factory):
+    """(base dir, adapter dir, pixel_values): Dinov2 with a SwiGLU MLP, whose checkpoint holds one fused
+    mlp.weights_in that transformers chunks into gate_proj (rows 0:88) and up_proj (88:176) on load; PEFT's
+    Poly adapter on q_proj (renamed) and gate_proj (a block of the fused rows)."""
     import transformers as tf
 
+    root = tmp_path_factory.mktemp("dino")
     torch.manual_seed(0)
-    config = tf.Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, image_size=16,
-                             patch_size=4, use_swiglu_ffn=True)
-    tf.Dinov2Model(config).save_pretrained(tmp_path / "base")
-    base = tf.Dinov2Model.from_pretrained(tmp_path / "base")
-    fused = peft_adapter(base, tmp_path / "fused", task_type="FEATURE_EXTRACTION", target_modules=["q_proj", "gate_proj"])
-    res = run("collapse", fused, "--task", "0", "--to", "dense", "--base", tmp_path / "base", "--out", tmp_path / "o")
-    assert res.exit_code == 2 and not (tmp_path / "o").exists()
-    assert "module 'encoder.layer.0.mlp.gate_proj': transformers builds its weight from other tensors" in res.stderr
-    base = tf.Dinov2Model.from_pretrained(tmp_path / "base")
-    renamed = peft_adapter(base, tmp_path / "renamed", task_type="FEATURE_EXTRACTION", target_modules=["q_proj", "down_proj"])
-    res = run("collapse", renamed, "--task", "0", "--to", "dense", "--base", tmp_path / "base", "--out", tmp_path / "o")
+    tf.Dinov2Model(tf.Dinov2Config(**DINO)).save_pretrained(root / "base")
+    base = tf.Dinov2Model.from_pretrained(root / "base")
+    adapter = peft_adapter(base, root / "adapter", task_type="FEATURE_EXTRACTION", target_modules=["q_proj", "gate_proj"])
+    return root / "base", adapter, torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+
+
+FUSED = "encoder.layer.0.mlp.weights_in.weight"
+
+
+def test_a_fused_weight_merges_into_its_block_of_rows(dino, tmp_path):
+    """gate_proj is rows 0:88 of the checkpoint's fused weights_in: the dense model merges into those rows
+    only (up_proj's rows keep the base's bytes) and loads in transformers as PEFT's routed model computes;
+    the LoRA loads in PEFT the same; both pass verify, and fail as another task."""
+    import transformers as tf
+    from safetensors.torch import load_file
+
+    base_dir, adapter, pixels = dino
+    routed = peft_routed(tf.Dinov2Model.from_pretrained(base_dir).eval(), adapter)
+    with torch.no_grad():
+        want = {t: routed(pixel_values=pixels, task_ids=torch.full((2,), t)).last_hidden_state for t in (0, 1)}
+        plain = tf.Dinov2Model.from_pretrained(base_dir).eval()(pixel_values=pixels).last_hidden_state
+    assert rel(plain, want[1]) > 1e-3 and rel(want[0], want[1]) > 1e-3  # the controls: the adapter shows
+    for kind in ("dense", "lora"):
+        res = run("collapse", adapter, "--task", "1", "--to", kind, "--base", base_dir, "--out", tmp_path / kind)
+        assert res.exit_code == 0, res.output
+    fused, before = load_file(tmp_path / "dense" / "model.safetensors")[FUSED], load_file(base_dir / "model.safetensors")[FUSED]
+    assert torch.equal(fused[88:], before[88:]) and not torch.equal(fused[:88], before[:88])
+    with torch.no_grad():
+        dense = tf.Dinov2Model.from_pretrained(tmp_path / "dense").eval()(pixel_values=pixels).last_hidden_state
+        lora = peft_routed(tf.Dinov2Model.from_pretrained(base_dir).eval(), tmp_path / "lora")(pixel_values=pixels)
+    assert rel(dense, want[1]) <= TOL and rel(lora.last_hidden_state, want[1]) <= TOL
+    assert rel(dense, want[0]) > 1e-3
+    for kind in ("dense", "lora"):
+        res = run("verify", adapter, "--base", base_dir, "--against", tmp_path / kind, "--json")
+        assert res.exit_code == 0 and all(c["passed"] for c in json.loads(res.stdout)["checks"]), res.output
+        res = run("verify", adapter, "--base", base_dir, "--against", tmp_path / kind, "--task", "0")
+        assert res.exit_code == 1, res.output
+
+
+@pytest.mark.parametrize("rows", [(0, 88), (88, 176)])
+def test_a_changed_row_of_a_fused_weight_fails_verify(dino, rows, tmp_path):
+    """A dense model whose fused weight has one element changed, in the merged block (gate_proj's) or in the
+    block the adapter does not touch (up_proj's): the weight-space check fails it."""
+    from safetensors.numpy import load_file, save_file
+
+    base_dir, adapter, _ = dino
+    res = run("collapse", adapter, "--task", "1", "--to", "dense", "--base", base_dir, "--out", tmp_path / "d")
     assert res.exit_code == 0, res.output
+    file = tmp_path / "d" / "model.safetensors"
+    with safe_open(str(file), "np") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(file))
+    tensors[FUSED][rows[0] + 3, 5] *= 1.01
+    save_file(tensors, str(file), metadata=metadata)
+    res = run("verify", adapter, "--base", base_dir, "--against", tmp_path / "d", "--json")
+    assert res.exit_code == 1, res.output
+    assert json.loads(res.stdout)["checks"][0]["weights"]["first_bad"] == FUSED
+
+
+def test_the_two_readings_of_a_fused_weight_agree(dino):
+    """The product runs transformers' loading converter on the key's element numbers, verify its saving
+    converter on the modules': both place gate_proj and up_proj in the same rows of weights_in."""
+    from polytool.formats.base import open_base
+    from polytool.verify.names import checkpoint_name
+
+    base_dir = dino[0]
+    for renamer in ({}, {"renamer": checkpoint_name}):
+        base = open_base(base_dir, **renamer)
+        gate = base.place("encoder.layer.0.mlp.gate_proj.weight")
+        assert (gate.key, gate.rows) == (FUSED, (0, 88))
+        assert base.place("encoder.layer.0.mlp.up_proj.weight").rows == (88, 176)
+        assert base.place("encoder.layer.0.mlp.down_proj.weight").rows is None
 
 
 def light(*args) -> subprocess.CompletedProcess:

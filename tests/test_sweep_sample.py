@@ -30,6 +30,8 @@ SAMPLE = [  # (mapping, model_type): fast families that pass today
     # renamed on load beside fused experts (verify reads the renamings of the tensors no converter takes)
     ("causal-lm", "minicpm5_moe"), ("causal-lm", "nemotron_h"),
     ("seq-cls", "bart"), ("feature", "llava"),  # the <eos> an encoder-decoder classifier needs; image tokens
+    # fused projections split along their rows on load (qkv; gate/up), a weight stored transposed
+    ("token-cls", "gte"), ("seq-cls", "nomic_bert"), ("causal-lm", "sarvam_moe"), ("causal-lm", "ergo"),
 ]
 
 

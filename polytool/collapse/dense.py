@@ -55,20 +55,21 @@ class DenseOptions:
 
 @dataclass(frozen=True)
 class Op:
-    """One output tensor: written as `out`, read from `source` in base shard `shard`, merged with `target`."""
+    """One output tensor: written as `out`, read from `source` in base shard `shard`, merged with `targets` (one
+    module's weight, or several in blocks of its rows: a fused projection split on load)."""
 
     out: TensorSpec
     shard: str
     source: str
     source_dtype: str
-    target: WeightTarget | None
+    targets: tuple[WeightTarget, ...] = ()
     replace: Callable[[], np.ndarray] | None = None  # a trained copy written instead (modules_to_save)
 
     @property
     def kind(self) -> str:
         if self.replace:
             return "replaced"
-        return "merged" if self.target else ("copied" if self.out.dtype == self.source_dtype else "converted")
+        return "merged" if self.targets else ("copied" if self.out.dtype == self.source_dtype else "converted")
 
 
 @dataclass
@@ -105,7 +106,10 @@ def _ops(base: BaseCheckpoint, targets: list[WeightTarget], dtype: str | None, r
     """Every output tensor in base order; an untied weight follows the embedding it is copied from;
     `replaced` {base key: (shape, its value)}: tensors the adapter trained whole (heads, the embeddings of a
     resized vocabulary: another row count), written in place."""
-    merged = {t.key: t for t in targets if t.key == t.source}
+    merged: dict[str, tuple[WeightTarget, ...]] = {}
+    for t in targets:
+        if t.key == t.source:
+            merged[t.key] = merged.get(t.key, ()) + (t,)
     untied: dict[str, list[WeightTarget]] = {}
     for t in targets:
         if t.key != t.source:
@@ -114,9 +118,9 @@ def _ops(base: BaseCheckpoint, targets: list[WeightTarget], dtype: str | None, r
     for key, info in base.tensors.items():
         out_dtype = dtype if dtype and info.dtype in FLOAT_DTYPES else info.dtype
         shape, value = replaced.get(key, (info.shape, None))
-        ops.append(Op(TensorSpec(key, out_dtype, shape), info.shard, key, info.dtype, merged.get(key), value))
+        ops.append(Op(TensorSpec(key, out_dtype, shape), info.shard, key, info.dtype, merged.get(key, ()), value))
         for t in untied.get(key, []):
-            ops.append(Op(TensorSpec(t.key, out_dtype, info.shape), info.shard, key, info.dtype, t))
+            ops.append(Op(TensorSpec(t.key, out_dtype, info.shape), info.shard, key, info.dtype, (t,)))
     return ops
 
 
@@ -297,8 +301,7 @@ def _blocks(op: Op, src: SafetensorsFile, fd: int, deltas: DeltaSource) -> Itera
     if op.replace:  # a trained head: small, written whole
         yield cast_float(op.replace().astype(wide), op.out.dtype)
         return
-    if op.target:
-        delta = deltas(op.target.module, wide)
+    parts = [(t.rows or (0, rows), deltas(t.module, wide), t.transposed) for t in op.targets]
     # bfloat16 in, float32 arithmetic: decode and round in two buffers reused block after block (fresh arrays per
     # block cost more in new pages than the arithmetic); what is yielded is always a new array
     reuse = op.source_dtype == "BF16" and wide is np.float32
@@ -310,8 +313,10 @@ def _blocks(op: Op, src: SafetensorsFile, fd: int, deltas: DeltaSource) -> Itera
         x = bf16_to_f32(raw, None if decoded is None else decoded[:hi - lo]) if op.source_dtype == "BF16" else raw
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, in one line
             x = x.astype(wide, copy=False)
-            if op.target:
-                x += delta(lo, hi, op.target.transposed)  # (rows, in), or (rows, out) for Conv1D
+            for (first, last), delta, transposed in parts:  # a module's weight: the key's rows [first, last)
+                a, b = max(lo, first), min(hi, last)
+                if a < b:
+                    x[a - lo:b - lo] += delta(a - first, b - first, transposed)  # (rows, in), or (rows, out): Conv1D
             out = cast_float(x, op.out.dtype, None if scratch is None else scratch[:hi - lo])
         if not _finite(out, op.out.dtype).all():
             source = _read_rows(fd, start + lo * row_len * itemsize, op.source_dtype, (hi - lo,) + shape[1:])
@@ -328,10 +333,10 @@ def _check_non_finite(op: Op, source: np.ndarray, out: np.ndarray, shard: Path) 
     """Refuse a block holding NaN/Inf that polytool made (an overflow) or that an adapted base weight holds.
     NaN/Inf a converted tensor already held (e.g. a -inf mask buffer) are kept as the base has them."""
     if (_finite(source, op.source_dtype) & ~_finite(out, op.out.dtype)).any():
-        what = "merging the task into it" if op.target else "converting it"
+        what = "merging the task into it" if op.targets else "converting it"
         raise PolytoolError(f"tensor {op.out.name!r}: {what} overflows {TORCH_NAMES[op.out.dtype]} "
                             "(values beyond its range): write a wider dtype with --dtype float32")
-    if op.target:
+    if op.targets:
         raise CheckpointError(f"weight {op.source!r} holds NaN or Inf: the base checkpoint is broken", shard)
 
 

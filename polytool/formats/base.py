@@ -33,8 +33,20 @@ FOREIGN_WEIGHTS = ("pytorch_model*.bin", "pytorch_model.bin.index.json", "tf_mod
 INPUT_EMBEDDINGS = tuple(f"{name}.weight" for name in INPUT_EMBEDDING_NAMES)
 
 
-# (base, model tensor name) -> the checkpoint key it is renamed from, or None: a family's conversion of its names
-Renamer = Callable[["BaseCheckpoint", str], "str | None"]
+@dataclass(frozen=True)
+class Placement:
+    """Where a model tensor lies in the checkpoint: key `key`, whole, or its rows [lo, hi) (`rows`: a fused
+    tensor that the family's conversion splits along its rows on load, e.g. a `qkv` projection); `transposed`:
+    the key holds the tensor transposed (the conversion transposes it on load)."""
+
+    key: str
+    rows: tuple[int, int] | None = None
+    transposed: bool = False
+
+
+# (base, model tensor name) -> the checkpoint key it is renamed from (a Placement, or (key, rows, transposed), where
+# it is a block of a key's rows or stored transposed), or None: a family's conversion of its names
+Renamer = Callable[["BaseCheckpoint", str], "str | Placement | tuple | None"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +65,7 @@ class WeightTarget:
     source: str
     transposed: bool  # Conv1D: the weight is stored (in, out)
     tied_to: str | None  # the weight this one is tied to (merged only with --untie)
+    rows: tuple[int, int] | None = None  # the module's weight is rows [lo, hi) of `source` (split on load)
 
 
 class BaseCheckpoint:
@@ -95,12 +108,20 @@ class BaseCheckpoint:
                 self.tensors[key] = TensorInfo(shard, st.dtype(key), st.shape(key))
 
     def locate(self, name: str) -> str | None:
-        """The checkpoint key of model tensor `name` (`<module path>.<param>`): find_tensor's, else the key the
-        family's conversion renames to it (self.renamer; none without one); None when there is none."""
+        """The checkpoint key holding model tensor `name` (`<module path>.<param>`), whole or in a block of its
+        rows (see place); None when there is none."""
+        found = self.place(name)
+        return None if found is None else found.key
+
+    def place(self, name: str) -> Placement | None:
+        """Where model tensor `name` lies: find_tensor's key, else the key the family's conversion renames to it
+        or splits it from (self.renamer; none without one); None when there is none."""
         found = find_tensor(name, self.tensors)
         if found is None and self.renamer is not None:
             found = self.renamer(self, name)
-        return found
+        if isinstance(found, tuple):  # (key, (lo, hi) or None, transposed): a Renamer of plain types (verify's)
+            found = Placement(*found)
+        return Placement(found) if isinstance(found, str) else found
 
     @property
     def shards(self) -> list[str]:
@@ -248,7 +269,11 @@ def match_target(base: BaseCheckpoint, module: str, in_features: int, out_featur
     transposed = base.conv1d and not _is_output_embedding(module)
     shape = (in_features, out_features) if transposed else (out_features, in_features)
     tied_output = base.tie_word_embeddings and _is_output_embedding(module)
-    key = find_key(module, base.tensors) if tied_output else base.locate(module + ".weight")
+    tied_key = find_key(module, base.tensors) if tied_output else None
+    placed = (Placement(tied_key) if tied_key else None) if tied_output else base.place(module + ".weight")
+    key, rows = (placed.key, placed.rows) if placed else (None, None)
+    if placed and placed.transposed:  # a weight the conversion transposes on load: stored the other way round
+        transposed, shape = not transposed, shape[::-1]
     tied_to = None
     if key is None:
         source = _tied_source(base, shape) if tied_output else None
@@ -262,25 +287,29 @@ def match_target(base: BaseCheckpoint, module: str, in_features: int, out_featur
         if tied_output:
             tied_to = _tied_source(base, shape) or "the input embeddings"
     info = base.tensors[source]
-    if info.shape != shape:
+    stored = info.shape if rows is None else (rows[1] - rows[0], *info.shape[1:])
+    if stored != shape or (rows and transposed):
         layout = "(in, out) as Conv1D stores it" if transposed else "(out, in)"
+        part = "" if rows is None else f" rows {rows[0]}:{rows[1]}"
         raise CheckpointError(f"module {module!r}: the adapter needs a weight of shape {list(shape)} {layout}, "
-                              f"but {source} is {list(info.shape)}: wrong base model?", base.directory)
+                              f"but {source}{part} is {list(stored)}: wrong base model?", base.directory)
     if info.dtype not in FLOAT_DTYPES:
         raise CheckpointError(f"module {module!r}: weight {source} has dtype {info.dtype}; only float weights can be merged", base.directory)
     if tied_to and not untie:
         raise CheckpointError(f"module {module!r} is tied to {tied_to} (config.json tie_word_embeddings is true): "
                               f"merging into it would change the input embeddings too. Pass --untie to write "
                               f"{key} separately and set tie_word_embeddings false", base.directory)
-    return WeightTarget(module, key, source, transposed, tied_to)
+    return WeightTarget(module, key, source, transposed, tied_to, rows)
 
 
 def match_targets(base: BaseCheckpoint, modules: Iterable, untie: bool = False) -> list[WeightTarget]:
-    """Every adapted module (objects with name, in_features, out_features) -> its WeightTarget."""
+    """Every adapted module (objects with name, in_features, out_features) -> its WeightTarget; several modules
+    may share a key only in disjoint blocks of its rows (a fused projection split on load)."""
     targets = [match_target(base, m.name, m.in_features, m.out_features, untie) for m in modules]
-    seen: dict[str, str] = {}
+    seen: dict[str, list[WeightTarget]] = {}
     for t in targets:
-        if t.key in seen:
-            raise CheckpointError(f"modules {seen[t.key]!r} and {t.module!r} both map to {t.key}", base.directory)
-        seen[t.key] = t.module
+        for other in seen.get(t.key, []):
+            if t.rows is None or other.rows is None or (t.rows[0] < other.rows[1] and other.rows[0] < t.rows[1]):
+                raise CheckpointError(f"modules {other.module!r} and {t.module!r} both map to {t.key}", base.directory)
+        seen.setdefault(t.key, []).append(t)
     return targets

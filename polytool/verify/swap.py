@@ -117,8 +117,16 @@ class ModelWeights:
         """The base checkpoint's weight of an adapted module in its stored dtype, a view of the mapped file
         (copied into a float32 weight, it converts without a temporary)."""
 
-        source = self.targets[name].source
-        return SafetensorsFile(self.base.directory / self.base.tensors[source].shard).tensor(source)
+        target = self.targets[name]
+        weight = SafetensorsFile(self.base.directory / self.base.tensors[target.source].shard).tensor(target.source)
+        return self._as_layer(name, weight)
+
+    def _as_layer(self, name: str, weight):
+        """A checkpoint tensor holding module `name`'s weight, as the layer holds it: its block of rows (a fused
+        key), transposed where the checkpoint stores it the other way round (a conversion's transpose)."""
+        target = self.targets[name]
+        weight = weight if target.rows is None else weight[target.rows[0]:target.rows[1]]
+        return weight.T if target.transposed != _is_conv1d(self.layers[name]) else weight
 
     def _artifact_weights(self, path: Path) -> Iterator[tuple[str, Callable[[], Any]]]:
         """A dense artifact's merged weights, each read when its producer is called (a view of the mapped file,
@@ -126,7 +134,8 @@ class ModelWeights:
 
         dense = open_base(path, checkpoint_name)
         for name, target in self.targets.items():
-            yield name, (lambda key=target.key: SafetensorsFile(path / dense.tensors[key].shard).tensor(key))
+            yield name, (lambda name=name, key=target.key:
+                         self._as_layer(name, SafetensorsFile(path / dense.tensors[key].shard).tensor(key)))
 
     def _all_tensors(self, path: Path) -> dict | None:
         """{checkpoint key: the model's tensor} for every tensor of the dense artifact at `path`, where each has

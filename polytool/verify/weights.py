@@ -147,6 +147,28 @@ def _check_merged(st: SafetensorsFile, key: str, base_rows: Callable, update: An
     return compare(st, key, exact, allowed)
 
 
+class Stacked:
+    """The update of a key whose blocks of rows are several modules' weights (a fused projection that the family
+    splits on load): parts [(lo, hi, the module's (rows, in) update)], zero elsewhere; rows of it as float64."""
+
+    def __init__(self, shape: tuple[int, ...], parts: list):
+        self.shape, self.parts = tuple(shape), parts
+
+    def __getitem__(self, rows: slice):
+        import torch
+
+        lo, hi, _ = rows.indices(self.shape[0])
+        out = torch.zeros((max(0, hi - lo), *self.shape[1:]), dtype=torch.float64)
+        for first, last, update in self.parts:
+            a, b = max(lo, first), min(hi, last)
+            if a < b:
+                out[a - lo:b - lo] = torch.as_tensor(update[a - first:b - first], dtype=torch.float64)
+        return out
+
+    def __abs__(self) -> "Stacked":
+        return Stacked(self.shape, [(lo, hi, abs(u)) for lo, hi, u in self.parts])
+
+
 def check_dense_weights(path: Path, base_dir: Path, adapter: PolyAdapter, delta: Any,
                         progress: Callable | None = None, allowance: Callable | None = None) -> dict:
     """{"merged", "replaced", "identical", "max_ulps", "not_ideal", "first_bad", "first_bad_ulps"} for the dense
@@ -156,7 +178,9 @@ def check_dense_weights(path: Path, base_dir: Path, adapter: PolyAdapter, delta:
     import torch
 
     dense, base = open_base(path, checkpoint_name), open_base(base_dir, checkpoint_name)
-    merged = {t.key: t for t in match_targets(base, adapter.modules, untie=True)}
+    merged: dict[str, list] = {}
+    for t in match_targets(base, adapter.modules, untie=True):
+        merged.setdefault(t.key, []).append(t)
     replaced = {**saved_module_keys(adapter, base), **resized_embeddings(adapter, base)}  # written whole
     counts = {"merged": 0, "replaced": 0, "identical": 0}
     worst, not_ideal, first_bad, first_bad_ulps = 0.0, 0, None, None
@@ -177,7 +201,8 @@ def check_dense_weights(path: Path, base_dir: Path, adapter: PolyAdapter, delta:
         items = dense.tensors.items()
         for key, info in progress(items, len(items), f"weights of {path.name}") if progress else items:
             st = opened(path / info.shard)
-            target = merged.get(key)
+            parts = merged.get(key)
+            target = parts[0] if parts else None
             source = target.source if target else key
             base_st = opened(base_dir / base.tensors[source].shard)
             if target is None and key not in replaced:
@@ -189,10 +214,16 @@ def check_dense_weights(path: Path, base_dir: Path, adapter: PolyAdapter, delta:
                 counts["identical"] += 1
             else:
                 if target is not None:
-                    extra = None if allowance is None else allowance(target.module)
-                    error, off = _check_merged(st, key, stored(base_st, source), delta(target.module),
-                                               target.transposed, extra)
-                    counts["merged"] += 1
+                    extras = [None if allowance is None else allowance(t.module) for t in parts]
+                    if target.rows is None:
+                        update, extra = delta(target.module), extras[0]
+                    else:  # modules in blocks of the key's rows (a fused projection split on load)
+                        rows = [(*t.rows, delta(t.module)) for t in parts]
+                        update = Stacked(info.shape, rows)
+                        extra = None if all(e is None for e in extras) else \
+                            Stacked(info.shape, [(*t.rows, e) for t, e in zip(parts, extras) if e is not None])[:]
+                    error, off = _check_merged(st, key, stored(base_st, source), update, target.transposed, extra)
+                    counts["merged"] += len(parts)
                 else:
                     head = torch.from_numpy(adapter.tensor(replaced[key], np.float64))
                     error, off = compare(st, key, lambda lo, hi: head[lo:hi].reshape(-1))
