@@ -24,6 +24,11 @@ class CheckpointError(PolytoolError):
     """A base model directory or safetensors file that cannot be used."""
 
 
+class ConvertedWeightError(CheckpointError):
+    """A module's weight that transformers builds from the checkpoint in a way a dense merge cannot place (experts
+    stacked from many keys, rows permuted): the module is in the model, so a LoRA still adapts it."""
+
+
 class OutputExistsError(PolytoolError):
     """The output path exists and --force was not given."""
 

@@ -59,3 +59,14 @@ def test_a_wrong_dense_merge_is_a_polytool_failure(tmp_path, monkeypatch):
     result = run_family("causal-lm", "llama", tmp_path)
     assert result["status"] == "polytool-fails", result
     assert "exit 1" in result["reason"] or "differs" in result["reason"]
+
+
+def test_a_weight_built_otherwise_is_refused_for_dense_only(tmp_path):
+    """Kimi-K2.5's vision tower: transformers chunks `wqkv` and permutes its rows for rotary embeddings on
+    load, so k_proj's weight is no block of a key. The LoRA export (PEFT adapts the built module) succeeds;
+    the dense merge is refused in one line naming the module (exit 2, nothing written), not a crash."""
+    result = run_family("feature", "kimi_k25", tmp_path)
+    assert result["status"] == "polytool-fails", result
+    assert "--to dense" in result["reason"] and "exit 2" in result["reason"], result["reason"]
+    assert "transformers builds its weight from other tensors" in result["reason"]
+    assert not (tmp_path / "dense").exists()

@@ -22,7 +22,7 @@ from typing import Callable
 
 from ..architectures import ALWAYS_TIED_MODEL_TYPES, INPUT_EMBEDDING_NAMES, OUTPUT_LEAVES
 from ..core.units import plural
-from ..errors import PolytoolError
+from ..errors import CheckpointError, PolytoolError
 from ..formats.base import BaseCheckpoint, find_key, open_base, optional_base
 from ..formats.lora import NESTED_REPEAT, LoraFacts, read_lora_facts
 from ..formats.manifest import VLLM_RANKS, vllm_max_lora_rank
@@ -87,7 +87,7 @@ def rule_targets(f: LoraFacts, stack: str, base: BaseCheckpoint | None) -> Findi
             exact.append(module)
         elif find_key(module, keys) is not None:
             shifted.append(module)
-        elif base.locate(module + ".weight") is not None:  # the family's conversion renames the checkpoint's key
+        elif _converted(base, module):  # the family's conversion builds it from the checkpoint's keys
             exact.append(module)
             renamed.append(module)
         else:
@@ -104,6 +104,16 @@ def rule_targets(f: LoraFacts, stack: str, base: BaseCheckpoint | None) -> Findi
     hint = f" ({bad[0]!r} is {find_key(bad[0], keys)!r} in the base: a prefix differs)" if shifted else f" (e.g. {bad[0]!r})"
     return Finding("targets", "problem", behaviour, f"{what} of the adapter's module paths match the base{hint}",
                    "train or rename against the class and checkpoint the stack serves")
+
+
+def _converted(base: BaseCheckpoint, module: str) -> bool:
+    """Whether transformers' conversion of the family builds `module`'s weight from the checkpoint: renamed, a
+    block of a fused key, or any other conversion (stacked, permuted): a module of the model all the same, which a
+    LoRA adapts (a dense merge refuses what it cannot place)."""
+    try:
+        return base.locate(module + ".weight") is not None
+    except CheckpointError:
+        return True
 
 
 def _targets_match(targets, base: BaseCheckpoint, renamed: list[str] = ()) -> bool:

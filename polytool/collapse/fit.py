@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..architectures import CONV1D_MODEL_TYPES, INPUT_EMBEDDING_NAMES, OUTPUT_LEAVES, SAVED_EMBEDDING_NAMES
-from ..errors import AdapterError, CheckpointError
+from ..errors import AdapterError, CheckpointError, ConvertedWeightError
 from ..formats.adapter import PolyAdapter
 from ..formats.base import (INDEX_NAME, INPUT_EMBEDDINGS, SINGLE_NAME, BaseCheckpoint, find_tensor, match_targets,
                             open_base, optional_base, read_config)
@@ -167,7 +167,11 @@ def base_uses_conv1d(adapter: PolyAdapter, base_dir: Path | None) -> bool:
         if base_dir is not None and any((directory / name).is_file() for name in (SINGLE_NAME, INDEX_NAME)):
             raise  # --base names a broken safetensors checkpoint
         return read_config(directory).get("model_type") in CONV1D_MODEL_TYPES  # e.g. .bin weights: the config tells
-    match_targets(base, adapter.modules, untie=True)  # shapes checked; tying does not matter to a LoRA
+    for module in adapter.modules:  # shapes checked; tying does not matter to a LoRA
+        try:
+            match_targets(base, [module], untie=True)
+        except ConvertedWeightError:  # built by transformers' conversion in a way only a dense merge must place
+            continue
     check_collapsible(adapter, base)
     if adapter.saved_modules:
         saved_module_keys(adapter, base)  # the trained heads fit the base's

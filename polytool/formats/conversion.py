@@ -23,7 +23,7 @@ import re
 from copy import deepcopy
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConvertedWeightError
 from ..extras import require
 from .base import Placement
 
@@ -146,7 +146,7 @@ def checkpoint_key(base: BaseCheckpoint, name: str) -> str | Placement | None:
         if placed is not None:
             return placed
         module = name.rpartition(".")[0]
-        raise CheckpointError(f"module {module!r}: transformers builds its weight from other tensors of the "
+        raise ConvertedWeightError(f"module {module!r}: transformers builds its weight from other tensors of the "
                               f"checkpoint ({names.converted.get(found, 'a fused or split tensor')}), not by renaming "
                               "one or splitting its rows: polytool merges into renamed weights and blocks of rows "
                               "only", base.directory)
