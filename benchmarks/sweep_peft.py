@@ -19,7 +19,8 @@ R, N_TASKS, N_SKILLS, N_SPLITS = 2, 3, 2, 2
 
 def targets(model_type: str, model, inputs: dict) -> tuple[object, list[str] | None, str]:
     """(target_modules, exclude_modules, how): PEFT's default for the model_type, else all-linear less the
-    Linears whose input is not 3-D in a forward (PEFT's Poly layer multiplies with bmm)."""
+    Linears whose input is not 3-D in a forward (PEFT's Poly layer multiplies with bmm) or that no forward
+    calls."""
     import torch
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_POLY_TARGET_MODULES_MAPPING as DEFAULTS
 
@@ -42,11 +43,15 @@ def targets(model_type: str, model, inputs: dict) -> tuple[object, list[str] | N
         for h in hooks:
             h.remove()
     heads = {name for name in seen if any(part.endswith(HEADS) for part in name.split("."))}
-    exclude = sorted(heads | {name for name, dim in seen.items() if dim != 3})
+    # a Linear whose forward never runs (nn.MultiheadAttention's out_proj: its parent reads the weight) gets a
+    # Poly layer PEFT never applies: trained, its B stays zero; randomised, an update no PEFT model applies
+    silent = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)} - set(seen)
+    exclude = sorted(heads | silent | {name for name, dim in seen.items() if dim != 3})
     if seen and len(exclude) == len(seen):
         raise Outcome("peft-cannot-wrap", f"no Linear but the task head sees a 3-D input (PEFT's Poly layer "
                       f"multiplies with bmm): inputs {sorted(set(seen.values()))}-D")
-    return "all-linear", exclude or None, "all-linear" + (f" less {len(exclude)} (heads, non-3-D)" if exclude else "")
+    why = "heads, non-3-D" + (", never called" if silent else "")
+    return "all-linear", exclude or None, "all-linear" + (f" less {len(exclude)} ({why})" if exclude else "")
 
 
 def _splits_divide(model, n_splits: int) -> bool:

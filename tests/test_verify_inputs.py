@@ -425,3 +425,37 @@ def test_ids_sized_by_the_input_embedding(monkeypatch):
     monkeypatch.setattr(ToyIdsModel, "get_input_embeddings", lambda self: None)
     with pytest.raises(PolytoolError, match=r"the base config has no vocab_size \(nor an input embedding"):
         random_inputs(config, 4, 32, "ToyIdsModel")
+
+
+# ---- an adapted module whose forward never runs ------------------------------------------------------
+
+SIGLIP_HEAD = Media("SiglipVisionModel", "SiglipVisionConfig", VISION, ("out_proj", "fc1"), (), {})
+
+
+def test_a_module_whose_forward_never_runs_is_named(tmp_path):
+    """SigLIP's pooling head is an nn.MultiheadAttention, which reads out_proj's weight itself: PEFT's Poly layer
+    there never runs, so the routed model (PEFT's and verify's) ignores that update while a dense merge applies
+    it, and pooler_output differs. verify fails that dense model and its note names the module; with that update
+    zero (as training leaves it: no gradient reaches it) the dense model passes. The LoRA passes either way."""
+    from safetensors.torch import load_file, save_file
+
+    build_base(SIGLIP_HEAD).save_pretrained(tmp_path / "base")
+    write_adapter(SIGLIP_HEAD, tmp_path / "base", tmp_path / "adapter")
+    silent = "head.attention.out_proj"
+    for zeroed in (False, True):
+        if zeroed:
+            file = tmp_path / "adapter" / "adapter_model.safetensors"
+            tensors = load_file(file)
+            key = f"base_model.model.{silent}.poly_lora_B"
+            tensors[key] = torch.zeros_like(tensors[key])
+            save_file(tensors, file, metadata={"format": "pt"})
+        for to in ("lora", "dense"):
+            got = run("collapse", tmp_path / "adapter", "--task", TASK, "--to", to, "--out", tmp_path / to, "--force")
+            assert got.exit_code == 0, got.output
+        code, report, err = verify_json(tmp_path / "adapter", "--base", tmp_path / "base", "--against",
+                                        tmp_path / "lora", "--against", tmp_path / "dense")
+        lora, dense = report["checks"]
+        assert lora["passed"] and not any(silent in n for n in lora["notes"]), lora
+        assert any(f"first: {silent}" in n for n in dense["notes"]), dense
+        assert dense["passed"] == zeroed and code == (0 if zeroed else 1), (dense, err)
+        assert zeroed or dense["first_failing_module"] == "head.mlp.fc1"

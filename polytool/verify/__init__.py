@@ -85,9 +85,24 @@ def run_checks(adapter: PolyAdapter, base_dir: Path, model: tuple[str, str], tar
         measured = Measured(errors(out, live[0]), errors(modules, live[1]), effect, top1(out, live[0]),
                             kl(out, live[0]), floor)
         checks.append(make_check(target, measured, Rule(tol, options.allow_noop, options.max_kl, FLOOR_MULTIPLE)))
+        if target.kind == "dense":
+            checks[-1]["notes"] += _never_called(run.capture, live[1])
         del out, modules
         release_memory()
     return sorted(base_out), checks
+
+
+def _never_called(capture: dict, ran: dict) -> list[str]:
+    """A note naming the adapted modules whose forward never ran in the routed model: their parent reads the
+    weight itself (nn.MultiheadAttention's out_proj), so the routed model, like PEFT's, never applies their
+    update, while a dense merge does (where it is not zero, the outputs differ downstream of them)."""
+    silent = [name for name in capture if name not in ran]
+    if not silent:
+        return []
+    return [f"{len(silent)} adapted module(s) never run their own forward in this model (first: {silent[0]}; "
+            "the parent reads the weight itself, as nn.MultiheadAttention does with out_proj): the routed model, "
+            "like PEFT's, never applies their update, a dense merge does; trained by PEFT, their B stays at its "
+            "initial zeros"]
 
 
 def _ideal_weights(target: Target, base_dtype: str) -> bool:
