@@ -427,12 +427,12 @@ def test_ids_sized_by_the_input_embedding(monkeypatch):
         random_inputs(config, 4, 32, "ToyIdsModel")
 
 
-# ---- an adapted module whose forward never runs ------------------------------------------------------
+# ---- an adapted module its parent bypasses (reads the weight itself) -----------------------------------
 
 SIGLIP_HEAD = Media("SiglipVisionModel", "SiglipVisionConfig", VISION, ("out_proj", "fc1"), (), {})
 
 
-def test_a_module_whose_forward_never_runs_is_named(tmp_path):
+def test_a_module_its_parent_bypasses_is_named(tmp_path):
     """SigLIP's pooling head is an nn.MultiheadAttention, which reads out_proj's weight itself: PEFT's Poly layer
     there never runs, so the routed model (PEFT's and verify's) ignores that update while a dense merge applies
     it, and pooler_output differs. verify fails that dense model and its note names the module; with that update
@@ -456,6 +456,7 @@ def test_a_module_whose_forward_never_runs_is_named(tmp_path):
                                         tmp_path / "lora", "--against", tmp_path / "dense")
         lora, dense = report["checks"]
         assert lora["passed"] and not any(silent in n for n in lora["notes"]), lora
-        assert any(f"first: {silent}" in n for n in dense["notes"]), dense
+        assert any(f"bypassed by their parent, which reads the weight itself (first: {silent}" in n
+                   for n in dense["notes"]), dense
         assert dense["passed"] == zeroed and code == (0 if zeroed else 1), (dense, err)
         assert zeroed or dense["first_failing_module"] == "head.mlp.fc1"

@@ -64,6 +64,19 @@ def forward(model, family: str, batches: list[dict], capture: dict, **extra) -> 
     return outputs, modules
 
 
+@contextmanager
+def calls(model, names: list[str]) -> Iterator[set[str]]:
+    """The set of `names` (modules of `model`) whose forward ran inside the block."""
+    ran: set[str] = set()
+    handles = [model.get_submodule(name).register_forward_pre_hook(lambda *_, name=name: ran.add(name))
+               for name in names]
+    try:
+        yield ran
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _generates(model) -> bool:
     can = getattr(model, "can_generate", None)
     try:
