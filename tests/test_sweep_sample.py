@@ -41,6 +41,28 @@ def test_family_passes(mapping, model_type, tmp_path):
     assert result["n_targets"] > 0
 
 
+# issue 22's last small families: ids hashed from code points (CANINE), a pooling head whose
+# nn.MultiheadAttention reads out_proj's weight itself (SigLIP), BatchNorm and layer scale (SwiftFormer)
+FIXED = [("token-cls", "canine"), ("image-cls", "siglip"), ("image-cls", "swiftformer")]
+
+
+@pytest.mark.parametrize("mapping,model_type", FIXED, ids=[f"{m}:{t}" for m, t in FIXED])
+def test_family_passes_and_another_task_fails(mapping, model_type, tmp_path):
+    """The family passes the sweep; verify of its task-1 LoRA and dense model as task 2 fails (exit 1)."""
+    from click.testing import CliRunner
+
+    from polytool.cli import main
+
+    result = run_family(mapping, model_type, tmp_path)
+    assert result["status"] == "pass", result
+    assert max(result["rel"].values()) <= BOUND
+    for artifact in ("lora", "dense"):
+        got = CliRunner().invoke(main, ["verify", str(tmp_path / "adapter"), "--base", str(tmp_path / "base"),
+                                        "--against", str(tmp_path / artifact), "--task", "2", "--inputs", "2",
+                                        "--seq-len", "8"])
+        assert got.exit_code == 1 and "FAIL" in got.stdout, (artifact, got.output)
+
+
 def test_peft_refusal_is_quoted_not_a_failure(tmp_path):
     """GPT-2's Conv1D: PEFT's own TypeError, classified as PEFT cannot wrap (polytool is never run)."""
     result = run_family("causal-lm", "gpt2", tmp_path)
