@@ -272,8 +272,8 @@ def independent_check(cls, base_dir: Path, lora_dir: Path, dense_dir: Path, inpu
     for kind, err in rel.items():
         if not err <= BOUND:
             if kind == "lora" and (moved := _peft_retargeted(lora, lora_dir)):
-                raise Outcome("peft-cannot-load", f"PEFT's LoRA loader wraps other modules than the LoRA's "
-                              f"target_modules ({moved}; its transformers-v5 MoE conversion); dense rel "
+                raise Outcome("peft-cannot-load", f"PEFT's LoRA loader does not apply the LoRA's modules as "
+                              f"written ({moved}; its transformers-v5 MoE conversion); dense rel "
                               f"{rel['dense']:.1e}", rel=rel)
             raise Outcome("polytool-fails", f"the {kind} output differs from PEFT's routed model: rel {err:.1e}",
                           rel=rel)
@@ -281,13 +281,24 @@ def independent_check(cls, base_dir: Path, lora_dir: Path, dense_dir: Path, inpu
 
 
 def _peft_retargeted(lora, lora_dir: Path) -> str:
-    """What PEFT's LoRA loader wrapped beyond or short of the LoRA file's modules ('' when the same)."""
+    """What PEFT's LoRA loader wrapped beyond or short of the LoRA file's modules, or wrapped but did not load
+    (the file's value not in the model: its keys renamed on load and reported missing) ('' when none)."""
     from safetensors import safe_open
 
     with safe_open(str(Path(lora_dir) / "adapter_model.safetensors"), "pt") as f:
         stored = {k.split(".lora_")[0].removeprefix("base_model.model.") for k in f.keys() if ".lora_A" in k}
+        loaded = lora.state_dict()  # in memory the adapter name sits before .weight: lora_A.default.weight
+        unloaded = sorted({k.split(".lora_")[0].removeprefix("base_model.model.") for k in f.keys() if ".lora_" in k
+                           and not _same(loaded.get("{0}.default.{2}".format(*k.rpartition("."))), f.get_tensor(k))})
     wrapped = {n.removeprefix("base_model.model.") for n, m in lora.named_modules() if hasattr(m, "lora_A")
                and hasattr(m, "base_layer") and not n.endswith(".base_layer")}
     missing, extra = sorted(stored - wrapped), sorted(wrapped - stored)
+    unloaded = [n for n in unloaded if n not in missing]
     return ", ".join(filter(None, [f"not wrapped: {len(missing)} e.g. {missing[0]}" if missing else "",
-                                   f"wrapped without weights: {len(extra)} e.g. {extra[0]}" if extra else ""]))
+                                   f"wrapped without weights: {len(extra)} e.g. {extra[0]}" if extra else "",
+                                   f"wrapped but left unloaded (its keys renamed on load, peft#3711): "
+                                   f"{len(unloaded)} e.g. {unloaded[0]}" if unloaded else ""]))
+
+
+def _same(loaded, stored) -> bool:
+    return loaded is not None and loaded.shape == stored.shape and bool((loaded.float() == stored.float()).all())

@@ -70,6 +70,16 @@ def test_peft_refusal_is_quoted_not_a_failure(tmp_path):
     assert "TypeError" in result["reason"] and "Conv1D" in result["reason"]
 
 
+def test_a_lora_peft_leaves_unloaded_is_peft_cannot_load(tmp_path):
+    """Mistral Large 4's conversion renames `.shared_experts.` to `.mlp.shared_experts.` also in adapter keys
+    already so named (peft#3711): PEFT's LoRA loader leaves those modules at B = 0 (even a LoRA PEFT saved itself),
+    which the sweep classifies as PEFT's, with the dense model (transformers' loader) passing."""
+    result = run_family("feature", "mistral_large4_text", tmp_path)
+    assert result["status"] == "peft-cannot-load", result
+    assert "wrapped but left unloaded" in result["reason"] and "shared_experts" in result["reason"]
+    assert result["rel"]["dense"] <= BOUND < result["rel"]["lora"]
+
+
 def test_a_wrong_dense_merge_is_a_polytool_failure(tmp_path, monkeypatch):
     """A mutant of the one dense formula (the delta 0.1% too large) must not pass the sweep."""
     import polytool.core.collapse as collapse
