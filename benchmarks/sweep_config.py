@@ -45,6 +45,9 @@ SMALL_INTS = {
     "rotary_dim": 8, "moe_k": 2, "num_groups": 4, "global_attn_every_n_layers": 2, "sliding_window": 32, "attention_window": 16,
 }
 # list attributes (convolutional and hierarchical models): each stage made small
+# init-only values a trained model has left behind (applied where the default is smaller): a residual branch
+# scaled by 1e-5 (SwiftFormer's layer scale at init) hides any adapter on it below the sweep's DIFFERS
+TRAINED = {"layer_scale_init_value": 0.1}
 SMALL_LISTS = {"depths": 1, "hidden_sizes": 16, "embed_dims": 16, "num_heads": 2, "embedding_sizes": 16}
 TOKEN_SUFFIXES = ("_token_id", "_token_index", "_token_ids")
 
@@ -71,6 +74,8 @@ def overrides(config, layers: int = LAYERS) -> dict:
             out[key] = overrides(value, layers)
         elif isinstance(value, bool) or value is None:
             continue
+        elif isinstance(value, float) and key in TRAINED and 0 < value < TRAINED[key]:
+            out[key] = TRAINED[key]
         elif isinstance(value, int) and key in LAYER_KEYS:
             out[key] = min(value, layers)
         elif isinstance(value, int) and key in SMALL_INTS and value > SMALL_INTS[key]:

@@ -19,22 +19,26 @@ R, N_TASKS, N_SKILLS, N_SPLITS = 2, 3, 2, 2
 
 def targets(model_type: str, model, inputs: dict) -> tuple[object, list[str] | None, str]:
     """(target_modules, exclude_modules, how): PEFT's default for the model_type, else all-linear less the
-    Linears whose input is not 3-D in a forward (PEFT's Poly layer multiplies with bmm)."""
+    Linears whose input is not 3-D in a forward (PEFT's Poly layer multiplies with bmm) or whose forward never
+    runs while their parent's does (the parent reads the weight itself: nn.MultiheadAttention's out_proj)."""
     import torch
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_POLY_TARGET_MODULES_MAPPING as DEFAULTS
 
     if model_type in DEFAULTS:
         return DEFAULTS[model_type], None, "PEFT's default"
-    seen: dict[str, int] = {}
+    seen: dict[str, int] = {}  # Linear -> the dims of its input
+    ran: set[str] = set()  # every module whose forward ran
 
-    def record(name: str, args: tuple, kwargs: dict) -> None:
+    def record(name: str, module, args: tuple, kwargs: dict) -> None:
+        ran.add(name)
+        if not isinstance(module, torch.nn.Linear):
+            return
         x = args[0] if args else next(iter(kwargs.values()))
         if seen.get(name, 3) == 3:  # any call without a 3-D input excludes the module
             seen[name] = x.dim()
 
-    hooks = [m.register_forward_pre_hook(lambda _m, args, kwargs, name=name: record(name, args, kwargs),
-                                         with_kwargs=True)
-             for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    hooks = [m.register_forward_pre_hook(lambda m, args, kwargs, name=name: record(name, m, args, kwargs),
+                                         with_kwargs=True) for name, m in model.named_modules()]
     try:
         with torch.no_grad():
             model(**inputs)
@@ -42,11 +46,17 @@ def targets(model_type: str, model, inputs: dict) -> tuple[object, list[str] | N
         for h in hooks:
             h.remove()
     heads = {name for name in seen if any(part.endswith(HEADS) for part in name.split("."))}
-    exclude = sorted(heads | {name for name, dim in seen.items() if dim != 3})
-    if seen and len(exclude) == len(seen):
+    # a Linear bypassed by its parent gets a Poly layer PEFT never applies: trained, its B stays zero;
+    # randomised, an update no PEFT model applies (a dense merge would). Linears of parts these inputs do not
+    # reach (an audio tower under text) stay targets: PEFT applies them where those parts run.
+    bypassed = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name not in ran
+                and name.rpartition(".")[0] in ran}
+    exclude = sorted(heads | bypassed | {name for name, dim in seen.items() if dim != 3})
+    if seen and set(seen) <= set(exclude):
         raise Outcome("peft-cannot-wrap", f"no Linear but the task head sees a 3-D input (PEFT's Poly layer "
                       f"multiplies with bmm): inputs {sorted(set(seen.values()))}-D")
-    return "all-linear", exclude or None, "all-linear" + (f" less {len(exclude)} (heads, non-3-D)" if exclude else "")
+    why = "heads, non-3-D" + (", bypassed" if bypassed else "")
+    return "all-linear", exclude or None, "all-linear" + (f" less {len(exclude)} ({why})" if exclude else "")
 
 
 def _splits_divide(model, n_splits: int) -> bool:

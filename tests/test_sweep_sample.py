@@ -43,11 +43,56 @@ def test_family_passes(mapping, model_type, tmp_path):
     assert result["n_targets"] > 0
 
 
+# issue 22's last small families: ids hashed from code points (CANINE), a pooling head whose
+# nn.MultiheadAttention reads out_proj's weight itself (SigLIP), BatchNorm and layer scale (SwiftFormer)
+FIXED = [("token-cls", "canine"), ("image-cls", "siglip"), ("image-cls", "swiftformer")]
+
+
+@pytest.mark.parametrize("mapping,model_type", FIXED, ids=[f"{m}:{t}" for m, t in FIXED])
+def test_family_passes_and_another_task_fails(mapping, model_type, tmp_path):
+    """The family passes the sweep; verify of its task-1 LoRA and dense model as task 2 fails (exit 1)."""
+    from click.testing import CliRunner
+
+    from polytool.cli import main
+
+    result = run_family(mapping, model_type, tmp_path)
+    assert result["status"] == "pass", result
+    assert max(result["rel"].values()) <= BOUND
+    for artifact in ("lora", "dense"):
+        got = CliRunner().invoke(main, ["verify", str(tmp_path / "adapter"), "--base", str(tmp_path / "base"),
+                                        "--against", str(tmp_path / artifact), "--task", "2", "--inputs", "2",
+                                        "--seq-len", "8"])
+        assert got.exit_code == 1 and "FAIL" in got.stdout, (artifact, got.output)
+
+
 def test_peft_refusal_is_quoted_not_a_failure(tmp_path):
     """GPT-2's Conv1D: PEFT's own TypeError, classified as PEFT cannot wrap (polytool is never run)."""
     result = run_family("causal-lm", "gpt2", tmp_path)
     assert result["status"] == "peft-cannot-wrap", result
     assert "TypeError" in result["reason"] and "Conv1D" in result["reason"]
+
+
+def test_a_linear_its_parent_bypasses_is_left_out(tmp_path):
+    """Mamba's mixer reads dt_proj's weight itself (as nn.MultiheadAttention reads out_proj's): a Poly layer there
+    never runs, so the sweep leaves it out of all-linear (a randomised one failed the dense model by 5e-5 against
+    a routed model that never applies it). The rest passes verify; PEFT's LoRA loader refuses Mamba's out_proj."""
+    result = run_family("feature", "mamba", tmp_path)
+    assert result["status"] == "peft-cannot-load" and "bypassed" in result["targets"], result
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        assert any(".x_proj." in k for k in f.keys()) and not any(".dt_proj." in k for k in f.keys())
+    assert float(result["reason"].rsplit("dense rel ", 1)[1]) <= BOUND
+
+
+def test_a_lora_peft_leaves_unloaded_is_peft_cannot_load(tmp_path):
+    """Mistral Large 4's conversion renames `.shared_experts.` to `.mlp.shared_experts.` also in adapter keys
+    already so named (peft#3711): PEFT's LoRA loader leaves those modules at B = 0 (even a LoRA PEFT saved itself),
+    which the sweep classifies as PEFT's, with the dense model (transformers' loader) passing."""
+    result = run_family("feature", "mistral_large4_text", tmp_path)
+    assert result["status"] == "peft-cannot-load", result
+    assert "wrapped but left unloaded" in result["reason"] and "shared_experts" in result["reason"]
+    assert result["rel"]["dense"] <= BOUND < result["rel"]["lora"]
 
 
 def test_a_wrong_dense_merge_is_a_polytool_failure(tmp_path, monkeypatch):

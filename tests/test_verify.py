@@ -355,6 +355,25 @@ def test_noop_adapter_fails_unless_allowed(noop_adapter):
     assert code == 0 and all(c["noop"] and c["passed"] and c["adapter_effect"] == 0 for c in report["checks"])
 
 
+def test_a_noop_of_small_outputs_says_atol_covers_the_effect():
+    """Outputs of scale 1.35e-5 (SwiftFormer at init) moved 0.17% by the adapter: within atol 1e-5, so a no-op,
+    and the reason says why and how to judge them relative to their scale; with atol 0 the check passes.
+    Control: an effect of 0 (a fresh adapter) gets no such clause."""
+    from types import SimpleNamespace
+
+    from polytool.verify.compare import Measured, Rule, make_check
+
+    target = SimpleNamespace(notes=[], spec=1, label="dense", kind="dense", dtype="float32")
+    final = {"logits": (1.8e-12, 1.35e-5)}
+    small = make_check(target, Measured(final, {}, {"logits": (2.31e-8, 1.35e-5)}), Rule((1e-5, 1e-5)))
+    assert small["noop"] and not small["passed"]
+    assert "(logits is small, max |b| 1.35e-05: the adapter moves it by 2.31e-08, 1.7e-03 of that, under atol " \
+           "1e-05; a smaller --atol, 0 for max |b| alone" in small["reason"]
+    assert make_check(target, Measured(final, {}, {"logits": (2.31e-8, 1.35e-5)}), Rule((0.0, 1e-5)))["passed"]
+    none = make_check(target, Measured(final, {}, {"logits": (0.0, 1.35e-5)}), Rule((1e-5, 1e-5)))
+    assert none["noop"] and "--atol" not in none["reason"]
+
+
 def test_json_agrees_with_human_output(llama):
     bad = edit_tensor(llama["lora1"], llama["out"] / "json-nudged", "adapter_model.safetensors", B_KEY, nudge)
     args = ("verify", llama["adapter"], "--base", llama["base"], "--against", llama["all"], "--against", bad)

@@ -378,3 +378,85 @@ def test_a_forward_that_refuses_the_inputs_is_a_one_line_error():
     with pytest.raises(PolytoolError, match=r"Refuses's forward refused verify's inputs \(input_ids \[2, 4\]\): "
                                             r"ValueError: Each example must have the same number of <eos> tokens\. "):
         forward(Refuses(), "encoder", [{"input_ids": torch.zeros(2, 4, dtype=torch.long)}], {})
+
+
+# ---- the range of the ids: vocab_size, else the input embedding's rows, else hash buckets ---------------
+
+CANINE = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
+              num_hash_functions=4, num_hash_buckets=64, max_position_embeddings=64)
+
+
+def test_a_model_that_hashes_its_ids_gets_ids_over_its_buckets():
+    """CANINE reads Unicode code points (its config has no vocab_size) and hashes each into num_hash_buckets
+    rows: verify draws ids in [0, buckets), which reach every row of every hash table; the model runs on them."""
+    import transformers as tf
+
+    config = tiny("CanineConfig", **CANINE)
+    assert getattr(config, "vocab_size", None) is None
+    batches, info = random_inputs(config, 4, 32, "CanineForTokenClassification")
+    want = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(SEED))
+    assert info["tensors"] == {"input_ids": [4, 32]} and torch.equal(batches[0]["input_ids"], want)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        assert torch.isfinite(tf.CanineForTokenClassification(config).eval()(**batches[0]).logits).all()
+
+
+def test_ids_sized_by_the_input_embedding(monkeypatch):
+    """A config without vocab_size whose model has an input embedding: the ids cover its rows (built on the
+    meta device: no memory). Control: with the embedding gone, and no hash buckets, verify refuses."""
+    import transformers as tf
+
+    class ToyIdsModel(torch.nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.table = torch.nn.Embedding(40, 8)
+
+        def get_input_embeddings(self):
+            return self.table
+
+        def forward(self, input_ids):
+            return self.table(input_ids)
+
+    monkeypatch.setattr(tf, "ToyIdsModel", ToyIdsModel, raising=False)
+    config = tf.PretrainedConfig()
+    batches, _ = random_inputs(config, 4, 32, "ToyIdsModel")
+    want = torch.randint(0, 40, (4, 32), generator=torch.Generator().manual_seed(SEED))
+    assert torch.equal(batches[0]["input_ids"], want)
+    monkeypatch.setattr(ToyIdsModel, "get_input_embeddings", lambda self: None)
+    with pytest.raises(PolytoolError, match=r"the base config has no vocab_size \(nor an input embedding"):
+        random_inputs(config, 4, 32, "ToyIdsModel")
+
+
+# ---- an adapted module its parent bypasses (reads the weight itself) -----------------------------------
+
+SIGLIP_HEAD = Media("SiglipVisionModel", "SiglipVisionConfig", VISION, ("out_proj", "fc1"), (), {})
+
+
+def test_a_module_its_parent_bypasses_is_named(tmp_path):
+    """SigLIP's pooling head is an nn.MultiheadAttention, which reads out_proj's weight itself: PEFT's Poly layer
+    there never runs, so the routed model (PEFT's and verify's) ignores that update while a dense merge applies
+    it, and pooler_output differs. verify fails that dense model and its note names the module; with that update
+    zero (as training leaves it: no gradient reaches it) the dense model passes. The LoRA passes either way."""
+    from safetensors.torch import load_file, save_file
+
+    build_base(SIGLIP_HEAD).save_pretrained(tmp_path / "base")
+    write_adapter(SIGLIP_HEAD, tmp_path / "base", tmp_path / "adapter")
+    silent = "head.attention.out_proj"
+    for zeroed in (False, True):
+        if zeroed:
+            file = tmp_path / "adapter" / "adapter_model.safetensors"
+            tensors = load_file(file)
+            key = f"base_model.model.{silent}.poly_lora_B"
+            tensors[key] = torch.zeros_like(tensors[key])
+            save_file(tensors, file, metadata={"format": "pt"})
+        for to in ("lora", "dense"):
+            got = run("collapse", tmp_path / "adapter", "--task", TASK, "--to", to, "--out", tmp_path / to, "--force")
+            assert got.exit_code == 0, got.output
+        code, report, err = verify_json(tmp_path / "adapter", "--base", tmp_path / "base", "--against",
+                                        tmp_path / "lora", "--against", tmp_path / "dense")
+        lora, dense = report["checks"]
+        assert lora["passed"] and not any(silent in n for n in lora["notes"]), lora
+        assert any(f"bypassed by their parent, which reads the weight itself (first: {silent}" in n
+                   for n in dense["notes"]), dense
+        assert dense["passed"] == zeroed and code == (0 if zeroed else 1), (dense, err)
+        assert zeroed or dense["first_failing_module"] == "head.mlp.fc1"

@@ -25,7 +25,7 @@ from ..errors import CheckpointError, PolytoolError
 from ..formats.adapter import PolyAdapter, load_adapter
 from ..formats.base import resolve_base_dir
 from .artifacts import Target, artifact_targets, spec_under_test
-from .compare import Measured, Rule, errors, kl, make_check, non_finite, one_thread, top1
+from .compare import Measured, Rule, calls, errors, kl, make_check, non_finite, one_thread, top1
 from .inputs import DEFAULT_INPUTS, DEFAULT_SEQ_LEN, prompt_inputs, random_inputs  # noqa: F401 (the defaults: part of the API)
 from .models import base_config, model_class, release_memory, resolve_device, stored_dtype, utf8_path
 from .options import VerifyOptions
@@ -56,7 +56,10 @@ def run_checks(adapter: PolyAdapter, base_dir: Path, model: tuple[str, str], tar
         run = Run(adapter, base_dir, model, batches, options)
     if info is not None:  # what the caller reports beside the checks
         info["offloaded"] = run.offloaded
-    base_out, base_modules = run.run(run.model, run.capture)
+    parents = sorted({name.rpartition(".")[0] for name in run.capture})
+    with calls(run.model, sorted(run.capture) + parents) as ran:
+        base_out, base_modules = run.run(run.model, run.capture)
+    bypassed = [name for name in run.capture if name not in ran and name.rpartition(".")[0] in ran]
     bad = non_finite({**base_modules, **base_out})
     if bad is not None:
         raise CheckpointError(f"the model's own outputs contain NaN or Inf on these inputs (first: {bad}): its "
@@ -85,9 +88,20 @@ def run_checks(adapter: PolyAdapter, base_dir: Path, model: tuple[str, str], tar
         measured = Measured(errors(out, live[0]), errors(modules, live[1]), effect, top1(out, live[0]),
                             kl(out, live[0]), floor)
         checks.append(make_check(target, measured, Rule(tol, options.allow_noop, options.max_kl, FLOOR_MULTIPLE)))
+        if target.kind == "dense" and bypassed:
+            checks[-1]["notes"].append(_bypassed_note(bypassed))
         del out, modules
         release_memory()
     return sorted(base_out), checks
+
+
+def _bypassed_note(bypassed: list[str]) -> str:
+    """Adapted modules whose forward never runs while their parent's does: the parent reads the weight itself
+    (nn.MultiheadAttention's out_proj), so the routed model, like PEFT's, never applies their update, while a
+    dense merge does (where it is not zero, the outputs differ downstream of them)."""
+    return (f"{len(bypassed)} adapted module(s) are bypassed by their parent, which reads the weight itself (first: "
+            f"{bypassed[0]}; nn.MultiheadAttention does so with out_proj): the routed model, like PEFT's, never "
+            "applies their update, a dense merge does; trained by PEFT, their B stays at its initial zeros")
 
 
 def _ideal_weights(target: Target, base_dtype: str) -> bool:

@@ -64,6 +64,19 @@ def forward(model, family: str, batches: list[dict], capture: dict, **extra) -> 
     return outputs, modules
 
 
+@contextmanager
+def calls(model, names: list[str]) -> Iterator[set[str]]:
+    """The set of `names` (modules of `model`) whose forward ran inside the block."""
+    ran: set[str] = set()
+    handles = [model.get_submodule(name).register_forward_pre_hook(lambda *_, name=name: ran.add(name))
+               for name in names]
+    try:
+        yield ran
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _generates(model) -> bool:
     can = getattr(model, "can_generate", None)
     try:
@@ -224,6 +237,15 @@ def _rank_reason(truncation: dict) -> str:
             f"or its rank or retained energy {row['energy']:.4f} is not what the recipe asked")
 
 
+def _small_outputs(effect: Errors, atol: float, rtol: float) -> str:
+    """Why a visible effect counts as none: the outputs are so small that atol alone covers it."""
+    name, (diff, scale) = max(effect.items(), key=lambda item: rel(*item[1]))
+    if not rel(diff, scale) > 2 * rtol or not math.isfinite(diff):
+        return ""
+    return (f" ({name} is small, max |b| {scale:.2e}: the adapter moves it by {diff:.2e}, {rel(diff, scale):.1e} of "
+            f"that, under atol {atol:g}; a smaller --atol, 0 for max |b| alone, judges it relative to its scale)")
+
+
 def make_check(target: Any, m: Measured, rule: Rule) -> dict:
     """One line of the report. A task whose live output equals the base's proves nothing (a no-op); the first
     module out of tolerance is where the error starts; a half-precision dense artifact passes where it stays
@@ -266,7 +288,8 @@ def make_check(target: Any, m: Measured, rule: Rule) -> dict:
         reason = f"KL divergence {divergence[1]:.2e} exceeds --max-kl {max_kl:g}"
     elif noop:
         reason = ("no-op: the adapter does not change the base's output for this task, so the check proves "
-                  "nothing" + (" (accepted: --allow-noop)" if allow_noop else "; pass --allow-noop to accept"))
+                  "nothing" + _small_outputs(effect, atol, rtol)
+                  + (" (accepted: --allow-noop)" if allow_noop else "; pass --allow-noop to accept"))
     else:
         reason = None
     task = target.spec if isinstance(target.spec, int) else str(target.spec)  # a mix as its canonical text

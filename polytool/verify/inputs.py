@@ -1,7 +1,7 @@
 """The inputs every model of a verify run sees, built from the model's own forward signature and config:
 seeded random token ids, images, audio features or waveforms, or the user's prompts.
 
-    input_ids          (N, L) uniform in [0, vocab_size)                            text (L = --seq-len)
+    input_ids          (N, L) uniform in [0, vocab_size) (id_range: else the embedding's rows, hash buckets)   text
     pixel_values       (N, num_channels, H, W), (H, W) = the (vision) config's image_size   vision
     input_features     (N, num_mel_bins, 2 * max_source_positions)                   Whisper (its exact length)
                        (N, L, input_feat_per_channel * input_channels)                Speech2Text-like
@@ -95,9 +95,7 @@ def _token_ids(config, n: int, seq_len: int, generator, name: str, decoder: bool
     import torch
 
     text = config.get_text_config(decoder=True) if decoder else config.get_text_config()
-    vocab = getattr(text, "vocab_size", None)
-    if not isinstance(vocab, int) or vocab < 1:
-        raise PolytoolError("the base config has no vocab_size: pass real text with --prompts")
+    vocab = id_range(text, name)
     limit = getattr(config, "max_target_positions", None) if decoder else None
     limit = limit or getattr(text, "max_position_embeddings", None)
     if isinstance(limit, int) and seq_len > limit:
@@ -105,6 +103,40 @@ def _token_ids(config, n: int, seq_len: int, generator, name: str, decoder: bool
                             "(max_position_embeddings)")
     ids = torch.randint(0, vocab, (n, seq_len), generator=generator)  # (N, L)
     return _fit_ids(ids, config, vocab, name)
+
+
+def id_range(text, name: str) -> int:
+    """How many ids the model reads, [0, n): the config's vocab_size; else the rows of the model's input
+    embedding (the class built on the meta device: no memory); else, for a model that hashes its ids into
+    embedding tables (CANINE reads Unicode code points), num_hash_buckets: each hash ((id + 1) * prime mod
+    buckets, the prime coprime to the bucket count) maps [0, buckets) onto every row of its table."""
+    vocab = getattr(text, "vocab_size", None)
+    if not isinstance(vocab, int) or vocab < 1:
+        vocab = _embedding_rows(text, name)
+    if not isinstance(vocab, int) or vocab < 1:
+        vocab = getattr(text, "num_hash_buckets", None)
+    if not isinstance(vocab, int) or vocab < 1:
+        raise PolytoolError("the base config has no vocab_size (nor an input embedding or hash buckets that size "
+                            "the ids): pass real text with --prompts")
+    return vocab
+
+
+def _embedding_rows(config, name: str) -> int | None:
+    """The row count of the input embedding of the transformers class `name` built for `config` on the meta
+    device; None where there is no such class or embedding (CANINE hashes its ids: no one table)."""
+    import torch
+    import transformers
+
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        return None
+    try:
+        with torch.device("meta"):
+            embedding = cls(config).get_input_embeddings()
+    except Exception:  # noqa: BLE001 - a model that cannot be built from this (sub-)config, or has no embedding
+        return None
+    rows = getattr(embedding, "num_embeddings", None)
+    return rows if isinstance(rows, int) else None
 
 
 def _fit_ids(ids, config, vocab: int, name: str):
