@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 import dataclasses
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -48,12 +50,20 @@ SELF_CHECK_COVERS = ("the self-check runs the product's routing and collapse for
 
 def run_checks(adapter: PolyAdapter, base_dir: Path, model: tuple[str, str], targets: list[Target], batches: list,
                options: VerifyOptions = VerifyOptions(), progress: Callable | None = None,
-               info: dict | None = None) -> tuple[list[str], list[dict]]:
+               info: dict | None = None, pending: Future | None = None) -> tuple[list[str], list[dict]]:
     """Load the base once (`model`: its transformers class and family); per task spec, compare the reference
-    with the base and with each target. `progress`: (items, total, label) -> items, e.g. a bar on a terminal."""
-    # a bar of one step around the load: transformers' own tqdm bar does not show on every terminal
-    for _ in progress([None], 1, "loading the base") if progress else [None]:
-        run = Run(adapter, base_dir, model, batches, options)
+    with the base and with each target. `progress`: (items, total, label) -> items, e.g. a bar on a terminal.
+    `pending`: the targets' weight-space checks, running on another thread; awaited once the base is loaded."""
+    # while the weight check runs on the other core, the load keeps to one: three threads on two cores would
+    # wait at every op's barrier for a descheduled one (compare.one_thread)
+    with one_thread() if pending is not None else nullcontext():
+        try:  # a bar of one step around the load: transformers' own tqdm bar does not show on every terminal
+            for _ in progress([None], 1, "loading the base") if progress else [None]:
+                run = Run(adapter, base_dir, model, batches, options)
+        except BaseException:
+            _await(pending)  # the weight check's error first, as when it ran before the load
+            raise
+    _await(pending)
     if info is not None:  # what the caller reports beside the checks
         info["offloaded"] = run.offloaded
     base_out, base_modules = run.run(run.model, run.capture)
@@ -88,6 +98,12 @@ def run_checks(adapter: PolyAdapter, base_dir: Path, model: tuple[str, str], tar
         del out, modules
         release_memory()
     return sorted(base_out), checks
+
+
+def _await(pending: Future | None) -> None:
+    if pending is not None:
+        pending.result()
+        release_memory()  # the chunks and updates of the weight check
 
 
 def _ideal_weights(target: Target, base_dtype: str) -> bool:
@@ -143,19 +159,36 @@ def _check_options(o: VerifyOptions) -> None:
         raise PolytoolError(f"--reference {o.reference!r}: expected one of {', '.join(REFERENCES)}")
 
 
-def _targets(o: VerifyOptions, adapter: PolyAdapter, base_dir: Path, config, progress: Callable | None) -> list[Target]:
-    """What to compare: each artifact of --against (checked in weight space first, where dense), or for the
-    self-check every task (or the one --task names), collapsed in memory by the product code."""
-    if o.against:
-        targets = [t for path in o.against for t in artifact_targets(Path(path), adapter, base_dir, o.task)]
-        with one_thread():  # passes over cache-sized chunks: one thread (compare.one_thread)
-            _dense_weight_checks(targets, adapter, base_dir, progress)
+def _weight_checks(targets: list[Target], adapter: PolyAdapter, base_dir: Path, progress: Callable | None) -> None:
+    with one_thread():  # passes over cache-sized chunks: one thread (compare.one_thread)
+        _dense_weight_checks(targets, adapter, base_dir, progress)
+
+
+def _targets(o: VerifyOptions, adapter: PolyAdapter, base_dir: Path, config,
+             progress: Callable | None) -> tuple[list[Target], Future | None]:
+    """What to compare: each artifact of --against (checked in weight space, where dense), or for the self-check
+    every task (or the one --task names), collapsed in memory by the product code. The weight-space checks run
+    on a thread of their own while the base is loaded (the Future; run_checks awaits it), except under
+    --max-memory, whose budget counts what the process holds when the load starts: then here, before it."""
+    if not o.against:
+        base_dtype = stored_dtype(base_dir, config)
+        spec = None if o.task is None else spec_under_test(o.task, adapter.n_tasks)
+        return [Target(s, kind, "<in memory>", "float32" if kind == "lora" else base_dtype)
+                for s in (range(adapter.n_tasks) if spec is None else [spec]) for kind in ("lora", "dense")], None
+    targets = [t for path in o.against for t in artifact_targets(Path(path), adapter, base_dir, o.task)]
+    if o.max_memory is not None:
+        _weight_checks(targets, adapter, base_dir, progress)
         release_memory()  # the chunks and updates of the weight check, before the model is loaded
-        return targets
-    base_dtype = stored_dtype(base_dir, config)
-    spec = None if o.task is None else spec_under_test(o.task, adapter.n_tasks)
-    return [Target(s, kind, "<in memory>", "float32" if kind == "lora" else base_dtype)
-            for s in (range(adapter.n_tasks) if spec is None else [spec]) for kind in ("lora", "dense")]
+        return targets, None
+    import torch
+
+    # this thread's torch thread count, fixed now: a thread that first asks after the check's thread has set one
+    # would take that one, and the forwards would run on one thread
+    torch.get_num_threads()
+    pool = ThreadPoolExecutor(1, "polytool-weights")
+    pending = pool.submit(_weight_checks, targets, adapter, base_dir, None)  # its bars would tangle with the load's
+    pool.shutdown(wait=False)  # its thread ends with the check
+    return targets, pending
 
 
 def verify(o: VerifyOptions, progress: Callable | None = None) -> dict:
@@ -167,16 +200,20 @@ def verify(o: VerifyOptions, progress: Callable | None = None) -> dict:
         utf8_path(path)
     config = base_config(base_dir)
     class_name, family = model_class(adapter.task_type, config)
-    targets = _targets(o, adapter, base_dir, config, progress)
-    if o.prompts is not None:
-        batches, inputs = prompt_inputs(base_dir, Path(o.prompts), o.seq_len, class_name, config)
-    else:
-        batches, inputs = random_inputs(config, o.n_inputs, o.seq_len or DEFAULT_SEQ_LEN, class_name)
-    device = resolve_device("auto" if o.max_memory is not None and o.device == "cpu" else o.device)
+    targets, pending = _targets(o, adapter, base_dir, config, progress)
+    try:
+        if o.prompts is not None:
+            batches, inputs = prompt_inputs(base_dir, Path(o.prompts), o.seq_len, class_name, config)
+        else:
+            batches, inputs = random_inputs(config, o.n_inputs, o.seq_len or DEFAULT_SEQ_LEN, class_name)
+        device = resolve_device("auto" if o.max_memory is not None and o.device == "cpu" else o.device)
+    except BaseException:
+        _await(pending)  # the weight check's error first, as when it ran before these
+        raise
     limit = None if o.max_memory is None else parse_size(o.max_memory)
     o = dataclasses.replace(o, device=device, max_memory=limit)
     info: dict = {}
-    outputs, checks = run_checks(adapter, base_dir, (class_name, family), targets, batches, o, progress, info)
+    outputs, checks = run_checks(adapter, base_dir, (class_name, family), targets, batches, o, progress, info, pending)
     return _report(o, adapter, base_dir, (class_name, family), inputs, outputs, checks, info)
 
 
