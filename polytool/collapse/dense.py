@@ -13,8 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-from concurrent.futures import Executor, ThreadPoolExecutor
-from contextlib import nullcontext
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
@@ -35,7 +34,7 @@ from ..errors import CheckpointError, PolytoolError
 from ..formats.provenance import provenance
 from .fit import check_collapsible, check_tied_copies, resized_embeddings, saved_module_keys, vocab_size
 from ..core.taskspec import TaskSpec
-from .blocks import WORKERS, Delta, blocks
+from .blocks import Delta, block_pool, blocks
 
 Progress = Callable[[Iterable, int, str], Iterable]
 DeltaSource = Callable[[str, type], Delta]  # (module, float dtype to compute in) -> its Delta
@@ -331,8 +330,8 @@ def write_merge(plan: MergePlan, deltas: DeltaSource, directory: Path, progress:
     written in place of the base's (README.md: a merged model must not call itself the base; recipe.yml)."""
     counts = {"merged": 0, "copied": 0, "converted": 0, "replaced": 0}
     # thin (rows, r) @ (r, in) products: BLAS's own threads cost more than they give (core/blas.py); blocks of
-    # rows are computed on WORKERS threads instead, while this one writes (collapse/blocks.py)
-    with one_blas_thread(), ThreadPoolExecutor(WORKERS, "polytool-merge") if WORKERS > 1 else nullcontext() as pool:
+    # rows are computed on a few threads instead, while this one writes (collapse/blocks.py)
+    with one_blas_thread(), block_pool() as pool:
         steps = _steps(plan, deltas, directory, pool)
         for op in progress(steps, plan.n_tensors, "merging") if progress else steps:
             counts[op.kind] += 1
