@@ -39,8 +39,10 @@ def test_the_overlapped_check_reports_as_the_check_run_first(dense, monkeypatch)
     seen = []
     forward = V.Run.run
     monkeypatch.setattr(V.Run, "run", lambda self, *a, **k: (seen.append(torch.get_num_threads()), forward(self, *a, **k))[1])
+    interval = sys.getswitchinterval()
     overlapped = V.verify(options(dense))
     assert seen and set(seen) == {threads} and torch.get_num_threads() == threads
+    assert sys.getswitchinterval() == interval  # shortened while the check ran beside the load, then restored
     first = []
     real = V._weight_checks
     monkeypatch.setattr(V, "_weight_checks", lambda *a: (first.append(1), real(*a))[1])
@@ -82,6 +84,25 @@ def test_the_checks_error_comes_first(dense, monkeypatch):
     monkeypatch.setattr(W, "check_dense_weights", broken)
     monkeypatch.setattr(V, "Run", no_load)
     with pytest.raises(PolytoolError, match="weights: broken on purpose"):
+        V.verify(options(dense))
+
+
+def test_errors_keep_the_order_of_the_steps(dense, monkeypatch):
+    """The check starts before the config is read, but a broken config is still the error reported, whether the
+    artifact's recognition or its weight check fail as well."""
+    import polytool.verify.weights as W
+
+    def broken(what):
+        def fail(*args, **kwargs):
+            raise PolytoolError(f"{what}: broken on purpose")
+        return fail
+
+    monkeypatch.setattr(V, "base_config", broken("config"))
+    monkeypatch.setattr(W, "check_dense_weights", broken("weights"))
+    with pytest.raises(PolytoolError, match="config: broken on purpose"):
+        V.verify(options(dense))
+    monkeypatch.setattr(V, "artifact_targets", broken("artifact"))
+    with pytest.raises(PolytoolError, match="config: broken on purpose"):
         V.verify(options(dense))
 
 

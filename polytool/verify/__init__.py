@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import math
 import dataclasses
-from concurrent.futures import Future, ThreadPoolExecutor
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
@@ -42,6 +43,7 @@ __all__ = ["verify", "VerifyOptions", "render_report", "run_checks", "Target", "
 TOLERANCES = {"float64": (1e-5, 1e-5), "float32": (1e-5, 1e-5), "bfloat16": (1e-4, 1e-2), "float16": (1e-5, 3e-3)}
 HALF = ("bfloat16", "float16")
 FLOOR_MULTIPLE = 2.0
+SWITCH_INTERVAL = 5e-4  # seconds: the GIL's switch interval while the weight check runs beside the load
 REFERENCES = ("polytool", "peft")
 SELF_CHECK_COVERS = ("the self-check runs the product's routing and collapse formula in memory; the file writers "
                      "(safetensors, the streaming dense merge, dtype casts, provenance) run only for written "
@@ -50,7 +52,7 @@ SELF_CHECK_COVERS = ("the self-check runs the product's routing and collapse for
 
 def run_checks(adapter: PolyAdapter, base_dir: Path, model: tuple[str, str], targets: list[Target], batches: list,
                options: VerifyOptions = VerifyOptions(), progress: Callable | None = None,
-               info: dict | None = None, pending: Future | None = None) -> tuple[list[str], list[dict]]:
+               info: dict | None = None, pending: Pending | None = None) -> tuple[list[str], list[dict]]:
     """Load the base once (`model`: its transformers class and family); per task spec, compare the reference
     with the base and with each target. `progress`: (items, total, label) -> items, e.g. a bar on a terminal.
     `pending`: the targets' weight-space checks, running on another thread; awaited once the base is loaded."""
@@ -100,10 +102,27 @@ def run_checks(adapter: PolyAdapter, base_dir: Path, model: tuple[str, str], tar
     return sorted(base_out), checks
 
 
-def _await(pending: Future | None) -> None:
+@dataclasses.dataclass(frozen=True)
+class Pending:
+    """The weight-space checks running on a thread of their own, and the GIL switch interval to restore after."""
+
+    future: Future
+    interval: float
+
+
+def _await(pending: Pending | None) -> None:
+    """Wait for the checks; raise their error."""
     if pending is not None:
-        pending.result()
+        _settle(pending)
+        pending.future.result()
         release_memory()  # the chunks and updates of the weight check
+
+
+def _settle(pending: Pending | None) -> None:
+    """Wait for the checks' thread to end, whatever they raised (when another error is on its way)."""
+    if pending is not None:
+        wait([pending.future])
+        sys.setswitchinterval(pending.interval)
 
 
 def _ideal_weights(target: Target, base_dtype: str) -> bool:
@@ -164,17 +183,19 @@ def _weight_checks(targets: list[Target], adapter: PolyAdapter, base_dir: Path, 
         _dense_weight_checks(targets, adapter, base_dir, progress)
 
 
-def _targets(o: VerifyOptions, adapter: PolyAdapter, base_dir: Path, config,
-             progress: Callable | None) -> tuple[list[Target], Future | None]:
-    """What to compare: each artifact of --against (checked in weight space, where dense), or for the self-check
-    every task (or the one --task names), collapsed in memory by the product code. The weight-space checks run
-    on a thread of their own while the base is loaded (the Future; run_checks awaits it), except under
-    --max-memory, whose budget counts what the process holds when the load starts: then here, before it."""
-    if not o.against:
-        base_dtype = stored_dtype(base_dir, config)
-        spec = None if o.task is None else spec_under_test(o.task, adapter.n_tasks)
-        return [Target(s, kind, "<in memory>", "float32" if kind == "lora" else base_dtype)
-                for s in (range(adapter.n_tasks) if spec is None else [spec]) for kind in ("lora", "dense")], None
+def _self_targets(o: VerifyOptions, adapter: PolyAdapter, base_dir: Path, config) -> list[Target]:
+    """The self-check's: every task (or the one --task names), collapsed in memory by the product code."""
+    base_dtype = stored_dtype(base_dir, config)
+    spec = None if o.task is None else spec_under_test(o.task, adapter.n_tasks)
+    return [Target(s, kind, "<in memory>", "float32" if kind == "lora" else base_dtype)
+            for s in (range(adapter.n_tasks) if spec is None else [spec]) for kind in ("lora", "dense")]
+
+
+def _against_targets(o: VerifyOptions, adapter: PolyAdapter, base_dir: Path,
+                     progress: Callable | None) -> tuple[list[Target], Pending | None]:
+    """Each artifact of --against, and their weight-space checks (where dense) started on a thread of their own
+    (the Future; run_checks awaits it): importing transformers, reading the config and loading the base overlap
+    them. Under --max-memory, whose budget counts what the process holds when the load starts, they run here."""
     targets = [t for path in o.against for t in artifact_targets(Path(path), adapter, base_dir, o.task)]
     if o.max_memory is not None:
         _weight_checks(targets, adapter, base_dir, progress)
@@ -185,22 +206,43 @@ def _targets(o: VerifyOptions, adapter: PolyAdapter, base_dir: Path, config,
     # this thread's torch thread count, fixed now: a thread that first asks after the check's thread has set one
     # would take that one, and the forwards would run on one thread
     torch.get_num_threads()
+    # the check hands the GIL back at each of its ~8,000 torch calls and must win it back from a thread running
+    # Python (imports, the model's construction), which keeps it for the switch interval: 5 ms by default put the
+    # check at 9.6 s beside a Python loop (1.8 s alone), 0.5 ms at 4.4 s (performance.md); so 0.5 ms until it ends
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(min(interval, SWITCH_INTERVAL))
     pool = ThreadPoolExecutor(1, "polytool-weights")
     pending = pool.submit(_weight_checks, targets, adapter, base_dir, None)  # its bars would tangle with the load's
     pool.shutdown(wait=False)  # its thread ends with the check
-    return targets, pending
+    return targets, Pending(pending, interval)
 
 
 def verify(o: VerifyOptions, progress: Callable | None = None) -> dict:
-    """Run every check and return the report (a JSON-ready dict; `passed` says whether all passed)."""
+    """Run every check and return the report (a JSON-ready dict; `passed` says whether all passed).
+
+    The weight-space checks of --against start first (on their own thread); an error is still the one of the
+    first failing step in the order: adapter, base directory, config, model class, artifacts and their weight
+    check, inputs, load."""
     _check_options(o)
     adapter = load_adapter(o.adapter_dir)
     base_dir = resolve_base_dir(o.base_dir, adapter.base_model_name_or_path, adapter.config.get("revision"))
     for path in (adapter.weights_file, base_dir):  # torch and transformers open them
         utf8_path(path)
-    config = base_config(base_dir)
-    class_name, family = model_class(adapter.task_type, config)
-    targets, pending = _targets(o, adapter, base_dir, config, progress)
+    targets, pending = [], None
+    if o.against:
+        try:
+            targets, pending = _against_targets(o, adapter, base_dir, progress)
+        except BaseException:
+            model_class(adapter.task_type, base_config(base_dir))  # their error comes first
+            raise
+    try:
+        config = base_config(base_dir)
+        class_name, family = model_class(adapter.task_type, config)
+    except BaseException:
+        _settle(pending)
+        raise
+    if not o.against:
+        targets = _self_targets(o, adapter, base_dir, config)
     try:
         if o.prompts is not None:
             batches, inputs = prompt_inputs(base_dir, Path(o.prompts), o.seq_len, class_name, config)
