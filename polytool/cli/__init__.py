@@ -47,12 +47,13 @@ class Group(click.Group):
 def _exit_now(code: int) -> None:
     """Exit with `code` once the atexit handlers have run and the streams are flushed, skipping the teardown of
     every object and module: with torch and transformers imported it takes 0.6-1.0 s after the output is out
-    (docs/performance.md). Not while another thread still runs (the interpreter would wait for it)."""
+    (docs/performance.md). Not while another thread still runs that the interpreter would wait for (daemon
+    threads, such as tqdm's monitor, it would not)."""
     import atexit
     import os
     import threading
 
-    if threading.active_count() > 1:
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
         return
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
