@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import math
 import dataclasses
-import sys
-from concurrent.futures import Future, ThreadPoolExecutor, wait
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -43,7 +40,6 @@ __all__ = ["verify", "VerifyOptions", "render_report", "run_checks", "Target", "
 TOLERANCES = {"float64": (1e-5, 1e-5), "float32": (1e-5, 1e-5), "bfloat16": (1e-4, 1e-2), "float16": (1e-5, 3e-3)}
 HALF = ("bfloat16", "float16")
 FLOOR_MULTIPLE = 2.0
-SWITCH_INTERVAL = 5e-4  # seconds: the GIL's switch interval while the weight check runs beside the load
 REFERENCES = ("polytool", "peft")
 SELF_CHECK_COVERS = ("the self-check runs the product's routing and collapse formula in memory; the file writers "
                      "(safetensors, the streaming dense merge, dtype casts, provenance) run only for written "
@@ -52,20 +48,12 @@ SELF_CHECK_COVERS = ("the self-check runs the product's routing and collapse for
 
 def run_checks(adapter: PolyAdapter, base_dir: Path, model: tuple[str, str], targets: list[Target], batches: list,
                options: VerifyOptions = VerifyOptions(), progress: Callable | None = None,
-               info: dict | None = None, pending: Pending | None = None) -> tuple[list[str], list[dict]]:
+               info: dict | None = None) -> tuple[list[str], list[dict]]:
     """Load the base once (`model`: its transformers class and family); per task spec, compare the reference
-    with the base and with each target. `progress`: (items, total, label) -> items, e.g. a bar on a terminal.
-    `pending`: the targets' weight-space checks, running on another thread; awaited once the base is loaded."""
-    # while the weight check runs on the other core, the load keeps to one: three threads on two cores would
-    # wait at every op's barrier for a descheduled one (compare.one_thread)
-    with one_thread() if pending is not None else nullcontext():
-        try:  # a bar of one step around the load: transformers' own tqdm bar does not show on every terminal
-            for _ in progress([None], 1, "loading the base") if progress else [None]:
-                run = Run(adapter, base_dir, model, batches, options)
-        except BaseException:
-            _await(pending)  # the weight check's error first, as when it ran before the load
-            raise
-    _await(pending)
+    with the base and with each target. `progress`: (items, total, label) -> items, e.g. a bar on a terminal."""
+    # a bar of one step around the load: transformers' own tqdm bar does not show on every terminal
+    for _ in progress([None], 1, "loading the base") if progress else [None]:
+        run = Run(adapter, base_dir, model, batches, options)
     if info is not None:  # what the caller reports beside the checks
         info["offloaded"] = run.offloaded
     base_out, base_modules = run.run(run.model, run.capture)
@@ -100,29 +88,6 @@ def run_checks(adapter: PolyAdapter, base_dir: Path, model: tuple[str, str], tar
         del out, modules
         release_memory()
     return sorted(base_out), checks
-
-
-@dataclasses.dataclass(frozen=True)
-class Pending:
-    """The weight-space checks running on a thread of their own, and the GIL switch interval to restore after."""
-
-    future: Future
-    interval: float
-
-
-def _await(pending: Pending | None) -> None:
-    """Wait for the checks; raise their error."""
-    if pending is not None:
-        _settle(pending)
-        pending.future.result()
-        release_memory()  # the chunks and updates of the weight check
-
-
-def _settle(pending: Pending | None) -> None:
-    """Wait for the checks' thread to end, whatever they raised (when another error is on its way)."""
-    if pending is not None:
-        wait([pending.future])
-        sys.setswitchinterval(pending.interval)
 
 
 def _ideal_weights(target: Target, base_dtype: str) -> bool:
@@ -178,84 +143,40 @@ def _check_options(o: VerifyOptions) -> None:
         raise PolytoolError(f"--reference {o.reference!r}: expected one of {', '.join(REFERENCES)}")
 
 
-def _weight_checks(targets: list[Target], adapter: PolyAdapter, base_dir: Path, progress: Callable | None) -> None:
-    with one_thread():  # passes over cache-sized chunks: one thread (compare.one_thread)
-        _dense_weight_checks(targets, adapter, base_dir, progress)
-
-
-def _self_targets(o: VerifyOptions, adapter: PolyAdapter, base_dir: Path, config) -> list[Target]:
-    """The self-check's: every task (or the one --task names), collapsed in memory by the product code."""
+def _targets(o: VerifyOptions, adapter: PolyAdapter, base_dir: Path, config, progress: Callable | None) -> list[Target]:
+    """What to compare: each artifact of --against (checked in weight space first, where dense), or for the
+    self-check every task (or the one --task names), collapsed in memory by the product code."""
+    if o.against:
+        targets = [t for path in o.against for t in artifact_targets(Path(path), adapter, base_dir, o.task)]
+        with one_thread():  # passes over cache-sized chunks: one thread (compare.one_thread)
+            _dense_weight_checks(targets, adapter, base_dir, progress)
+        release_memory()  # the chunks and updates of the weight check, before the model is loaded
+        return targets
     base_dtype = stored_dtype(base_dir, config)
     spec = None if o.task is None else spec_under_test(o.task, adapter.n_tasks)
     return [Target(s, kind, "<in memory>", "float32" if kind == "lora" else base_dtype)
             for s in (range(adapter.n_tasks) if spec is None else [spec]) for kind in ("lora", "dense")]
 
 
-def _against_targets(o: VerifyOptions, adapter: PolyAdapter, base_dir: Path,
-                     progress: Callable | None) -> tuple[list[Target], Pending | None]:
-    """Each artifact of --against, and their weight-space checks (where dense) started on a thread of their own
-    (the Future; run_checks awaits it): importing transformers, reading the config and loading the base overlap
-    them. Under --max-memory, whose budget counts what the process holds when the load starts, they run here."""
-    targets = [t for path in o.against for t in artifact_targets(Path(path), adapter, base_dir, o.task)]
-    if o.max_memory is not None:
-        _weight_checks(targets, adapter, base_dir, progress)
-        release_memory()  # the chunks and updates of the weight check, before the model is loaded
-        return targets, None
-    import torch
-
-    # this thread's torch thread count, fixed now: a thread that first asks after the check's thread has set one
-    # would take that one, and the forwards would run on one thread
-    torch.get_num_threads()
-    # the check hands the GIL back at each of its ~8,000 torch calls and must win it back from a thread running
-    # Python (imports, the model's construction), which keeps it for the switch interval: 5 ms by default put the
-    # check at 9.6 s beside a Python loop (1.8 s alone), 0.5 ms at 4.4 s (performance.md); so 0.5 ms until it ends
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(min(interval, SWITCH_INTERVAL))
-    pool = ThreadPoolExecutor(1, "polytool-weights")
-    pending = pool.submit(_weight_checks, targets, adapter, base_dir, None)  # its bars would tangle with the load's
-    pool.shutdown(wait=False)  # its thread ends with the check
-    return targets, Pending(pending, interval)
-
-
 def verify(o: VerifyOptions, progress: Callable | None = None) -> dict:
-    """Run every check and return the report (a JSON-ready dict; `passed` says whether all passed).
-
-    The weight-space checks of --against start first (on their own thread); an error is still the one of the
-    first failing step in the order: adapter, base directory, config, model class, artifacts and their weight
-    check, inputs, load."""
+    """Run every check and return the report (a JSON-ready dict; `passed` says whether all passed)."""
     _check_options(o)
     adapter = load_adapter(o.adapter_dir)
     base_dir = resolve_base_dir(o.base_dir, adapter.base_model_name_or_path, adapter.config.get("revision"))
     for path in (adapter.weights_file, base_dir):  # torch and transformers open them
         utf8_path(path)
-    targets, pending = [], None
-    if o.against:
-        try:
-            targets, pending = _against_targets(o, adapter, base_dir, progress)
-        except BaseException:
-            model_class(adapter.task_type, base_config(base_dir))  # their error comes first
-            raise
-    try:
-        config = base_config(base_dir)
-        class_name, family = model_class(adapter.task_type, config)
-    except BaseException:
-        _settle(pending)
-        raise
-    if not o.against:
-        targets = _self_targets(o, adapter, base_dir, config)
-    try:
-        if o.prompts is not None:
-            batches, inputs = prompt_inputs(base_dir, Path(o.prompts), o.seq_len, class_name, config)
-        else:
-            batches, inputs = random_inputs(config, o.n_inputs, o.seq_len or DEFAULT_SEQ_LEN, class_name)
-        device = resolve_device("auto" if o.max_memory is not None and o.device == "cpu" else o.device)
-    except BaseException:
-        _await(pending)  # the weight check's error first, as when it ran before these
-        raise
+    config = base_config(base_dir)
+    class_name, family = model_class(adapter.task_type, config)
+    targets = _targets(o, adapter, base_dir, config, progress)
+    if o.prompts is not None:
+        batches, inputs = prompt_inputs(base_dir, Path(o.prompts), o.seq_len, class_name, config)
+    else:
+        batches, inputs = random_inputs(config, o.n_inputs, o.seq_len or DEFAULT_SEQ_LEN, class_name)
+    device = resolve_device("auto" if o.max_memory is not None and o.device == "cpu" else o.device)
     limit = None if o.max_memory is None else parse_size(o.max_memory)
     o = dataclasses.replace(o, device=device, max_memory=limit)
     info: dict = {}
-    outputs, checks = run_checks(adapter, base_dir, (class_name, family), targets, batches, o, progress, info, pending)
+    outputs, checks = run_checks(adapter, base_dir, (class_name, family), targets, batches, o, progress, info)
     return _report(o, adapter, base_dir, (class_name, family), inputs, outputs, checks, info)
 
 
