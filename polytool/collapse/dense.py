@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-from concurrent.futures import Executor
+from concurrent.futures import Executor, wait
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
@@ -315,13 +315,20 @@ def _write_shard(plan: MergePlan, shard: OutShard, deltas: DeltaSource, path: Pa
 
 
 def _steps(plan: MergePlan, deltas: DeltaSource, directory: Path, pool: Executor | None) -> Iterator[Op]:
-    """Write every shard; yields each op once its tensor is written."""
-    for shard in plan.shards:
-        if _whole_file(plan, shard):
-            shutil.copyfile(plan.base.directory / shard.name, directory / shard.name)
+    """Write every shard; yields each op once its tensor is written. Shards copied whole are copied on the pool's
+    threads (in the kernel) while the others are merged, and counted last."""
+    whole = [shard for shard in plan.shards if _whole_file(plan, shard)]
+    copy = lambda shard: shutil.copyfile(plan.base.directory / shard.name, directory / shard.name)
+    copies = [pool.submit(copy, shard) for shard in whole] if pool is not None else []
+    try:
+        for shard in plan.shards:
+            if not any(shard is w for w in whole):
+                yield from _write_shard(plan, shard, deltas, directory / shard.name, pool)
+        for i, shard in enumerate(whole):
+            copies[i].result() if copies else copy(shard)
             yield from shard.ops
-        else:
-            yield from _write_shard(plan, shard, deltas, directory / shard.name, pool)
+    finally:  # stopped early: no copy may still be writing into the directory
+        wait(copies)
 
 
 def write_merge(plan: MergePlan, deltas: DeltaSource, directory: Path, progress: Progress | None = None,
