@@ -80,11 +80,11 @@ MUTANTS = [
               "    return normalize_per_split(probs.reshape(n_tasks, n_splits, n_skills))", SOFTMAX),),
         ("lora", "dense", "self")),
     Mutant("no-div-r", "the update without its 1/r (dense delta; LoRA lora_alpha = r)", (
-        Patch("polytool.core.collapse", "dense_delta", "return (B.T @ A.T) / r", "return B.T @ A.T"),
+        Patch("polytool.core.collapse", "dense_delta", "D /= r", "D /= 1"),
         Patch("polytool.collapse.lora", "lora_config", '"lora_alpha": LORA_ALPHA', '"lora_alpha": adapter.r')),
         ("lora", "dense", "self")),
     Mutant("double-div-r", "the update divided by r twice (dense delta; LoRA lora_alpha = 1/r)", (
-        Patch("polytool.core.collapse", "dense_delta", "return (B.T @ A.T) / r", "return (B.T @ A.T) / r / r"),
+        Patch("polytool.core.collapse", "dense_delta", "D /= r", "D /= r * r"),
         Patch("polytool.collapse.lora", "lora_config", '"lora_alpha": LORA_ALPHA', '"lora_alpha": LORA_ALPHA / adapter.r')),
         ("lora", "dense", "self")),
     Mutant("wrong-task", "the next task's router row", (
@@ -104,8 +104,8 @@ MUTANTS = [
               "tuple(raw[i] / total for i in range(len(raw)))"),), ("lora", "dense"), task="3:0.7,1:0.3"),
     # the streaming dense writer, in blocks of rows (BLOCK_BYTES is made small for these runs: many blocks)
     Mutant("block-offset", "every block of rows after the first merged with the delta of the rows one above", (
-        Patch("polytool.collapse.dense", "_blocks", "x[a - lo:b - lo] += delta(a - first, b - first, transposed)",
-              "x[a - lo:b - lo] += delta(max(a - first - 1, 0), max(a - first - 1, 0) + b - a, transposed)"),),
+        Patch("polytool.collapse.blocks", "_merge_rows", "x[a - lo:b - lo] += delta(a - first, b - first, transposed,",
+              "x[a - lo:b - lo] += delta(max(a - first - 1, 0), max(a - first - 1, 0) + b - a, transposed,"),),
         ("dense",)),
 ]
 BLOCK_BYTES = 4096  # the dense writer's block in these runs: every merged weight is written in several blocks
@@ -166,11 +166,11 @@ def cases(matrix_case):
 @pytest.fixture(scope="module")
 def table(cases, tmp_path_factory):
     """{(mutant name, case): {kind: exit code}}, the controls (no mutant) first."""
-    from polytool.collapse import dense
+    from polytool.collapse import blocks as dense_blocks
 
     rows = {}
     with pytest.MonkeyPatch.context() as blocks:
-        blocks.setattr(dense, "BLOCK_BYTES", BLOCK_BYTES)
+        blocks.setattr(dense_blocks, "BLOCK_BYTES", BLOCK_BYTES)
         for case in ("mhr", "gpt2"):
             rows[("none", case)] = exit_codes(*cases[case], "1", tmp_path_factory.mktemp(f"control-{case}"))
         rows[("none-mix", "mhr")] = exit_codes(*cases["mhr"], "3:0.7,1:0.3", tmp_path_factory.mktemp("control-mix"))

@@ -100,7 +100,7 @@ def test_a_wrong_dense_merge_is_a_polytool_failure(tmp_path, monkeypatch):
     import polytool.core.collapse as collapse
 
     right = collapse.dense_delta
-    monkeypatch.setattr(collapse, "dense_delta", lambda A, B, r: right(A, B, r) * 1.001)
+    monkeypatch.setattr(collapse, "dense_delta", lambda A, B, r, out=None: right(A, B, r, out) * 1.001)
     result = run_family("causal-lm", "llama", tmp_path)
     assert result["status"] == "polytool-fails", result
     assert "exit 1" in result["reason"] or "differs" in result["reason"]

@@ -17,7 +17,18 @@ from .. import DOCS_URL, __version__
 
 class Group(click.Group):
     """The group: a usage error (a missing option, a bad choice) of a command given --json also prints the
-    JSON error object on stdout, as every other error does (render.py)."""
+    JSON error object on stdout, as every other error does (render.py). Run as a program, a command that
+    imported torch ends without the interpreter's teardown (`_exit_now`)."""
+
+    def main(self, args=None, *rest, **kwargs):
+        if args is not None or not kwargs.get("standalone_mode", True):  # called in-process (CliRunner, a script)
+            return super().main(args, *rest, **kwargs)
+        try:
+            return super().main(args, *rest, **kwargs)
+        except SystemExit as exc:
+            if "torch" in sys.modules and (exc.code is None or isinstance(exc.code, int)):
+                _exit_now(exc.code or 0)
+            raise
 
     def invoke(self, ctx: click.Context):
         args = [*getattr(ctx, "_protected_args", []), *ctx.args]
@@ -31,6 +42,26 @@ class Group(click.Group):
             exc.show()
             click.echo(json.dumps({"error": exc.format_message(), "exit_code": EXIT_INPUT, "kind": "input"}))
             raise click.exceptions.Exit(EXIT_INPUT) from None
+
+
+def _exit_now(code: int) -> None:
+    """Exit with `code` once the atexit handlers have run and the streams are flushed, skipping the teardown of
+    every object and module: with torch and transformers imported it takes 0.6-1.0 s after the output is out
+    (docs/performance.md). Not while another thread still runs that the interpreter would wait for (daemon
+    threads, such as tqdm's monitor, it would not)."""
+    import atexit
+    import os
+    import threading
+
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        return
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: as the interpreter's own exit would, say nothing
+            pass
+    os._exit(code)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+from concurrent.futures import Executor, wait
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
@@ -22,7 +23,7 @@ import numpy as np
 
 from ..formats.adapter import PolyAdapter
 from ..formats.base import INDEX_NAME, SINGLE_NAME, BaseCheckpoint, WeightTarget, match_targets, open_base
-from ..formats.safetensors import DTYPES, FLOAT_DTYPES, TORCH_NAMES, SafetensorsFile, bf16_to_f32, cast_float
+from ..formats.safetensors import FLOAT_DTYPES, TORCH_NAMES, SafetensorsFile
 from ..formats.safetensors_writer import SafetensorsWriter, TensorSpec, encode_header
 from ..formats.cards import dense_card
 from ..formats.jsonfile import write_json
@@ -33,10 +34,9 @@ from ..errors import CheckpointError, PolytoolError
 from ..formats.provenance import provenance
 from .fit import check_collapsible, check_tied_copies, resized_embeddings, saved_module_keys, vocab_size
 from ..core.taskspec import TaskSpec
+from .blocks import Delta, block_pool, blocks
 
-BLOCK_BYTES = 1 << 20  # float32 bytes of one block of rows merged at once
 Progress = Callable[[Iterable, int, str], Iterable]
-Delta = Callable[[int, int, bool], np.ndarray]  # (lo, hi, transposed) -> rows lo:hi of the delta as stored
 DeltaSource = Callable[[str, type], Delta]  # (module, float dtype to compute in) -> its Delta
 Replacement = tuple[tuple[int, ...], Callable[[], np.ndarray]]  # a tensor written whole: (shape, its value)
 
@@ -260,14 +260,14 @@ def factored_delta(A: np.ndarray, B: np.ndarray, r: float, wide: type) -> Delta:
     # multiplies an order of magnitude faster than strided operands at r of 8 or so
     A, B = (np.asfortranarray(f, dtype=wide) for f in (A, B))
 
-    def rows(lo: int, hi: int, transposed: bool) -> np.ndarray:
-        return stored_delta(A, B, r, transposed, lo, hi)  # (rows, in), or (rows, out) for Conv1D's (in, out)
+    def rows(lo: int, hi: int, transposed: bool, out: np.ndarray | None = None) -> np.ndarray:
+        return stored_delta(A, B, r, transposed, lo, hi, out)  # (rows, in), or (rows, out) for Conv1D's (in, out)
     return rows
 
 
 def dense_rows(D: np.ndarray, wide: type) -> Delta:
     """A delta held whole, D (out, in), by blocks of rows."""
-    def rows(lo: int, hi: int, transposed: bool) -> np.ndarray:
+    def rows(lo: int, hi: int, transposed: bool, out: np.ndarray | None = None) -> np.ndarray:
         return (D[:, lo:hi].T if transposed else D[lo:hi]).astype(wide, copy=False)  # (rows, out) or (rows, in)
     return rows
 
@@ -275,69 +275,6 @@ def dense_rows(D: np.ndarray, wide: type) -> Delta:
 def adapter_deltas(adapter: PolyAdapter, spec: TaskSpec) -> DeltaSource:
     """One task spec of a Poly adapter as a DeltaSource: its collapsed factors, through the one formula."""
     return lambda module, wide: factored_delta(*_factors(adapter, module, spec), adapter.r, wide)
-
-
-def _read_rows(fd: int, offset: int, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
-    """Rows read with pread (not the mmap: pages read this way do not stay in our resident set)."""
-    storage = DTYPES[dtype][0]
-    out = np.empty(shape, dtype=storage)
-    view = memoryview(out.reshape(-1).view(np.uint8)) if out.size else memoryview(b"")
-    while view.nbytes:
-        n = os.preadv(fd, [view], offset)
-        if n == 0:
-            raise CheckpointError("unexpected end of file while reading a tensor")
-        view, offset = view[n:], offset + n
-    return out
-
-
-def _blocks(op: Op, src: SafetensorsFile, fd: int, deltas: DeltaSource) -> Iterator[np.ndarray]:
-    """The output tensor of a merged or converted op, block of rows by block of rows."""
-    shape = src.shape(op.source) or (1,)
-    rows, row_len = shape[0], prod(shape[1:])
-    wide = np.float64 if "F64" in (op.source_dtype, op.out.dtype) or op.out.dtype == "F32" else np.float32
-    step = max(1, BLOCK_BYTES // max(1, 4 * row_len))
-    itemsize = DTYPES[op.source_dtype][1]
-    start = src.data_start + src.entries[op.source]["offsets"][0]
-    if op.replace:  # a trained head: small, written whole
-        yield cast_float(op.replace().astype(wide), op.out.dtype)
-        return
-    parts = [(t.rows or (0, rows), deltas(t.module, wide), t.transposed) for t in op.targets]
-    # bfloat16 in, float32 arithmetic: decode and round in two buffers reused block after block (fresh arrays per
-    # block cost more in new pages than the arithmetic); what is yielded is always a new array
-    reuse = op.source_dtype == "BF16" and wide is np.float32
-    decoded = np.empty((min(step, rows),) + shape[1:], np.float32) if reuse else None
-    scratch = np.empty_like(decoded, np.uint32) if reuse and op.out.dtype == "BF16" else None
-    for lo in range(0, rows, step):
-        hi = min(rows, lo + step)
-        raw = _read_rows(fd, start + lo * row_len * itemsize, op.source_dtype, (hi - lo,) + shape[1:])
-        x = bf16_to_f32(raw, None if decoded is None else decoded[:hi - lo]) if op.source_dtype == "BF16" else raw
-        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, in one line
-            x = x.astype(wide, copy=False)
-            for (first, last), delta, transposed in parts:  # a module's weight: the key's rows [first, last)
-                a, b = max(lo, first), min(hi, last)
-                if a < b:
-                    x[a - lo:b - lo] += delta(a - first, b - first, transposed)  # (rows, in), or (rows, out): Conv1D
-            out = cast_float(x, op.out.dtype, None if scratch is None else scratch[:hi - lo])
-        if not _finite(out, op.out.dtype).all():
-            source = _read_rows(fd, start + lo * row_len * itemsize, op.source_dtype, (hi - lo,) + shape[1:])
-            _check_non_finite(op, source, out, src.path)
-        yield out
-
-
-def _finite(values: np.ndarray, dtype: str) -> np.ndarray:
-    """Elementwise: not NaN or Inf (BF16 as uint16 bit patterns: exponent bits all ones means NaN or Inf)."""
-    return (values & 0x7F80) != 0x7F80 if dtype == "BF16" else np.isfinite(values)
-
-
-def _check_non_finite(op: Op, source: np.ndarray, out: np.ndarray, shard: Path) -> None:
-    """Refuse a block holding NaN/Inf that polytool made (an overflow) or that an adapted base weight holds.
-    NaN/Inf a converted tensor already held (e.g. a -inf mask buffer) are kept as the base has them."""
-    if (_finite(source, op.source_dtype) & ~_finite(out, op.out.dtype)).any():
-        what = "merging the task into it" if op.targets else "converting it"
-        raise PolytoolError(f"tensor {op.out.name!r}: {what} overflows {TORCH_NAMES[op.out.dtype]} "
-                            "(values beyond its range): write a wider dtype with --dtype float32")
-    if op.targets:
-        raise CheckpointError(f"weight {op.source!r} holds NaN or Inf: the base checkpoint is broken", shard)
 
 
 def _whole_file(plan: MergePlan, shard: OutShard) -> bool:
@@ -352,7 +289,7 @@ def _follows(st: SafetensorsFile, prev: Op, op: Op) -> bool:
     return prev.shard == op.shard and st.entries[op.source]["offsets"][0] == st.entries[prev.source]["offsets"][1]
 
 
-def _write_shard(plan: MergePlan, shard: OutShard, deltas: DeltaSource, path: Path) -> Iterator[Op]:
+def _write_shard(plan: MergePlan, shard: OutShard, deltas: DeltaSource, path: Path, pool: Executor | None) -> Iterator[Op]:
     """Write one output shard; runs of adjacent untouched tensors are copied in one call."""
     sources: dict[str, tuple[SafetensorsFile, int]] = {}  # base shard -> (header, fd for pread)
     try:
@@ -370,7 +307,7 @@ def _write_shard(plan: MergePlan, shard: OutShard, deltas: DeltaSource, path: Pa
                 if op.kind == "copied":
                     run.append(op)
                 else:
-                    writer.write(op.out.name, _blocks(op, st, fd, deltas))
+                    writer.write(op.out.name, blocks(op, st, fd, deltas, pool))
                     yield op
             if run:
                 writer.copy([o.source for o in run], sources[run[0].shard][0])
@@ -381,14 +318,21 @@ def _write_shard(plan: MergePlan, shard: OutShard, deltas: DeltaSource, path: Pa
             st.close()
 
 
-def _steps(plan: MergePlan, deltas: DeltaSource, directory: Path) -> Iterator[Op]:
-    """Write every shard; yields each op once its tensor is written."""
-    for shard in plan.shards:
-        if _whole_file(plan, shard):
-            shutil.copyfile(plan.base.directory / shard.name, directory / shard.name)
+def _steps(plan: MergePlan, deltas: DeltaSource, directory: Path, pool: Executor | None) -> Iterator[Op]:
+    """Write every shard; yields each op once its tensor is written. Shards copied whole are copied on the pool's
+    threads (in the kernel) while the others are merged, and counted last."""
+    whole = [shard for shard in plan.shards if _whole_file(plan, shard)]
+    copy = lambda shard: shutil.copyfile(plan.base.directory / shard.name, directory / shard.name)
+    copies = [pool.submit(copy, shard) for shard in whole] if pool is not None else []
+    try:
+        for shard in plan.shards:
+            if not any(shard is w for w in whole):
+                yield from _write_shard(plan, shard, deltas, directory / shard.name, pool)
+        for i, shard in enumerate(whole):
+            copies[i].result() if copies else copy(shard)
             yield from shard.ops
-        else:
-            yield from _write_shard(plan, shard, deltas, directory / shard.name)
+    finally:  # stopped early: no copy may still be writing into the directory
+        wait(copies)
 
 
 def write_merge(plan: MergePlan, deltas: DeltaSource, directory: Path, progress: Progress | None = None,
@@ -396,8 +340,10 @@ def write_merge(plan: MergePlan, deltas: DeltaSource, directory: Path, progress:
     """Write the planned model into the existing empty `directory`; returns what was written. `texts`: files
     written in place of the base's (README.md: a merged model must not call itself the base; recipe.yml)."""
     counts = {"merged": 0, "copied": 0, "converted": 0, "replaced": 0}
-    steps = _steps(plan, deltas, directory)
-    with one_blas_thread():  # thin (rows, r) @ (r, in) products: threads cost more than they give (core/blas.py)
+    # thin (rows, r) @ (r, in) products: BLAS's own threads cost more than they give (core/blas.py); blocks of
+    # rows are computed on a few threads instead, while this one writes (collapse/blocks.py)
+    with one_blas_thread(), block_pool() as pool:
+        steps = _steps(plan, deltas, directory, pool)
         for op in progress(steps, plan.n_tensors, "merging") if progress else steps:
             counts[op.kind] += 1
     if plan.index is not None:

@@ -11,6 +11,7 @@ x @ A @ B / r. Mixing A and B separately is the model; sum_s w A_s B_s would be 
 """
 from __future__ import annotations
 
+import sys
 from typing import Any, Iterator
 
 
@@ -54,17 +55,26 @@ def lora_weights(A: Any, B: Any) -> tuple[Any, Any]:
     return A.T, B.T
 
 
-def dense_delta(A: Any, B: Any, r: int) -> Any:
-    """Collapsed factors -> the (out, in) update to add to a Linear's weight: (A @ B / r).T."""
-    return (B.T @ A.T) / r  # (out, r) @ (r, in)
+def _namespace(x: Any) -> Any:
+    """numpy or torch, whichever `x` belongs to."""
+    return sys.modules[type(x).__module__.split(".")[0]]
 
 
-def stored_delta(A: Any, B: Any, r: int, transposed: bool, lo: int = 0, hi: int | None = None) -> Any:
+def dense_delta(A: Any, B: Any, r: int, out: Any = None) -> Any:
+    """Collapsed factors -> the (out, in) update to add to a Linear's weight: (A @ B / r).T. `out`: an array of
+    the result's shape and dtype to compute in (a block buffer reused by the dense merge), or None."""
+    D = _namespace(A).matmul(B.T, A.T, out=out)  # (out, r) @ (r, in)
+    D /= r
+    return D
+
+
+def stored_delta(A: Any, B: Any, r: int, transposed: bool, lo: int = 0, hi: int | None = None, out: Any = None) -> Any:
     """Rows lo:hi of the update in the layout the weight is stored in: (out, in) for a Linear, (in, out)
-    for GPT-2's Conv1D (`transposed`). Every writer of dense weights goes through here."""
+    for GPT-2's Conv1D (`transposed`). Every writer of dense weights goes through here. `out`: a (rows, in)
+    array a Linear's rows are computed in (a Conv1D's are a new array)."""
     if transposed:
         return dense_delta(A[lo:hi], B, r).T  # (out, rows).T -> (rows, out)
-    return dense_delta(A, B[:, lo:hi], r)  # (rows, in)
+    return dense_delta(A, B[:, lo:hi], r, out)  # (rows, in)
 
 
 def collapse_module(adapter: Any, module: str, spec: Any, dtype: Any = None) -> tuple[Any, Any]:
