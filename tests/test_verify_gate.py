@@ -359,11 +359,12 @@ def test_max_memory_offloads_and_gives_the_same_verdicts(dense2, tmp_path):
 
 def test_max_memory_is_the_runs_budget(dense2):
     """SIZE counts what the process already holds: a budget that leaves room for the model keeps it in memory;
-    one only as large as the process (torch alone holds more than the ~0.4 MB model) offloads it."""
+    one smaller than the process (torch alone holds more than the ~0.4 MB model) offloads it. (Half of what it held
+    when the test began: the resident set may shrink before the run, as earlier tests' memory is returned.)"""
     from polytool.verify.models import resident_bytes
 
     held = resident_bytes()
     assert held > 50 * 10**6  # torch and transformers are loaded in this process
-    for size, offloaded in ((held + 10**9, False), (held, True)):
+    for size, offloaded in ((held + 10**9, False), (held // 2, True)):
         code, rep = verify_json(FIXTURES / "mhr", "--against", dense2, "--inputs", 1, "--max-memory", str(size))
         assert code == 0 and rep["offloaded"] is offloaded, (size, rep["offloaded"])
