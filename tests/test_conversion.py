@@ -444,3 +444,20 @@ def test_a_resized_vocabulary_passes_verify(resized, variant, tmp_path):
     save_file(tensors, str(file), metadata=metadata)
     res = run("verify", adapter, "--base", base_dir, "--against", tmp_path / "dense", "--json")
     assert res.exit_code == 1, res.output
+
+
+def test_verify_draws_the_new_tokens_of_a_resized_vocabulary(resized):
+    """verify's random ids reach the rows a resized vocabulary adds (96 -> 100), so its forwards read them too;
+    an adapter on the base's own vocabulary keeps the base's range."""
+    import transformers as tf
+
+    from polytool.verify import _resized_vocabulary
+    from polytool.verify.inputs import random_inputs
+
+    base_dir, adapters, _ = resized
+    config = tf.AutoConfig.from_pretrained(base_dir)
+    sized = _resized_vocabulary(config, adapters["saved"])
+    assert sized.vocab_size == NEW_VOCAB and config.vocab_size == NEW_VOCAB - 4  # the base's config untouched
+    ids = random_inputs(sized, 4, 16, "LlamaForCausalLM")[0][0]["input_ids"]
+    assert int(ids.max()) >= NEW_VOCAB - 4  # a token only the resized vocabulary has
+    assert _resized_vocabulary(config, ROOT / "fixtures" / "mhr") is config

@@ -172,6 +172,31 @@ def _targets(o: VerifyOptions, adapter: PolyAdapter, base_dir: Path, config, pro
             for s in (range(adapter.n_tasks) if spec is None else [spec]) for kind in ("lora", "dense")]
 
 
+def _resized_vocabulary(config, adapter_dir: Path):
+    """The config random token ids are drawn by: the base's, except where the adapter carries a whole input
+    embedding with more rows than the base's vocab_size (a resized vocabulary; verify resizes its base to it),
+    then a copy saying that row count, so that the forwards read the new tokens' rows too (verify's own
+    reading of the adapter's file header, as fit_vocabulary's)."""
+    import copy
+
+    from ..architectures import INPUT_EMBEDDING_NAMES
+    from .reference import ReferenceAdapter
+
+    text = config.get_text_config()
+    vocab = getattr(text, "vocab_size", None)
+    if not isinstance(vocab, int):
+        return config
+    reference = ReferenceAdapter(adapter_dir)
+    shapes = [reference.whole_shape(name) for name in reference.whole
+              if name.endswith(".weight") and name[:-len(".weight")].rpartition(".")[2] in INPUT_EMBEDDING_NAMES]
+    rows = max([shape[0] for shape in shapes if shape is not None and len(shape) == 2], default=0)
+    if rows <= vocab:
+        return config
+    config = copy.deepcopy(config)
+    config.get_text_config().vocab_size = rows
+    return config
+
+
 def verify(o: VerifyOptions, progress: Callable | None = None) -> dict:
     """Run every check and return the report (a JSON-ready dict; `passed` says whether all passed)."""
     _check_options(o)
@@ -185,7 +210,8 @@ def verify(o: VerifyOptions, progress: Callable | None = None) -> dict:
     if o.prompts is not None:
         batches, inputs = prompt_inputs(base_dir, Path(o.prompts), o.seq_len, class_name, config)
     else:
-        batches, inputs = random_inputs(config, o.n_inputs, o.seq_len or DEFAULT_SEQ_LEN, class_name)
+        sized = _resized_vocabulary(config, adapter.directory)
+        batches, inputs = random_inputs(sized, o.n_inputs, o.seq_len or DEFAULT_SEQ_LEN, class_name)
     device = resolve_device("auto" if o.max_memory is not None and o.device == "cpu" else o.device)
     limit = None if o.max_memory is None else parse_size(o.max_memory)
     o = dataclasses.replace(o, device=device, max_memory=limit)
