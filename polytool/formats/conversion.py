@@ -77,13 +77,17 @@ def _placements(names: FamilyNames, group: str) -> dict[str, Placement | None]:
 
     keys = names.groups[group]
     converter = deepcopy(names.converters[keys[0][1]])
-    total = sum(_numel(names.shapes[k]) for k, _ in keys)
+    # operations that only cut or join along rows move whole rows: one number per row tells where each goes
+    # (a (rows, 1) stand-in: memory per row, not per element, for a fused MLP of hundreds of millions)
+    by_rows = all(type(op).__name__ in ("Chunk", "Split", "Concatenate") and getattr(op, "dim", None) == 0
+                  for op in converter.operations)
+    shapes = {k: (names.shapes[k][0], 1) if by_rows and len(names.shapes[k]) == 2 else names.shapes[k] for k, _ in keys}
+    total = sum(_numel(shapes[k]) for k, _ in keys)
     dtype = torch.int32 if total < 2**31 else torch.int64
     offsets, start = {}, 0
-    for key, pattern in keys:  # every element of every key read gets its own number
-        shape = names.shapes[key]
-        converter.add_tensor(group, key, pattern, torch.arange(start, start + _numel(shape), dtype=dtype).reshape(shape))
-        offsets[key], start = start, start + _numel(shape)
+    for key, pattern in keys:  # every element (row) of every key read gets its own number
+        converter.add_tensor(group, key, pattern, torch.arange(start, start + _numel(shapes[key]), dtype=dtype).reshape(shapes[key]))
+        offsets[key], start = start, start + _numel(shapes[key])
     try:
         built = converter.convert(group, model=names.model, config=names.model.config)
     except Exception:  # noqa: BLE001 - an operation that cannot run on indices: nothing placed
@@ -91,7 +95,7 @@ def _placements(names: FamilyNames, group: str) -> dict[str, Placement | None]:
     out: dict[str, Placement | None] = {}
     for name, value in built.items():
         value = value[0] if isinstance(value, list) else value
-        out[name] = _rows(value, keys, offsets, names.shapes)
+        out[name] = _rows(value, keys, offsets, shapes)
     return out
 
 

@@ -57,9 +57,11 @@ def saved_rows(base: Any, name: str) -> tuple[str, tuple[int, int] | None, bool]
     family = [n for n in shapes if n.startswith(parent) and n.count(".") == own.count(".")]
     if parent not in cache:
         numbers, start = {}, 0
+        total = sum(int(np.prod(shapes[n])) if shapes[n] else 1 for n in family)
+        kind = torch.int32 if total < 2**31 else torch.int64  # half the memory of a fused MLP's numbers
         for n in family:
             count = int(np.prod(shapes[n])) if shapes[n] else 1
-            numbers[n] = torch.arange(start, start + count, dtype=torch.int64).reshape(shapes[n])
+            numbers[n] = torch.arange(start, start + count, dtype=kind).reshape(shapes[n])
             start += count
         try:
             cache[parent] = (revert_weight_conversion(model, numbers), {n: int(t.reshape(-1)[0]) for n, t in numbers.items() if t.numel()})
@@ -68,9 +70,10 @@ def saved_rows(base: Any, name: str) -> tuple[str, tuple[int, int] | None, bool]
     saved, first = cache[parent]
     if own not in first:
         return None
-    want = torch.arange(first[own], first[own] + int(np.prod(shapes[own])), dtype=torch.int64)
+    want = torch.arange(first[own], first[own] + int(np.prod(shapes[own])))
     for key, value in saved.items():
         value = value[0] if isinstance(value, list) else value
+        want = want.to(value.dtype)
         if key not in base.tensors or tuple(base.tensors[key].shape) != tuple(value.shape) or value.dim() < 1:
             continue
         if value.dim() == 2 and tuple(value.shape[::-1]) == tuple(shapes[own]) and \
