@@ -35,11 +35,10 @@ class FamilyNames:
     """{model tensor name: checkpoint key} of one base, as transformers' loading conversion renames it, and
     what its converters build: the keys each converter instance reads, run on demand (`placed`)."""
 
-    def __init__(self, renamed: dict[str, str], converted: dict[str, str], fused_targets: list[str],
+    def __init__(self, renamed: dict[str, str], fused_targets: list[str],
                  groups: dict[str, list[tuple[str, str]]] | None = None, converters: dict[str, Any] | None = None,
                  model: Any = None, shapes: dict[str, tuple[int, ...]] | None = None):
         self.renamed = renamed  # model tensor name -> checkpoint key (renamed, or unchanged)
-        self.converted = converted  # model tensor name -> checkpoint key it is converted from (not one weight)
         self.fused_targets = fused_targets  # the converters' target patterns (regular expressions)
         self.groups = groups or {}  # first built name -> [(checkpoint key, source pattern)] one converter reads
         self.converters = converters or {}  # source pattern -> its WeightConverter
@@ -74,13 +73,13 @@ def _find(name: str, names: dict) -> str | None:
 def _placements(names: FamilyNames, group: str) -> dict[str, Placement | None]:
     """{built name: its Placement, or None} for one converter instance, from its operations run on indices."""
     import torch
+    from transformers.core_model_loading import Chunk, Concatenate, Split
 
     keys = names.groups[group]
     converter = deepcopy(names.converters[keys[0][1]])
     # operations that only cut or join along rows move whole rows: one number per row tells where each goes
     # (a (rows, 1) stand-in: memory per row, not per element, for a fused MLP of hundreds of millions)
-    by_rows = all(type(op).__name__ in ("Chunk", "Split", "Concatenate") and getattr(op, "dim", None) == 0
-                  for op in converter.operations)
+    by_rows = all(isinstance(op, (Chunk, Concatenate, Split)) and op.dim == 0 for op in converter.operations)
     shapes = {k: (names.shapes[k][0], 1) if by_rows and len(names.shapes[k]) == 2 else names.shapes[k] for k, _ in keys}
     total = sum(_numel(shapes[k]) for k, _ in keys)
     dtype = torch.int32 if total < 2**31 else torch.int64
@@ -144,16 +143,15 @@ def checkpoint_key(base: BaseCheckpoint, name: str) -> str | Placement | None:
     found = find_tensor(name, names.renamed)
     if found is not None:
         return names.renamed[found]
-    found = find_tensor(name, names.converted)
+    found = find_tensor(name, names.groups)
     if found is not None or any(_search(p, name) for p in names.fused_targets):
         placed = names.place(name)
         if placed is not None:
             return placed
-        module = name.rpartition(".")[0]
+        module, source = name.rpartition(".")[0], names.groups[found][0][0] if found else "a fused or split tensor"
         raise ConvertedWeightError(f"module {module!r}: transformers builds its weight from other tensors of the "
-                              f"checkpoint ({names.converted.get(found, 'a fused or split tensor')}), not by renaming "
-                              "one or splitting its rows: polytool merges into renamed weights and blocks of rows "
-                              "only", base.directory)
+                                   f"checkpoint ({source}), not by renaming one or splitting its rows: polytool "
+                                   "merges into renamed weights and blocks of rows only", base.directory)
     return None
 
 
@@ -171,25 +169,26 @@ def family_names(base: BaseCheckpoint) -> FamilyNames:
 
     model = meta_model(base.directory, base.config)
     if model is None:
-        return FamilyNames({}, {}, [])
+        return FamilyNames({}, [])
     from transformers.conversion_mapping import get_model_conversion_mapping
 
     try:
         transforms = get_model_conversion_mapping(model)
     except ValueError:  # transformers' own refusal (conflicting fusions): it cannot load this class either
-        return FamilyNames({}, {}, [])
+        return FamilyNames({}, [])
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     meta = model.state_dict()
-    renamed, converted, groups = {}, {}, {}
+    renamed, groups = {}, {}
     for key in sorted(base.tensors, key=_natural):  # from_pretrained's order: a group's keys in its order
         name, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
         if name not in meta and key in meta:  # transformers' own fallback: the key as it is
             name, pattern = rename_source_key(key, [], [], model.base_model_prefix, meta)
-        (renamed if pattern is None else converted)[name] = key
-        if pattern is not None:
+        if pattern is None:
+            renamed[name] = key
+        else:
             groups.setdefault(name, []).append((key, pattern))
-    return FamilyNames(renamed, converted, [p for c in converters for p in c.target_patterns], groups,
+    return FamilyNames(renamed, [p for c in converters for p in c.target_patterns], groups,
                        {p: c for c in converters for p in c.source_patterns}, model,
                        {k: info.shape for k, info in base.tensors.items()})
 

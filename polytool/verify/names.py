@@ -23,7 +23,9 @@ def checkpoint_name(base: Any, name: str) -> str | tuple | None:
     transposed) where the saving writes it as rows of a key or transposed (saved_rows)."""
     saved = base.__dict__.get("_saved_names")
     if saved is None:
-        saved = base.__dict__["_saved_names"] = saved_names(base.directory, set(base.tensors))
+        model = _meta(base.directory, base.__dict__.setdefault("_saved_rows", {}))
+        saved = base.__dict__["_saved_names"] = {} if model is None else \
+            saved_names(base.directory, set(base.tensors), model)
     found = _one(saved, name)
     return found if found is not None else saved_rows(base, name)
 
@@ -91,36 +93,37 @@ def saved_rows(base: Any, name: str) -> tuple[str, tuple[int, int] | None, bool]
 
 
 def _meta(directory, cache: dict):
-    """The base's class on the meta device (once per base), None where it cannot be built."""
+    """The base's class on the meta device, built once per base (`cache`: the base's), None where it cannot be."""
     if "_model" not in cache:
-        import torch
-        import transformers
-
-        try:
-            config = transformers.AutoConfig.from_pretrained(directory)
-            cls = next((getattr(transformers, a) for a in config.architectures or [] if hasattr(transformers, a)), None)
-            with torch.device("meta"):
-                cache["_model"] = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
-        except Exception:  # noqa: BLE001 - transformers raises many types; then no rows are known
-            cache["_model"] = None
+        cache["_model"] = meta_model(directory)
     return cache["_model"]
 
 
-def saved_names(directory, keys: set[str]) -> dict[str, str]:
-    """{model tensor name: checkpoint key} for the checkpoint keys `keys` of the base at `directory`, where
-    `save_pretrained` renames them; {} where the class cannot be built or its saving converts tensors."""
+def meta_model(directory):
+    """The class of the base at `directory` (config.json's architectures, else the bare model) on the meta
+    device: no weights; None where transformers cannot build it."""
     import torch
     import transformers
-    from transformers.core_model_loading import revert_weight_conversion
 
     try:
         config = transformers.AutoConfig.from_pretrained(directory)
         cls = next((getattr(transformers, a) for a in config.architectures or [] if hasattr(transformers, a)), None)
         with torch.device("meta"):
-            model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
-        names = [n for n in model.state_dict()]
+            return cls(config) if cls is not None else transformers.AutoModel.from_config(config)
     except Exception:  # noqa: BLE001 - transformers raises many types; no renaming is then verify's reading
+        return None
+
+
+def saved_names(directory, keys: set[str], model: Any = None) -> dict[str, str]:
+    """{model tensor name: checkpoint key} for the checkpoint keys `keys` of the base at `directory`, where
+    `save_pretrained` renames them; {} where the class cannot be built or its saving converts tensors. `model`:
+    the base's class on the meta device, where the caller has it (else built here)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    model = meta_model(directory) if model is None else model
+    if model is None:
         return {}
+    names = list(model.state_dict())
     try:
         saved = revert_weight_conversion(model, {n: n for n in names})  # {saved key: model name}: the values travel
     except Exception:  # noqa: BLE001 - a converter (fused experts) cannot run on names: each name on its own,
