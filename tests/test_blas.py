@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from polytool.core.blas import _openblas, one_blas_thread
+from polytool.core.blas import _openblas, one_blas_thread, sgemm_add
 
 
 def test_one_blas_thread_sets_and_restores_the_count():
@@ -40,3 +40,50 @@ def test_one_blas_thread_restores_after_an_error():
         with one_blas_thread():
             raise RuntimeError("inside")
     assert (found[1]() if found else None) == before
+
+
+def test_sgemm_add_is_numpy_product_scaled_and_added_bit_for_bit():
+    """c += alpha a @ b in one BLAS pass: every element the one numpy's product, times a power-of-two alpha, added
+    gives (the dense merge relies on it: its output bytes do not change); a wrong alpha or a left-out add does not
+    (the controls); operands it cannot take leave c untouched and say so."""
+    rng = np.random.default_rng(1)
+    with one_blas_thread():
+        for m, k, n, alpha in ((2, 8, 2, 1.0), (37, 8, 300, 0.125), (128, 16, 2048, 0.0625), (5, 1, 9, 0.5),
+                               (300, 64, 7, 2.0 ** -6)):
+            a = rng.standard_normal((m, k)).astype(np.float32)
+            b = (rng.standard_normal((k, n)) * 1e-3).astype(np.float32)
+            c = (rng.standard_normal((m, n)) * 0.02).astype(np.float32)
+            want = c.copy()
+            product = np.matmul(a, b)
+            product *= np.float32(alpha)
+            want += product
+            got = c.copy()
+            assert sgemm_add(a, b, alpha, got)
+            assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (m, k, n)
+            wrong = c.copy()
+            assert sgemm_add(a, b, alpha * 3, wrong)
+            assert not np.array_equal(wrong, want) and not np.array_equal(c, want)
+        c = np.zeros((4, 6), np.float32)
+        for a, b, cc in ((np.ones((4, 3), np.float64), np.ones((3, 6), np.float32), c),  # not float32
+                         (np.ones((3, 4), np.float32).T, np.ones((3, 6), np.float32), c),  # not C-contiguous
+                         (np.ones((4, 2), np.float32), np.ones((3, 6), np.float32), c)):  # shapes do not chain
+            assert not sgemm_add(a, b, 1.0, cc)
+        assert not c.any()
+
+
+def test_add_stored_delta_matches_the_delta_added():
+    """The merge's one-pass add (r a power of two) against `into += stored_delta(...)`: the same bits, blocks of
+    one row (numpy's other kernel: the fallback) included; r 3 (1/r inexact) takes the fallback, the same bits."""
+    from polytool.core.collapse import add_stored_delta, stored_delta
+
+    rng = np.random.default_rng(2)
+    with one_blas_thread():
+        for r in (8, 4, 3):
+            A = np.asfortranarray(rng.standard_normal((512, r)).astype(np.float32))
+            B = np.asfortranarray((rng.standard_normal((r, 96)) * 0.01).astype(np.float32))
+            x = (rng.standard_normal((96, 512)) * 0.02).astype(np.float32)
+            for lo, hi in ((0, 96), (10, 11), (40, 77)):
+                want = x[lo:hi] + stored_delta(A, B, r, False, lo, hi)
+                got = add_stored_delta(A, B, r, lo, hi, x[lo:hi].copy())
+                assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (r, lo, hi)
+                assert not np.array_equal(got, x[lo:hi])

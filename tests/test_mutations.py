@@ -104,8 +104,8 @@ MUTANTS = [
               "tuple(raw[i] / total for i in range(len(raw)))"),), ("lora", "dense"), task="3:0.7,1:0.3"),
     # the streaming dense writer, in blocks of rows (BLOCK_BYTES is made small for these runs: many blocks)
     Mutant("block-offset", "every block of rows after the first merged with the delta of the rows one above", (
-        Patch("polytool.collapse.blocks", "_merge_rows", "x[a - lo:b - lo] += delta(a - first, b - first, transposed,",
-              "x[a - lo:b - lo] += delta(max(a - first - 1, 0), max(a - first - 1, 0) + b - a, transposed,"),),
+        Patch("polytool.collapse.blocks", "_merge_rows", "delta(a - first, b - first, transposed, x[a - lo:b - lo],",
+              "delta(max(a - first - 1, 0), max(a - first - 1, 0) + b - a, transposed, x[a - lo:b - lo],"),),
         ("dense",)),
 ]
 BLOCK_BYTES = 4096  # the dense writer's block in these runs: every merged weight is written in several blocks

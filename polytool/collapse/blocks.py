@@ -27,7 +27,8 @@ BLOCK_BYTES = 1 << 20  # float32 bytes of one block of rows merged at once
 WORKERS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 # float32 magnitudes from which rounding to bfloat16 gives Inf (0x7F7F8000: the tie, rounded to the even Inf)
 BF16_OVERFLOW = float(np.array(0x7F7F8000, np.uint32).view(np.float32))
-Delta = Callable[..., np.ndarray]  # (lo, hi, transposed, out) -> rows lo:hi of the delta as stored, in `out` if it can
+Delta = Callable[..., None]  # (lo, hi, transposed, into, out): rows lo:hi of the delta as stored, added to `into`
+# (computed in the buffer `out` where it is not added in one pass)
 
 
 def read_rows(fd: int, offset: int, dtype: str, shape: tuple[int, ...], out: np.ndarray | None = None) -> np.ndarray:
@@ -119,8 +120,7 @@ def _merge_rows(op, src: SafetensorsFile, fd: int, offset: int, lo: int, hi: int
         for (first, last), delta, transposed in parts:
             a, b = max(lo, first), min(hi, last)
             if a < b:  # (rows, in), or (rows, out) for Conv1D
-                x[a - lo:b - lo] += delta(a - first, b - first, transposed,
-                                          None if bufs.delta is None else bufs.delta[:b - a])
+                delta(a - first, b - first, transposed, x[a - lo:b - lo], None if bufs.delta is None else bufs.delta[:b - a])
         if op.out.dtype == "BF16" and x.dtype == np.float32 and x.size and -BF16_OVERFLOW < x.min() and x.max() < BF16_OVERFLOW:
             return cast_float(x, "BF16", scratch, finite=True)  # no NaN (min and max would be), nothing rounds to Inf
         out = cast_float(x, op.out.dtype, scratch)

@@ -29,7 +29,7 @@ from ..formats.cards import dense_card
 from ..formats.jsonfile import write_json
 from ..formats.atomic import atomic_output_dir, check_output
 from ..core.blas import one_blas_thread
-from ..core.collapse import collapse_factors, stored_delta
+from ..core.collapse import add_stored_delta, collapse_factors, stored_delta
 from ..errors import CheckpointError, PolytoolError
 from ..formats.provenance import provenance
 from .fit import check_collapsible, check_tied_copies, resized_embeddings, saved_module_keys, vocab_size
@@ -260,16 +260,19 @@ def factored_delta(A: np.ndarray, B: np.ndarray, r: float, wide: type) -> Delta:
     # multiplies an order of magnitude faster than strided operands at r of 8 or so
     A, B = (np.asfortranarray(f, dtype=wide) for f in (A, B))
 
-    def rows(lo: int, hi: int, transposed: bool, out: np.ndarray | None = None) -> np.ndarray:
-        return stored_delta(A, B, r, transposed, lo, hi, out)  # (rows, in), or (rows, out) for Conv1D's (in, out)
-    return rows
+    def add(lo: int, hi: int, transposed: bool, into: np.ndarray, out: np.ndarray | None = None) -> None:
+        if transposed:  # Conv1D's (in, out): (rows, out)
+            into += stored_delta(A, B, r, True, lo, hi)
+        else:  # (rows, in): one BLAS pass where it can (core/collapse.add_stored_delta)
+            add_stored_delta(A, B, r, lo, hi, into, out)
+    return add
 
 
 def dense_rows(D: np.ndarray, wide: type) -> Delta:
     """A delta held whole, D (out, in), by blocks of rows."""
-    def rows(lo: int, hi: int, transposed: bool, out: np.ndarray | None = None) -> np.ndarray:
-        return (D[:, lo:hi].T if transposed else D[lo:hi]).astype(wide, copy=False)  # (rows, out) or (rows, in)
-    return rows
+    def add(lo: int, hi: int, transposed: bool, into: np.ndarray, out: np.ndarray | None = None) -> None:
+        into += (D[:, lo:hi].T if transposed else D[lo:hi]).astype(wide, copy=False)  # (rows, out) or (rows, in)
+    return add
 
 
 def adapter_deltas(adapter: PolyAdapter, spec: TaskSpec) -> DeltaSource:
@@ -289,11 +292,13 @@ def _follows(st: SafetensorsFile, prev: Op, op: Op) -> bool:
     return prev.shard == op.shard and st.entries[op.source]["offsets"][0] == st.entries[prev.source]["offsets"][1]
 
 
-def _write_shard(plan: MergePlan, shard: OutShard, deltas: DeltaSource, path: Path, pool: Executor | None) -> Iterator[Op]:
-    """Write one output shard; runs of adjacent untouched tensors are copied in one call."""
+def _write_shard(plan: MergePlan, shard: OutShard, deltas: DeltaSource, path: Path, pool: Executor | None,
+                 released: list) -> Iterator[Op]:
+    """Write one output shard; runs of adjacent untouched tensors are copied in one call. The finished file's
+    writeback is started and the file closed on the pool (its future appended to `released`)."""
     sources: dict[str, tuple[SafetensorsFile, int]] = {}  # base shard -> (header, fd for pread)
     try:
-        with SafetensorsWriter(path, [op.out for op in shard.ops], shard.metadata) as writer:
+        with SafetensorsWriter(path, [op.out for op in shard.ops], shard.metadata, pool) as writer:
             run: list[Op] = []
             for op in shard.ops:
                 if op.shard not in sources:
@@ -312,6 +317,8 @@ def _write_shard(plan: MergePlan, shard: OutShard, deltas: DeltaSource, path: Pa
             if run:
                 writer.copy([o.source for o in run], sources[run[0].shard][0])
                 yield from run
+        if writer.released is not None:
+            released.append(writer.released)
     finally:
         for st, fd in sources.values():
             os.close(fd)
@@ -324,15 +331,18 @@ def _steps(plan: MergePlan, deltas: DeltaSource, directory: Path, pool: Executor
     whole = [shard for shard in plan.shards if _whole_file(plan, shard)]
     copy = lambda shard: shutil.copyfile(plan.base.directory / shard.name, directory / shard.name)
     copies = [pool.submit(copy, shard) for shard in whole] if pool is not None else []
+    released: list = []  # written shards being closed on the pool
     try:
         for shard in plan.shards:
             if not any(shard is w for w in whole):
-                yield from _write_shard(plan, shard, deltas, directory / shard.name, pool)
+                yield from _write_shard(plan, shard, deltas, directory / shard.name, pool, released)
         for i, shard in enumerate(whole):
             copies[i].result() if copies else copy(shard)
             yield from shard.ops
-    finally:  # stopped early: no copy may still be writing into the directory
-        wait(copies)
+        for future in released:
+            future.result()  # a failed close is an error of the merge
+    finally:  # stopped early: no copy may still be writing into the directory, no file left open
+        wait(copies + released)
 
 
 def write_merge(plan: MergePlan, deltas: DeltaSource, directory: Path, progress: Progress | None = None,

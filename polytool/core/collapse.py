@@ -77,6 +77,22 @@ def stored_delta(A: Any, B: Any, r: int, transposed: bool, lo: int = 0, hi: int 
     return dense_delta(A, B[:, lo:hi], r, out)  # (rows, in)
 
 
+def add_stored_delta(A: Any, B: Any, r: int, lo: int, hi: int, into: Any, out: Any = None) -> Any:
+    """`into` += rows lo:hi of a Linear's update (`stored_delta`, not transposed), in place; returns `into`. Where
+    the factors and `into` are float32 numpy arrays and 1/r is exact (r a power of two), one BLAS pass
+    (core/blas.sgemm_add) whose every element is the one `into += stored_delta(...)` gives; else that, with `out`
+    the buffer the delta's rows are computed in."""
+    import numpy as np
+
+    from .blas import sgemm_add
+
+    a, b = B[:, lo:hi].T, A.T  # (rows, r), (r, in)
+    exact = r > 0 and float(r).is_integer() and int(r) & (int(r) - 1) == 0
+    if not (exact and isinstance(into, np.ndarray) and min(into.shape) > 1 and sgemm_add(a, b, 1.0 / r, into)):
+        into += stored_delta(A, B, r, False, lo, hi, out)
+    return into
+
+
 def collapse_module(adapter: Any, module: str, spec: Any, dtype: Any = None) -> tuple[Any, Any]:
     """One module of `collapse_adapter`: A (in, r), B (r, out) of task spec `spec`, float64 by default."""
     import numpy as np

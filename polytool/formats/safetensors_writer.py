@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -110,11 +111,15 @@ class SafetensorsWriter:
     tensors file to file without passing through Python. The file is created exclusively and,
     on `close`, checked complete and its writeback to disk started (not waited for: callers that
     need durability fsync, as `atomic_output_dir` does); on an exception it is closed as it stands.
+    `background`: an executor that starts the writeback and closes the file (`released`, a future the
+    caller waits for), so that the writing thread goes on with the next file meanwhile.
     """
 
-    def __init__(self, path: str | Path, specs: Iterable[TensorSpec], metadata: dict[str, str] | None = None):
+    def __init__(self, path: str | Path, specs: Iterable[TensorSpec], metadata: dict[str, str] | None = None,
+                 background: Executor | None = None):
         self.path = Path(path)
         self.specs = list(specs)
+        self.background, self.released = background, None
         header = encode_header(self.specs, metadata)
         self._next = 0
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -159,14 +164,14 @@ class SafetensorsWriter:
         """Check every tensor was written, start the writeback, close."""
         if self._fd < 0:
             return
-        try:
-            if self._next != len(self.specs):
-                raise CheckpointError(f"incomplete: {len(self.specs) - self._next} tensors not written, next {self.specs[self._next].name!r}", self.path)
-            if hasattr(os, "posix_fadvise"):  # Linux: starts writeback now, so the final fsync is short
-                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(self._fd)
-            self._fd = -1
+        fd, self._fd = self._fd, -1
+        if self._next != len(self.specs):
+            os.close(fd)
+            raise CheckpointError(f"incomplete: {len(self.specs) - self._next} tensors not written, next {self.specs[self._next].name!r}", self.path)
+        if self.background is None:
+            _release(fd)
+        else:
+            self.released = self.background.submit(_release, fd)
 
     def __enter__(self) -> "SafetensorsWriter":
         return self
@@ -177,6 +182,15 @@ class SafetensorsWriter:
         elif self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _release(fd: int) -> None:
+    """Start a written file's writeback (Linux: so that the final fsync is short) and close it."""
+    try:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def save_file(path: str | Path, tensors: dict[str, np.ndarray | tuple[str, np.ndarray]], metadata: dict[str, str] | None = None) -> None:
