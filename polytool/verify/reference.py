@@ -193,11 +193,11 @@ class LowRankUpdate:
     def __getitem__(self, rows: slice) -> torch.Tensor:
         return (self.A[rows] if self.transposed else self.B.T[rows]) @ self._right
 
-    def rows_into(self, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
-        """self[lo:hi], the same product, written into the leading rows of `out` (a float64 buffer reused block
-        after block: a new 2 MB result per block costs more in fresh pages than the product itself)."""
+    def add_rows_to(self, lo: int, hi: int, rows: torch.Tensor) -> torch.Tensor:
+        """rows += self[lo:hi], in place (float64, one BLAS pass: beta 1), and returned; `rows` a buffer reused
+        block after block (a new 2 MB result per block costs more in fresh pages than the product itself)."""
         left = self.A[lo:hi] if self.transposed else self.B.T[lo:hi]  # (rows, r)
-        return torch.mm(left, self._right, out=out[:left.shape[0]])  # (rows, r) @ (r, cols)
+        return rows.addmm_(left, self._right)  # (rows, r) @ (r, cols)
 
 
 def _wrapper_copy(key: str, tensors: dict) -> bool:
