@@ -87,3 +87,21 @@ def test_add_stored_delta_matches_the_delta_added():
                 got = add_stored_delta(A, B, r, lo, hi, x[lo:hi].copy())
                 assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (r, lo, hi)
                 assert not np.array_equal(got, x[lo:hi])
+
+
+def test_the_one_pass_add_takes_its_divisor_from_update_scale(monkeypatch):
+    """A wrong divisor in core.collapse.update_scale reaches the one-pass add as it reaches dense_delta (the
+    mutants of the 1/r reach every dense writer): with r * r, both give the delta half its right size (r 2),
+    the same bits; and differ from the right one."""
+    from polytool.core import collapse
+
+    rng = np.random.default_rng(3)
+    A = np.asfortranarray(rng.standard_normal((256, 2)).astype(np.float32))
+    B = np.asfortranarray((rng.standard_normal((2, 64)) * 0.01).astype(np.float32))
+    x = (rng.standard_normal((64, 256)) * 0.02).astype(np.float32)
+    with one_blas_thread():
+        right = collapse.add_stored_delta(A, B, 2, 0, 64, x.copy())
+        monkeypatch.setattr(collapse, "update_scale", lambda r: r * r)
+        wrong = collapse.add_stored_delta(A, B, 2, 0, 64, x.copy())
+        want = x + collapse.stored_delta(A, B, 2, False, 0, 64)
+    assert np.array_equal(wrong.view(np.uint32), want.view(np.uint32)) and not np.array_equal(wrong, right)

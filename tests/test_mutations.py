@@ -80,11 +80,11 @@ MUTANTS = [
               "    return normalize_per_split(probs.reshape(n_tasks, n_splits, n_skills))", SOFTMAX),),
         ("lora", "dense", "self")),
     Mutant("no-div-r", "the update without its 1/r (dense delta; LoRA lora_alpha = r)", (
-        Patch("polytool.core.collapse", "dense_delta", "D /= r", "D /= 1"),
+        Patch("polytool.core.collapse", "update_scale", "return r", "return 1"),
         Patch("polytool.collapse.lora", "lora_config", '"lora_alpha": LORA_ALPHA', '"lora_alpha": adapter.r')),
         ("lora", "dense", "self")),
     Mutant("double-div-r", "the update divided by r twice (dense delta; LoRA lora_alpha = 1/r)", (
-        Patch("polytool.core.collapse", "dense_delta", "D /= r", "D /= r * r"),
+        Patch("polytool.core.collapse", "update_scale", "return r", "return r * r"),
         Patch("polytool.collapse.lora", "lora_config", '"lora_alpha": LORA_ALPHA', '"lora_alpha": LORA_ALPHA / adapter.r')),
         ("lora", "dense", "self")),
     Mutant("wrong-task", "the next task's router row", (

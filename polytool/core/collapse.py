@@ -60,11 +60,17 @@ def _namespace(x: Any) -> Any:
     return sys.modules[type(x).__module__.split(".")[0]]
 
 
+def update_scale(r: int) -> Any:
+    """What the update x @ A @ B is divided by: r. The one place every writer of dense weights takes it from
+    (`dense_delta`, `add_stored_delta`)."""
+    return r
+
+
 def dense_delta(A: Any, B: Any, r: int, out: Any = None) -> Any:
     """Collapsed factors -> the (out, in) update to add to a Linear's weight: (A @ B / r).T. `out`: an array of
     the result's shape and dtype to compute in (a block buffer reused by the dense merge), or None."""
     D = _namespace(A).matmul(B.T, A.T, out=out)  # (out, r) @ (r, in)
-    D /= r
+    D /= update_scale(r)
     return D
 
 
@@ -86,9 +92,9 @@ def add_stored_delta(A: Any, B: Any, r: int, lo: int, hi: int, into: Any, out: A
 
     from .blas import sgemm_add
 
-    a, b = B[:, lo:hi].T, A.T  # (rows, r), (r, in)
-    exact = r > 0 and float(r).is_integer() and int(r) & (int(r) - 1) == 0
-    if not (exact and isinstance(into, np.ndarray) and min(into.shape) > 1 and sgemm_add(a, b, 1.0 / r, into)):
+    a, b, scale = B[:, lo:hi].T, A.T, update_scale(r)  # (rows, r), (r, in)
+    exact = scale > 0 and float(scale).is_integer() and int(scale) & (int(scale) - 1) == 0
+    if not (exact and isinstance(into, np.ndarray) and min(into.shape) > 1 and sgemm_add(a, b, 1.0 / scale, into)):
         into += stored_delta(A, B, r, False, lo, hi, out)
     return into
 

@@ -26,6 +26,7 @@ from ..formats.adapter import PolyAdapter, load_adapter
 from ..formats.base import resolve_base_dir
 from .artifacts import Target, artifact_targets, spec_under_test
 from .compare import Measured, Rule, calls, errors, kl, make_check, non_finite, one_thread, top1
+from .forked import Forked
 from .inputs import DEFAULT_INPUTS, DEFAULT_SEQ_LEN, prompt_inputs, random_inputs  # noqa: F401 (the defaults: part of the API)
 from .models import base_config, model_class, release_memory, resolve_device, stored_dtype, utf8_path
 from .options import VerifyOptions
@@ -157,15 +158,16 @@ def _check_options(o: VerifyOptions) -> None:
         raise PolytoolError(f"--reference {o.reference!r}: expected one of {', '.join(REFERENCES)}")
 
 
-def _targets(o: VerifyOptions, adapter: PolyAdapter, base_dir: Path, config, progress: Callable | None) -> list[Target]:
-    """What to compare: each artifact of --against (checked in weight space first, where dense), or for the
-    self-check every task (or the one --task names), collapsed in memory by the product code."""
-    if o.against:
-        targets = [t for path in o.against for t in artifact_targets(Path(path), adapter, base_dir, o.task)]
-        with one_thread():  # passes over cache-sized chunks: one thread (compare.one_thread)
-            _dense_weight_checks(targets, adapter, base_dir, progress)
-        release_memory()  # the chunks and updates of the weight check, before the model is loaded
-        return targets
+def _weight_checks(targets: list[Target], adapter: PolyAdapter, base_dir: Path) -> list[tuple]:
+    """_dense_weight_checks on one thread (passes over cache-sized chunks: compare.one_thread); what it found per
+    target, (weights, truncation), for the process that asked (it runs in a forked child: forked.py)."""
+    with one_thread():
+        _dense_weight_checks(targets, adapter, base_dir)
+    return [(t.weights, t.truncation) for t in targets]
+
+
+def _self_check_targets(o: VerifyOptions, adapter: PolyAdapter, base_dir: Path, config) -> list[Target]:
+    """For the self-check: every task (or the one --task names), collapsed in memory by the product code."""
     base_dtype = stored_dtype(base_dir, config)
     spec = None if o.task is None else spec_under_test(o.task, adapter.n_tasks)
     return [Target(s, kind, "<in memory>", "float32" if kind == "lora" else base_dtype)
@@ -204,9 +206,24 @@ def verify(o: VerifyOptions, progress: Callable | None = None) -> dict:
     base_dir = resolve_base_dir(o.base_dir, adapter.base_model_name_or_path, adapter.config.get("revision"))
     for path in (adapter.weights_file, base_dir):  # torch and transformers open them
         utf8_path(path)
-    config = base_config(base_dir)
-    class_name, family = model_class(adapter.task_type, config)
-    targets = _targets(o, adapter, base_dir, config, progress)
+    # what to compare: each artifact of --against, checked in weight space first (where dense) in a child
+    # process while this one imports transformers and reads the config (forked.py), or the self-check's
+    targets = [t for path in o.against for t in artifact_targets(Path(path), adapter, base_dir, o.task)]
+    work = any(t.path is not None or (t.lora is not None and t.recipe is not None and _truncated(t.recipe))
+               for t in targets)
+    checking = Forked(_weight_checks, targets, adapter, base_dir) if work else None
+    try:
+        config = base_config(base_dir)
+        class_name, family = model_class(adapter.task_type, config)
+        if checking is not None:
+            for _ in progress([None], 1, "checking weights") if progress else [None]:
+                for target, (weights, truncation) in zip(targets, checking.result()):
+                    target.weights, target.truncation = weights, truncation
+            release_memory()  # (where it ran here) the chunks and updates of the check, before the model loads
+    finally:
+        if checking is not None:
+            checking.cancel()  # a run that failed before asking: the child ends now
+    targets = targets or _self_check_targets(o, adapter, base_dir, config)
     if o.prompts is not None:
         batches, inputs = prompt_inputs(base_dir, Path(o.prompts), o.seq_len, class_name, config)
     else:
