@@ -3,6 +3,7 @@ bfloat16 rounding against torch's, index files and atomic output directories."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 import numpy as np
@@ -62,6 +63,35 @@ def test_streaming_chunks_and_copies(tmp_path):
         w.copy(["a", "b"], source)
     out = load_file(tmp_path / "out.safetensors")
     assert np.array_equal(out["big"].numpy(), a * 2) and np.array_equal(out["a"].numpy(), a) and np.array_equal(out["b"].numpy(), b)
+
+
+def test_place_writes_a_tensor_at_its_offset_in_any_order(tmp_path):
+    """`place`: the caller writes a tensor's pieces at their offsets (last piece first here), between tensors
+    written in order and copied; the file reads back as if written in order. Fewer bytes than the tensor holds
+    are refused (the control)."""
+    from polytool.formats.safetensors_writer import pwrite_all
+
+    a, b = RNG.standard_normal((6, 4)).astype(np.float32), RNG.standard_normal(5).astype(np.float32)
+    mid = RNG.standard_normal((4, 4)).astype(np.float32)
+    src = tmp_path / "src.safetensors"
+    save_file(src, {"b": b})
+    specs = [TensorSpec("a", "F32", (6, 4)), TensorSpec("mid", "F32", (4, 4)), TensorSpec("b", "F32", (5,))]
+
+    def pieces(fd, start):  # rows 2: first, then rows :2, each where it belongs
+        for lo, hi in ((2, 4), (0, 2)):
+            view = memoryview(mid[lo:hi].reshape(-1).view(np.uint8))
+            pwrite_all(fd, view, start + lo * 16)
+            yield view.nbytes
+
+    with SafetensorsFile(src) as source, SafetensorsWriter(tmp_path / "out.safetensors", specs) as w:
+        w.write("a", a)
+        w.place("mid", pieces)
+        w.copy(["b"], source)
+    out = load_file(tmp_path / "out.safetensors")
+    assert all(np.array_equal(out[k].numpy(), v) for k, v in (("a", a), ("mid", mid), ("b", b)))
+    with pytest.raises(CheckpointError, match=r"tensor 'x': got 8 bytes, F32 \[2, 2\] needs 16"):
+        with SafetensorsWriter(tmp_path / "short.safetensors", [TensorSpec("x", "F32", (2, 2))]) as w:
+            w.place("x", lambda fd, start: [os.pwrite(fd, b"\0" * 8, start)])
 
 
 def test_writer_refuses_mistakes(tmp_path):

@@ -311,8 +311,8 @@ def _write_shard(plan: MergePlan, shard: OutShard, deltas: DeltaSource, path: Pa
                     run = []
                 if op.kind == "copied":
                     run.append(op)
-                else:
-                    writer.write(op.out.name, blocks(op, st, fd, deltas, pool))
+                else:  # each block written at its place by the thread that computed it
+                    writer.place(op.out.name, lambda out, start: blocks(op, st, fd, deltas, pool, (out, start)))
                     yield op
             if run:
                 writer.copy([o.source for o in run], sources[run[0].shard][0])

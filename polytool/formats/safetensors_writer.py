@@ -11,7 +11,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
-from typing import Iterable, Union
+from typing import Callable, Iterable, Union
 
 import numpy as np
 
@@ -77,6 +77,13 @@ def _write_all(fd: int, view: memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
+def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    """All of `view` written at `offset` of `fd` (the file position is not used nor moved)."""
+    while view.nbytes:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
 def _as_bytes(chunk: Buffer, itemsize: int, name: str) -> memoryview:
     if isinstance(chunk, np.ndarray):
         if chunk.dtype.itemsize != itemsize:
@@ -112,7 +119,8 @@ class SafetensorsWriter:
     on `close`, checked complete and its writeback to disk started (not waited for: callers that
     need durability fsync, as `atomic_output_dir` does); on an exception it is closed as it stands.
     `background`: an executor that starts the writeback and closes the file (`released`, a future the
-    caller waits for), so that the writing thread goes on with the next file meanwhile.
+    caller waits for), so that the writing thread goes on with the next file meanwhile. (Waiting for the
+    writeback there too, an fsync per file, kept a worker from the arithmetic: slower in the merge.)
     """
 
     def __init__(self, path: str | Path, specs: Iterable[TensorSpec], metadata: dict[str, str] | None = None,
@@ -124,6 +132,7 @@ class SafetensorsWriter:
         self._next = 0
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         _write_all(self._fd, memoryview(header))
+        self._start = len(header)  # where the next tensor's bytes go
         self.size = len(header) + sum(s.nbytes for s in self.specs)
 
     def _take(self, name: str) -> TensorSpec:
@@ -131,6 +140,7 @@ class SafetensorsWriter:
             want = self.specs[self._next].name if self._next < len(self.specs) else "nothing (all written)"
             raise PolytoolError(f"writer for {self.path}: got tensor {name!r}, expected {want!r} next")
         self._next += 1
+        self._start += self.specs[self._next - 1].nbytes
         return self.specs[self._next - 1]
 
     def write(self, name: str, data: Buffer | Iterable[Buffer]) -> None:
@@ -142,6 +152,17 @@ class SafetensorsWriter:
             view = _as_bytes(chunk, DTYPES[spec.dtype][1], name)
             _write_all(self._fd, view)
             written += view.nbytes
+        if written != spec.nbytes:
+            raise CheckpointError(f"tensor {name!r}: got {written} bytes, {spec.dtype} {list(spec.shape)} needs {spec.nbytes}", self.path)
+
+    def place(self, name: str, chunks: Callable[[int, int], Iterable[int]]) -> None:
+        """Tensor `name` (the next one) written by the caller at its place in the file, in any order and from any
+        thread: `chunks` is called with (fd, offset of the tensor's first byte) and yields the byte count of each
+        piece written (os.pwrite, e.g. pwrite_all), all of them written once it is exhausted."""
+        offset = self._start
+        spec = self._take(name)
+        os.lseek(self._fd, self._start, os.SEEK_SET)  # what is written next in order goes after it
+        written = sum(chunks(self._fd, offset))
         if written != spec.nbytes:
             raise CheckpointError(f"tensor {name!r}: got {written} bytes, {spec.dtype} {list(spec.shape)} needs {spec.nbytes}", self.path)
 
