@@ -62,13 +62,15 @@ class _Buffers:
     """One block's working arrays, reused block after block (fresh arrays per block cost more in new pages
     than the arithmetic): the rows as read, decoded (float32), the delta's rows, the rounding's scratch."""
 
-    def __init__(self, op, step: int, shape: tuple[int, ...], wide: type):
+    def __init__(self, op, step: int, shape: tuple[int, ...], wide: type, written: bool):
         bf16 = op.source_dtype == "BF16" and wide is np.float32
         rows = (step,) + tuple(shape[1:])
         self.raw = np.empty(rows, DTYPES[op.source_dtype][0])
         self.decoded = np.empty(rows, np.float32) if bf16 else None
         self.delta = np.empty(rows, wide) if op.targets and not any(t.transposed for t in op.targets) else None
         self.scratch = np.empty(rows, np.uint32) if bf16 and op.out.dtype == "BF16" else None
+        # the rounded block, where it is written before the buffers are reused (blocks(out=...))
+        self.result = np.empty(rows, np.uint16) if written and self.scratch is not None else None
 
 
 def blocks(op, src: SafetensorsFile, fd: int, deltas: Callable, pool: Executor | None,
@@ -99,7 +101,7 @@ def blocks(op, src: SafetensorsFile, fd: int, deltas: Callable, pool: Executor |
     spare: SimpleQueue = SimpleQueue()  # buffer sets not in use: one per block in flight at most
 
     def block(lo: int, hi: int) -> np.ndarray:
-        bufs = spare.get() if not spare.empty() else _Buffers(op, step, shape, wide)
+        bufs = spare.get() if not spare.empty() else _Buffers(op, step, shape, wide, out is not None)
         try:
             return written(lo, _merge_rows(op, src, fd, start + lo * row_len * DTYPES[op.source_dtype][1], lo, hi,
                                            parts, bufs, wide))
@@ -126,12 +128,13 @@ def blocks(op, src: SafetensorsFile, fd: int, deltas: Callable, pool: Executor |
 
 def _merge_rows(op, src: SafetensorsFile, fd: int, offset: int, lo: int, hi: int, parts: list,
                 bufs: _Buffers, wide: type) -> np.ndarray:
-    """Rows lo:hi of the output tensor, a new array; `parts` [((first, last), Delta, transposed)]: each module's
-    delta, added to the rows [first, last) of the tensor that hold its weight."""
+    """Rows lo:hi of the output tensor, a new array (or `bufs.result`, where given); `parts` [((first, last),
+    Delta, transposed)]: each module's delta, added to the rows [first, last) of the tensor that hold its weight."""
     n = hi - lo
     raw = read_rows(fd, offset, op.source_dtype, (n,) + bufs.raw.shape[1:], bufs.raw[:n])
     x = bf16_to_f32(raw, None if bufs.decoded is None else bufs.decoded[:n]) if op.source_dtype == "BF16" else raw
     scratch = None if bufs.scratch is None else bufs.scratch[:n]
+    result = None if bufs.result is None else bufs.result[:n]
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, in one line
         x = x.astype(wide, copy=False)
         for (first, last), delta, transposed in parts:
@@ -139,7 +142,8 @@ def _merge_rows(op, src: SafetensorsFile, fd: int, offset: int, lo: int, hi: int
             if a < b:  # (rows, in), or (rows, out) for Conv1D
                 delta(a - first, b - first, transposed, x[a - lo:b - lo], None if bufs.delta is None else bufs.delta[:b - a])
         if op.out.dtype == "BF16" and x.dtype == np.float32 and x.size and -BF16_OVERFLOW < x.min() and x.max() < BF16_OVERFLOW:
-            return cast_float(x, "BF16", scratch, finite=True)  # no NaN (min and max would be), nothing rounds to Inf
+            # no NaN (min and max would be), nothing rounds to Inf
+            return cast_float(x, "BF16", scratch, finite=True, out=result)
         out = cast_float(x, op.out.dtype, scratch)
     if np.may_share_memory(out, bufs.raw):  # cast to its own dtype (F64 -> F64): the buffer itself, reused next block
         out = out.copy()

@@ -59,16 +59,19 @@ def bf16_to_f32(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
-def f32_to_bf16(x: np.ndarray, scratch: np.ndarray | None = None, finite: bool = False) -> np.ndarray:
+def f32_to_bf16(x: np.ndarray, scratch: np.ndarray | None = None, finite: bool = False,
+                out: np.ndarray | None = None) -> np.ndarray:
     """float32 -> uint16 bfloat16 bit patterns, rounded to nearest even (as torch rounds). `scratch`: a uint32
     array of x's shape to compute in, reused by a caller that converts block after block (else one is made);
-    `finite`: the caller has checked that x holds no NaN (whose bits the formula would not keep NaN)."""
+    `finite`: the caller has checked that x holds no NaN (whose bits the formula would not keep NaN); `out`: a
+    uint16 array of x's shape for the result (a reused one has its pages already: cheaper than a new one)."""
     u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
     t = np.right_shift(u, 16, out=scratch)  # (u + ((u >> 16) & 1) + 0x7FFF) >> 16, in uint32, in place
     t &= 1
     t += 0x7FFF
     t += u
-    rounded = np.right_shift(t, 16, out=np.empty(t.shape, np.uint16), casting="unsafe")  # the high half: < 2^16
+    out = np.empty(t.shape, np.uint16) if out is None else out
+    rounded = np.right_shift(t, 16, out=out, casting="unsafe")  # the high half: < 2^16
     if not finite:
         nan = np.isnan(x)
         if nan.any():
@@ -237,11 +240,12 @@ def _f64_to_f32_odd(x: np.ndarray) -> np.ndarray:
     return y
 
 
-def cast_float(x: np.ndarray, dtype: str, scratch: np.ndarray | None = None, finite: bool = False) -> np.ndarray:
-    """Round a float32/float64 array once to the float safetensors `dtype` (BF16 as uint16 bits; `scratch` and
-    `finite` as f32_to_bf16's)."""
+def cast_float(x: np.ndarray, dtype: str, scratch: np.ndarray | None = None, finite: bool = False,
+               out: np.ndarray | None = None) -> np.ndarray:
+    """Round a float32/float64 array once to the float safetensors `dtype` (BF16 as uint16 bits; `scratch`,
+    `finite` and `out` as f32_to_bf16's, `out` for BF16 only)."""
     if dtype == "BF16":
-        return f32_to_bf16(_f64_to_f32_odd(x) if x.dtype == np.float64 else x, scratch, finite)
+        return f32_to_bf16(_f64_to_f32_odd(x) if x.dtype == np.float64 else x, scratch, finite, out)
     if dtype not in ("F64", "F32", "F16"):
         raise PolytoolError(f"cannot round to {dtype}: allowed F64, F32, F16, BF16")
     return x.astype(DTYPES[dtype][0], copy=False)
