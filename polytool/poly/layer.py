@@ -181,7 +181,8 @@ class PolyLayer(nn.Module):
         """out (b, L, out) + x (b, L, in) @ A @ (B / r) with each row's task factors."""
         At, B = self._row_factors(adapter_name, route, x.shape[0])  # (b, r, in), (b, r, out)
         # batched matmuls per row, not one 2-D matmul over all tokens: MKL runs these thin ones faster
-        xa = At.bmm(x.to(At.dtype).mT).mT  # (b, r, in) @ (b, in, L) -> (b, r, L) -> (b, L, r)
+        x = x if x.dtype == At.dtype else x.to(At.dtype)
+        xa = At.bmm(x.mT).mT  # (b, r, in) @ (b, in, L) -> (b, r, L) -> (b, L, r)
         return _add_product(out, xa, B)  # (b, L, r) @ (b, r, out)
 
 
@@ -211,10 +212,12 @@ class Linear(PolyLayer):
         if task_ids is None:
             raise PolyValueError(f"module {self.name!r}: task_ids is missing: pass task_ids=... to forward or generate")
         route = task_ids if isinstance(task_ids, TaskRoute) else TaskRoute(task_ids)
+        update = self._train_update if self.training else self._eval_update
+        if x.dim() == 3:  # (b, L, in) already, result (b, L, out): no reshape calls (a decode step's overhead)
+            return update(adapter, result, x, route)
         batch = x.shape[0] if x.dim() > 1 else 1
         flat = x.reshape(batch, -1, self.in_features)  # (b, L, in)
         out = result.reshape(batch, -1, self.out_features)  # (b, L, out), a view of result
-        update = self._train_update if self.training else self._eval_update
         return update(adapter, out, flat, route).reshape(result.shape)  # (..., out)
 
     def __repr__(self) -> str:
