@@ -8,8 +8,9 @@ polytool's get_poly_model result in eval mode, whose adapter tensors still requi
 
 Forward: a batch of 16 x 64 tokens with 6 different task ids. Generate: greedy, 4 prompts x 16
 tokens, 32 new tokens, one task per prompt. Eval mode, torch.no_grad(), torch.set_num_threads(2),
-warm-up, then the models take turns (interleaved, to spread noise); the median of N runs and the
-fastest run are shown (the fastest is the least disturbed by other load on a shared machine).
+warm-up, then the models take turns (interleaved, to spread noise); the median of N runs, the
+fastest run (the least disturbed by other load on a shared machine) and the median of the paired ratios
+(each run over the base's in the same round) are shown.
 
 Usage: python benchmarks/bench_forward.py [--quick] [--repeat N] [--profile] [--vocab N]
 """
@@ -118,13 +119,17 @@ def check_generate(calls: dict) -> None:
 
 
 def report(title: str, times: dict[str, list[float]]) -> dict[str, float]:
-    """Print median and fastest time with ratios to the base; return the median overhead % per model."""
+    """Print median and fastest time with ratios to the base, and the median of the paired ratios (each run over
+    the base's run of the same round: the box's speed drifts over minutes, and a pair shares its minute); return
+    the median overhead % per model."""
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     fastest = {name: min(ts) for name, ts in times.items()}
+    paired = {name: statistics.median(t / b for t, b in zip(ts, times["base"])) for name, ts in times.items()}
     print(title)
     for name in times:
         print(f"  {name:<22} median {medians[name] * 1e3:8.1f} ms {medians[name] / medians['base']:6.3f}x base   "
-              f"fastest {fastest[name] * 1e3:8.1f} ms {fastest[name] / fastest['base']:6.3f}x base")
+              f"fastest {fastest[name] * 1e3:8.1f} ms {fastest[name] / fastest['base']:6.3f}x base   "
+              f"paired {paired[name]:6.3f}x")
     return {name: 100 * (medians[name] / medians["base"] - 1) for name in times if name != "base"}
 
 
