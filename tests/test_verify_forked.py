@@ -85,6 +85,12 @@ def test_torch_works_in_a_child_after_the_parent_used_its_thread_pool():
     assert got == pytest.approx(want, rel=1e-4)
 
 
+def test_child_false_runs_here_when_asked():
+    """verify keeps a merge recipe's check here: the reference it builds serves the forwards too."""
+    job = Forked(_pid_and, 5, child=False)
+    assert job.pid is None and job.result() == (os.getpid(), 5)
+
+
 def test_with_another_thread_alive_the_call_runs_here(monkeypatch):
     monkeypatch.undo()  # the real can_fork
     release = threading.Event()

@@ -211,7 +211,9 @@ def verify(o: VerifyOptions, progress: Callable | None = None) -> dict:
     targets = [t for path in o.against for t in artifact_targets(Path(path), adapter, base_dir, o.task)]
     work = any(t.path is not None or (t.lora is not None and t.recipe is not None and _truncated(t.recipe))
                for t in targets)
-    checking = Forked(_weight_checks, targets, adapter, base_dir) if work else None
+    # a merge recipe's reference, built by the check, also serves the forwards: built here, once
+    checking = Forked(_weight_checks, targets, adapter, base_dir, child=all(t.recipe is None for t in targets)) \
+        if work else None
     try:
         config = base_config(base_dir)
         class_name, family = model_class(adapter.task_type, config)

@@ -31,9 +31,9 @@ class Forked:
     """fn(*args) in a child process (where `can_fork`; else here, at `result`): `result()` waits for it and
     returns its value or raises its exception; `cancel()` ends it (a run that failed before asking)."""
 
-    def __init__(self, fn: Callable, *args: Any):
+    def __init__(self, fn: Callable, *args: Any, child: bool = True):
         self.fn, self.args, self.pid, self.fd = fn, args, None, None
-        if not can_fork():
+        if not (child and can_fork()):  # `child` False: here, at `result`
             return
         read, write = os.pipe()
         pid = os.fork()
