@@ -113,7 +113,10 @@ def _exception(sent: dict) -> BaseException:
         known[cls.__name__] = cls
         classes += cls.__subclasses__()
     if sent["error"] in known:
-        return known[sent["error"]](sent["message"], sent["path"])
+        try:
+            return known[sent["error"]](sent["message"], sent["path"])
+        except TypeError:  # a subclass made otherwise: its text
+            return PolytoolError(sent["text"])
     if sent["error"] == "KeyboardInterrupt":
         return KeyboardInterrupt()
     return RuntimeError(f"the weight-space check failed: {sent['error']}: {sent['text']}")
