@@ -27,44 +27,36 @@ def _factors(scale: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
     return RNG.standard_normal((COLS, R)) * scale, RNG.standard_normal((R, ROWS)) * scale  # A (in, r), B (r, out)
 
 
-def merge(tmp_path, bits: np.ndarray, A: np.ndarray, B: np.ndarray, workers: int, block_rows: int, monkeypatch,
-          placed: bool = False) -> np.ndarray:
-    """The merged bfloat16 bits of base `bits` (ROWS, COLS) plus the delta of A, B, through blocks(): the blocks it
-    yields, or with `placed` what its threads wrote at their offsets in a file (after 24 bytes of something else)."""
+def merge(tmp_path, bits: np.ndarray, A: np.ndarray, B: np.ndarray, workers: int, block_rows: int, monkeypatch) -> np.ndarray:
+    """The merged bfloat16 bits of base `bits` (ROWS, COLS) plus the delta of A, B, through blocks(): what its
+    threads wrote at their offsets in a file (after 24 bytes of something else)."""
     path = tmp_path / f"w{len(list(tmp_path.iterdir()))}.safetensors"
     save_file(path, {"w": ("BF16", bits)}, {"format": "pt"})
     monkeypatch.setattr(blk, "BLOCK_BYTES", block_rows * 4 * COLS)
     monkeypatch.setattr(blk, "WORKERS", workers)
     op = Op(TensorSpec("w", "BF16", (ROWS, COLS)), path.name, "w", "BF16", (WeightTarget("m", "w", "w", False, None),))
     fd = os.open(path, os.O_RDONLY)
-    out = os.open(tmp_path / f"{path.stem}.out", os.O_RDWR | os.O_CREAT | os.O_EXCL) if placed else None
+    out = os.open(tmp_path / f"{path.stem}.out", os.O_RDWR | os.O_CREAT | os.O_EXCL)
     try:
         with SafetensorsFile(path) as st, ThreadPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
-            made = blk.blocks(op, st, fd, lambda module, wide: factored_delta(A, B, R, wide), pool,
-                              None if out is None else (out, 24))
-            if out is None:
-                return np.concatenate(list(made))
-            assert sum(made) == bits.nbytes
-            return np.frombuffer(os.pread(out, bits.nbytes, 24), np.uint16).reshape(bits.shape)
+            written = list(blk.blocks(op, st, fd, lambda module, wide: factored_delta(A, B, R, wide), pool, (out, 24)))
+        assert sum(written) == bits.nbytes
+        return np.frombuffer(os.pread(out, bits.nbytes, 24), np.uint16).reshape(bits.shape)
     finally:
         os.close(fd)
-        if out is not None:
-            os.close(out)
+        os.close(out)
 
 
 def test_threads_write_the_bytes_of_one_thread(tmp_path, monkeypatch):
-    """2 and 3 workers, blocks of 1, 5 and all rows, yielded or written at their offsets: the same bits as one
-    thread, within half a bfloat16 ulp (plus float32 arithmetic) of the exact sum; the delta visibly changes the
-    weight (the control)."""
+    """2 and 3 workers, blocks of 1, 5 and all rows, each written at its offset in reused buffers: the same bits as
+    one thread, within half a bfloat16 ulp (plus float32 arithmetic) of the exact sum; the delta visibly changes
+    the weight (the control)."""
     bits = f32_to_bf16((RNG.standard_normal((ROWS, COLS)) * 0.02).astype(np.float32))
     A, B = _factors()
     for block_rows in (1, 5, ROWS):
         one = merge(tmp_path, bits, A, B, 1, block_rows, monkeypatch)
         for workers in (2, 3):
             assert np.array_equal(merge(tmp_path, bits, A, B, workers, block_rows, monkeypatch), one), (workers, block_rows)
-        for workers in (1, 2, 3):  # written at their offsets by the threads, in reused buffers
-            placed = merge(tmp_path, bits, A, B, workers, block_rows, monkeypatch, placed=True)
-            assert np.array_equal(placed, one), (workers, block_rows)
     exact = bf16_to_f32(bits).astype(np.float64) + (A @ B).T / R  # (out, in)
     got = bf16_to_f32(one).astype(np.float64)
     assert (np.abs(got - exact) <= np.abs(exact) * 2.0**-8 * 1.001).all()

@@ -60,33 +60,31 @@ def block_pool() -> Iterator[Executor | None]:
 
 class _Buffers:
     """One block's working arrays, reused block after block (fresh arrays per block cost more in new pages
-    than the arithmetic): the rows as read, decoded (float32), the delta's rows, the rounding's scratch."""
+    than the arithmetic): the rows as read, decoded (float32), the delta's rows, the rounding's scratch and
+    result (written before the buffers are reused)."""
 
-    def __init__(self, op, step: int, shape: tuple[int, ...], wide: type, written: bool):
+    def __init__(self, op, step: int, shape: tuple[int, ...], wide: type):
         bf16 = op.source_dtype == "BF16" and wide is np.float32
         rows = (step,) + tuple(shape[1:])
         self.raw = np.empty(rows, DTYPES[op.source_dtype][0])
         self.decoded = np.empty(rows, np.float32) if bf16 else None
         self.delta = np.empty(rows, wide) if op.targets and not any(t.transposed for t in op.targets) else None
         self.scratch = np.empty(rows, np.uint32) if bf16 and op.out.dtype == "BF16" else None
-        # the rounded block, where it is written before the buffers are reused (blocks(out=...))
-        self.result = np.empty(rows, np.uint16) if written and self.scratch is not None else None
+        self.result = np.empty(rows, np.uint16) if self.scratch is not None else None
 
 
 def blocks(op, src: SafetensorsFile, fd: int, deltas: Callable, pool: Executor | None,
-           out: tuple[int, int] | None = None) -> Iterator[np.ndarray | int]:
-    """The output tensor of a merged or converted op (dense.Op), block of rows by block of rows, each a new array;
-    computed on `pool`'s threads (None: here), a few blocks ahead of the one yielded. With `out` (fd, offset of
-    the tensor's first byte) each block is written there by the thread that computed it (os.pwrite: the writes
-    of the blocks overlap each other and the arithmetic), and its byte count is yielded instead."""
+           out: tuple[int, int]) -> Iterator[int]:
+    """The output tensor of a merged or converted op (dense.Op), block of rows by block of rows, each written at
+    its place in `out` (fd, offset of the tensor's first byte) by the thread that computed it (os.pwrite: the
+    writes of the blocks overlap each other and the arithmetic); yields each block's byte count, in order.
+    Computed on `pool`'s threads (None: here), several blocks ahead of the one yielded."""
     shape = src.shape(op.source) or (1,)
     rows, row_len = shape[0], prod(shape[1:])
     wide = np.float64 if "F64" in (op.source_dtype, op.out.dtype) or op.out.dtype == "F32" else np.float32
     row_bytes = row_len * DTYPES[op.out.dtype][1]
 
-    def written(lo: int, array: np.ndarray) -> np.ndarray | int:
-        if out is None:
-            return array
+    def written(lo: int, array: np.ndarray) -> int:
         view = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
         pwrite_all(out[0], view, out[1] + lo * row_bytes)
         return view.nbytes
@@ -100,8 +98,8 @@ def blocks(op, src: SafetensorsFile, fd: int, deltas: Callable, pool: Executor |
     parts = [((t.rows or (0, rows)), deltas(t.module, wide), t.transposed) for t in op.targets]
     spare: SimpleQueue = SimpleQueue()  # buffer sets not in use: one per block in flight at most
 
-    def block(lo: int, hi: int) -> np.ndarray:
-        bufs = spare.get() if not spare.empty() else _Buffers(op, step, shape, wide, out is not None)
+    def block(lo: int, hi: int) -> int:
+        bufs = spare.get() if not spare.empty() else _Buffers(op, step, shape, wide)
         try:
             return written(lo, _merge_rows(op, src, fd, start + lo * row_len * DTYPES[op.source_dtype][1], lo, hi,
                                            parts, bufs, wide))
@@ -128,8 +126,9 @@ def blocks(op, src: SafetensorsFile, fd: int, deltas: Callable, pool: Executor |
 
 def _merge_rows(op, src: SafetensorsFile, fd: int, offset: int, lo: int, hi: int, parts: list,
                 bufs: _Buffers, wide: type) -> np.ndarray:
-    """Rows lo:hi of the output tensor, a new array (or `bufs.result`, where given); `parts` [((first, last),
-    Delta, transposed)]: each module's delta, added to the rows [first, last) of the tensor that hold its weight."""
+    """Rows lo:hi of the output tensor, in one of `bufs` or a new array (valid until the buffers are reused);
+    `parts` [((first, last), Delta, transposed)]: each module's delta, added to the rows [first, last) of the
+    tensor that hold its weight."""
     n = hi - lo
     raw = read_rows(fd, offset, op.source_dtype, (n,) + bufs.raw.shape[1:], bufs.raw[:n])
     x = bf16_to_f32(raw, None if bufs.decoded is None else bufs.decoded[:n]) if op.source_dtype == "BF16" else raw
@@ -145,8 +144,6 @@ def _merge_rows(op, src: SafetensorsFile, fd: int, offset: int, lo: int, hi: int
             # no NaN (min and max would be), nothing rounds to Inf
             return cast_float(x, "BF16", scratch, finite=True, out=result)
         out = cast_float(x, op.out.dtype, scratch)
-    if np.may_share_memory(out, bufs.raw):  # cast to its own dtype (F64 -> F64): the buffer itself, reused next block
-        out = out.copy()
     if not _finite(out, op.out.dtype).all():
         source = read_rows(fd, offset, op.source_dtype, (n,) + bufs.raw.shape[1:])
         _check_non_finite(op, source, out, src.path)
