@@ -152,8 +152,12 @@ class SafetensorsWriter:
             view = _as_bytes(chunk, DTYPES[spec.dtype][1], name)
             _write_all(self._fd, view)
             written += view.nbytes
+        self._check_size(spec, written)
+
+    def _check_size(self, spec: TensorSpec, written: int) -> None:
         if written != spec.nbytes:
-            raise CheckpointError(f"tensor {name!r}: got {written} bytes, {spec.dtype} {list(spec.shape)} needs {spec.nbytes}", self.path)
+            raise CheckpointError(f"tensor {spec.name!r}: got {written} bytes, {spec.dtype} {list(spec.shape)} needs "
+                                  f"{spec.nbytes}", self.path)
 
     def place(self, name: str, chunks: Callable[[int, int], Iterable[int]]) -> None:
         """Tensor `name` (the next one) written by the caller at its place in the file, in any order and from any
@@ -163,8 +167,7 @@ class SafetensorsWriter:
         spec = self._take(name)
         os.lseek(self._fd, self._start, os.SEEK_SET)  # what is written next in order goes after it
         written = sum(chunks(self._fd, offset))
-        if written != spec.nbytes:
-            raise CheckpointError(f"tensor {name!r}: got {written} bytes, {spec.dtype} {list(spec.shape)} needs {spec.nbytes}", self.path)
+        self._check_size(spec, written)
 
     def copy(self, names: list[str], source: SafetensorsFile) -> None:
         """Copy tensors that lie back to back in `source` byte for byte (same dtype and shape)."""
