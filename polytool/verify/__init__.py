@@ -116,8 +116,7 @@ def _ideal_weights(target: Target, base_dtype: str) -> bool:
         and (target.dtype == base_dtype or not target.whole)
 
 
-def _dense_weight_checks(targets: list[Target], adapter: PolyAdapter, base_dir: Path,
-                         progress: Callable | None = None) -> None:
+def _dense_weight_checks(targets: list[Target], adapter: PolyAdapter, base_dir: Path) -> None:
     """Every dense artifact directory checked in weight space against the reference's update (weights.py); every
     truncated merge LoRA against the optimum for its ranks (truncation.py)."""
     from .reference import ReferenceAdapter
@@ -137,13 +136,13 @@ def _dense_weight_checks(targets: list[Target], adapter: PolyAdapter, base_dir: 
             continue
         if target.recipe is not None:
             recipe = recipes[target.spec]
-            target.weights = check_dense_weights(target.path, base_dir, adapter, recipe.delta, progress,
-                                                 recipe.allowance)
+            target.weights = check_dense_weights(target.path, base_dir, adapter, recipe.delta,
+                                                 allowance=recipe.allowance)
             target.weights["ambiguous"] = sum(recipe.ambiguous(m) for m in recipe.modules)
         else:
             reference = reference or ReferenceAdapter(adapter.directory)
             delta = (lambda ref, spec: lambda module: ref.update(module, spec))(reference, target.spec)
-            target.weights = check_dense_weights(target.path, base_dir, adapter, delta, progress)
+            target.weights = check_dense_weights(target.path, base_dir, adapter, delta)
 
 
 def _truncated(recipe: dict) -> bool:
@@ -160,7 +159,8 @@ def _check_options(o: VerifyOptions) -> None:
 
 def _weight_checks(targets: list[Target], adapter: PolyAdapter, base_dir: Path) -> list[tuple]:
     """_dense_weight_checks on one thread (passes over cache-sized chunks: compare.one_thread); what it found per
-    target, (weights, truncation), for the process that asked (it runs in a forked child: forked.py)."""
+    target, (weights, truncation), returned to the process that asked (where it runs in a forked child:
+    forked.py)."""
     with one_thread():
         _dense_weight_checks(targets, adapter, base_dir)
     return [(t.weights, t.truncation) for t in targets]
