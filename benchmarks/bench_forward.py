@@ -4,7 +4,9 @@ A Llama-shaped model with random weights (nothing downloaded): 8 layers, hidden 
 2816, vocab 32000, every projection targeted (q k v o gate up down), r 8, 8 skills, 4 splits, 8 tasks,
 float32. One adapter with non-zero B and task-dependent routing is saved once and loaded by PEFT
 (PeftModel.from_pretrained) and by polytool (PolyModel.from_pretrained, frozen); a third row is
-polytool's get_poly_model result in eval mode, whose adapter tensors still require grad.
+polytool's get_poly_model result in eval mode, whose adapter tensors still require grad; a fourth is the
+frozen model in the order it ran before the fused eval forward (base product first, the update added after),
+for a before/after figure in the same run.
 
 Forward: a batch of 16 x 64 tokens with 6 different task ids. Generate: greedy, 4 prompts x 16
 tokens, 32 new tokens, one task per prompt. Eval mode, torch.no_grad(), torch.set_num_threads(2),
@@ -17,6 +19,7 @@ Usage: python benchmarks/bench_forward.py [--quick] [--repeat N] [--profile] [--
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import tempfile
@@ -60,11 +63,13 @@ def build_models(size: dict, adapter_dir: str) -> dict[str, torch.nn.Module]:
             elif "module_logits" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 2)
     trainable.eval().save_pretrained(adapter_dir)
+    frozen = PolyModel.from_pretrained(copy.deepcopy(base), adapter_dir).eval()
     return {
         "base": base,
         "peft": PeftModel.from_pretrained(copy.deepcopy(base), adapter_dir).eval(),
-        "polytool": PolyModel.from_pretrained(copy.deepcopy(base), adapter_dir).eval(),
+        "polytool": frozen,
         "polytool (trainable)": trainable,
+        UNFUSED: frozen,
     }
 
 
@@ -85,22 +90,54 @@ def interleaved(calls: dict, repeat: int, warmup: int = 2) -> dict[str, list[flo
     return times
 
 
+UNFUSED = "polytool (unfused)"
+
+
+@contextlib.contextmanager
+def unfused():
+    """The frozen polytool model as it ran before the fused eval forward: the base layer's product first, the
+    update added after it (Linear._fusable answers no), for a before/after figure in one run."""
+    from polytool.poly.layer import Linear
+
+    fusable = Linear._fusable
+    Linear._fusable = lambda self, x, adapter_name: False
+    try:
+        yield
+    finally:
+        Linear._fusable = fusable
+
+
+def _call(model, name: str, **kw):
+    if name == UNFUSED:
+        with unfused():
+            return model(**kw)
+    return model(**kw)
+
+
+def _generate(model, name: str, **kw):
+    if name == UNFUSED:
+        with unfused():
+            return model.generate(**kw)
+    return model.generate(**kw)
+
+
 def forward_calls(models: dict, ids: torch.Tensor, tasks: torch.Tensor) -> dict:
     return {name: (lambda m=model: m(input_ids=ids)) if name == "base" else
-            (lambda m=model: m(input_ids=ids, task_ids=tasks)) for name, model in models.items()}
+            (lambda m=model, n=name: _call(m, n, input_ids=ids, task_ids=tasks)) for name, model in models.items()}
 
 
 def generate_calls(models: dict, prompts: torch.Tensor, tasks: torch.Tensor, new_tokens: int) -> dict:
     kw = dict(attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
               do_sample=False, pad_token_id=0)
     return {name: (lambda m=model: m.generate(input_ids=prompts, **kw)) if name == "base" else
-            (lambda m=model: m.generate(input_ids=prompts, task_ids=tasks, **kw)) for name, model in models.items()}
+            (lambda m=model, n=name: _generate(m, n, input_ids=prompts, task_ids=tasks, **kw))
+            for name, model in models.items()}
 
 
 def check_outputs(models: dict, ids: torch.Tensor, tasks: torch.Tensor) -> None:
     """polytool must equal PEFT, and the adapter must change the output."""
     logits = {name: fn().logits for name, fn in forward_calls(models, ids, tasks).items()}
-    for name in ("polytool", "polytool (trainable)"):
+    for name in ("polytool", "polytool (trainable)", UNFUSED):
         err = ((logits[name] - logits["peft"]).norm() / logits["peft"].norm()).item()
         print(f"  {name} vs peft: relative error {err:.1e}")
         if err > 1e-5:
@@ -111,7 +148,7 @@ def check_outputs(models: dict, ids: torch.Tensor, tasks: torch.Tensor) -> None:
 
 def check_generate(calls: dict) -> None:
     """polytool's greedy tokens must be PEFT's."""
-    tokens = {name: calls[name]() for name in ("peft", "polytool", "polytool (trainable)")}
+    tokens = {name: calls[name]() for name in ("peft", "polytool", "polytool (trainable)", UNFUSED)}
     same = all(torch.equal(tokens[name], tokens["peft"]) for name in tokens)
     print(f"  greedy tokens of polytool and peft: {'equal' if same else 'DIFFERENT'}")
     if not same:

@@ -117,3 +117,108 @@ def test_one_route_per_call_shared_by_every_layer_and_generate_step(adapter_dir)
                       min_new_tokens=3, pad_token_id=0)
     assert len(seen) == 3 * len(layers) and all(route is seen[0] for route in seen)
     assert len(seen[0].factors) == len(layers)  # mixed and gathered once, used by every step
+
+
+# ---- the fused eval forward (Linear._fused_eval): the update first, the base product added by its own GEMM ----
+
+
+def _counting_fused(monkeypatch) -> list:
+    """Count the calls of the fused eval forward (the math is the product's own: only calls are counted)."""
+    from polytool.poly.layer import Linear
+
+    calls, fused = [], Linear._fused_eval
+
+    def counted(self, *args, **kwargs):
+        calls.append(self.name)
+        return fused(self, *args, **kwargs)
+
+    monkeypatch.setattr(Linear, "_fused_eval", counted)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"], ids=["no-bias", "bias"])
+def test_fused_eval_forward_equals_peft(make_peft_adapter, monkeypatch, kind):
+    from peft import PeftModel
+
+    targets = ("query", "value") if kind == "bert" else None  # PEFT's Poly needs 3-D inputs: not bert's pooler
+    adapter_dir = make_peft_adapter(kind, r=5, n_splits=2, targets=targets)[0]
+    ours = PolyModel.from_pretrained(build_base(kind), adapter_dir).eval()
+    theirs = PeftModel.from_pretrained(build_base(kind), adapter_dir).eval()
+    with torch.no_grad():  # transformers initialises biases to zero: give them values the outputs show
+        for model in (ours, theirs):
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.copy_(torch.sin(torch.arange(p.numel(), dtype=p.dtype)) * 0.5)
+    calls = _counting_fused(monkeypatch)
+
+    def out(model, tasks):
+        result = model(input_ids=IDS, task_ids=tasks)
+        return result.logits if kind == "llama" else result.last_hidden_state
+
+    with torch.no_grad():
+        for tasks in (SHARED, torch.tensor([2] * 5)):
+            got = out(ours, tasks)
+            assert rel(got, out(theirs, tasks)) <= 1e-5
+        assert len(calls) == 2 * sum(isinstance(m, PolyLayer) for m in ours.modules()) > 0  # every layer fused
+        assert rel(out(ours, 0), got) > 1e-3  # another task: other outputs (the comparison can fail)
+    calls.clear()
+    got = out(ours, SHARED)  # grad mode: autograd records the base's product, so the unfused order runs
+    assert not calls and rel(got, out(theirs, SHARED)) <= 1e-5
+
+
+def _bias_layer():
+    from torch import nn
+
+    from polytool.poly.config import PolyConfig
+    from polytool.poly.layer import Linear
+
+    torch.manual_seed(3)
+    layer = Linear(nn.Linear(16, 12), "default", PolyConfig(r=4, n_tasks=3, n_skills=2, n_splits=2,
+                                                            init_weights=False), name="proj").eval()
+    with torch.no_grad():
+        layer.poly_router["default"].module_logits.normal_(0, 2)
+    return layer
+
+
+def test_fused_and_unfused_orders_agree_on_any_input_rank(monkeypatch):
+    layer, calls = _bias_layer(), _counting_fused(monkeypatch)
+    x = torch.randn(3, 5, 16)
+    tasks = torch.tensor([2, 0, 2])
+    want = layer(x, task_ids=tasks).detach()  # grad mode on: the unfused order
+    assert not calls
+    with torch.no_grad():
+        assert rel(layer(x, task_ids=tasks), want) <= 1e-6
+        assert rel(layer(x.reshape(3, 5, 1, 16), task_ids=tasks), want.reshape(3, 5, 1, 12)) <= 1e-6
+        assert rel(layer(x[:, 0], task_ids=tasks), want[:, 0]) <= 1e-6  # (b, in)
+        assert rel(layer(x[0, 0], task_ids=2), want[0, 0]) <= 1e-6  # (in,)
+        assert len(calls) == 4
+        assert rel(layer.base_layer(x), want) > 1e-2  # the update is not negligible: the comparison can fail
+
+
+def test_fused_eval_forward_keeps_what_wraps_the_base_layer(monkeypatch):
+    """A hook on the base layer, a global module hook or a replaced `forward` (accelerate's) must still run:
+    then the unfused order, which calls the base layer, is taken."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    layer, calls = _bias_layer(), _counting_fused(monkeypatch)
+    x, tasks = torch.randn(2, 4, 16), torch.tensor([1, 0])
+    with torch.no_grad():
+        plain = layer(x, task_ids=tasks)
+        assert len(calls) == 1
+        handle = layer.base_layer.register_forward_hook(lambda _m, _a, out: out + 1.0)
+        assert torch.allclose(layer(x, task_ids=tasks), plain + 1.0, atol=1e-5)
+        handle.remove()
+        seen = []
+        handle = register_module_forward_hook(lambda m, _a, _out: seen.append(m))
+        try:
+            layer(x, task_ids=tasks)
+        finally:
+            handle.remove()
+        assert layer.base_layer in seen
+        wrapped = layer.base_layer.forward
+        layer.base_layer.forward = lambda inp: wrapped(inp) * 2.0
+        got = layer(x, task_ids=tasks)
+        del layer.base_layer.forward
+        assert rel(got, plain) > 0.1
+        assert len(calls) == 1  # none of the three took the fused order
+        assert torch.allclose(layer(x, task_ids=tasks), plain, atol=1e-6) and len(calls) == 2
