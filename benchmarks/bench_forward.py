@@ -14,7 +14,7 @@ warm-up, then the models take turns (interleaved, to spread noise); the median o
 fastest run (the least disturbed by other load on a shared machine) and the median of the paired ratios
 (each run over the base's in the same round) are shown.
 
-Usage: python benchmarks/bench_forward.py [--quick] [--repeat N] [--profile] [--vocab N]
+Usage: python benchmarks/bench_forward.py [--quick] [--repeat N] [--gen-repeat N] [--profile] [--vocab N]
 """
 from __future__ import annotations
 
@@ -187,12 +187,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small model and fewer repeats")
     parser.add_argument("--repeat", type=int, help="timed forward runs per model (median shown)")
+    parser.add_argument("--gen-repeat", type=int, help="timed generate runs per model (default 9; 3 with --quick)")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler tables")
     parser.add_argument("--vocab", type=int, help="vocabulary size (a smaller lm_head makes the adapter's share larger)")
     args = parser.parse_args()
     size = dict(QUICK if args.quick else FULL)
     size["vocab"] = args.vocab or size["vocab"]
     repeat = args.repeat or size["repeat"]
+    gen_repeat = args.gen_repeat or size["gen_repeat"]
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as adapter_dir:
         models = build_models(size, adapter_dir)
@@ -211,7 +213,7 @@ def main() -> None:
         gen_calls = generate_calls(models, prompts, gen_tasks, size["new_tokens"])
         check_generate(gen_calls)
         gen = report(f"greedy generate, {size['gen_batch']} prompts x {size['prompt']} + {size['new_tokens']} new "
-                     f"tokens, median of {size['gen_repeat']}:", interleaved(gen_calls, size["gen_repeat"], 1))
+                     f"tokens, median of {gen_repeat}:", interleaved(gen_calls, gen_repeat, 1))
         if args.profile:
             for name in ("base", "peft", "polytool"):
                 profile(models, ids, tasks, name)

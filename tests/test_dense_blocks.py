@@ -63,10 +63,23 @@ def test_threads_write_the_bytes_of_one_thread(tmp_path, monkeypatch):
     assert (one != bits).mean() > 0.5
 
 
-def test_the_overflow_threshold_is_where_bfloat16_rounding_gives_inf():
-    below = np.nextafter(np.float32(blk.BF16_OVERFLOW), np.float32(0))
-    assert f32_to_bf16(np.array([below, -below])).tolist() == [0x7F7F, 0xFF7F]  # the largest finite bfloat16
-    assert f32_to_bf16(np.array([blk.BF16_OVERFLOW, -blk.BF16_OVERFLOW], np.float32)).tolist() == [0x7F80, 0xFF80]
+def test_the_unchecked_rounding_only_takes_blocks_well_inside_bfloat16s_range():
+    """The one-pass test (x . x finite) lets no NaN (whatever its payload: 0x7FFFFFFF and 0xFFFFFFFF wrap to zeros
+    in the rounding's integer formula), no Inf and no value near bfloat16's largest (3.39e38) through; ordinary
+    weights, zeros and subnormals pass."""
+    largest = np.float32(np.array(0x7F7F0000, np.uint32).view(np.float32)[()])
+    assert f32_to_bf16(np.array([0x7FFFFFFF, 0xFFFFFFFF], np.uint32).view(np.float32), finite=True).tolist() == [0x8000, 0]
+    block = (RNG.standard_normal((4, 64)) * 0.02).astype(np.float32)
+    block[1, :3] = [0.0, -0.0, 1e-40]
+    assert blk._well_inside(block)
+    for bits in (0x7FC00000, 0x7FFFFFFF, 0xFFFFFFFF, 0x7F800000, 0xFF800000):
+        bad = block.copy()
+        bad.view(np.uint32)[2, 7] = bits
+        assert not blk._well_inside(bad), hex(bits)
+    for value in (largest, -largest, np.float32(2.0**64)):
+        bad = block.copy()
+        bad[3, 63] = value
+        assert not blk._well_inside(bad), value
 
 
 @pytest.mark.parametrize("workers", [1, 2])
