@@ -68,3 +68,41 @@ def test_the_declared_floors_are_what_was_tested():
         floor = next(s.version for s in req.specifier if s.operator == ">=")
         assert req.specifier.contains(version(req.name).split("+")[0], prereleases=True), (req, version(req.name))
         assert floor, req
+
+
+def test_the_collector_is_paused_around_heavy_imports_and_what_they_made_frozen(tmp_path, monkeypatch):
+    """extras.collector_paused: the collector is off inside and on after; what exists is frozen only where polytool
+    is the program (FREEZE) and one of FROZEN_AFTER was first imported inside (here a stand-in module), and nothing
+    changes where it was off."""
+    import gc
+    import sys
+
+    from polytool import extras
+
+    (tmp_path / "heavy_stand_in.py").write_text("VALUE = [1]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(extras, "FROZEN_AFTER", ("heavy_stand_in",))
+    monkeypatch.delitem(sys.modules, "heavy_stand_in", raising=False)
+    frozen = gc.get_freeze_count()
+    try:
+        with extras.collector_paused():
+            import heavy_stand_in  # noqa: F401
+            assert not gc.isenabled()
+        assert gc.isenabled() and gc.get_freeze_count() == frozen  # a library call (not FREEZE): nothing frozen
+        monkeypatch.setattr(extras, "FREEZE", True)  # as the command line sets it
+        with extras.collector_paused():
+            pass
+        assert gc.isenabled() and gc.get_freeze_count() == frozen  # nothing heavy imported: nothing frozen
+        monkeypatch.delitem(sys.modules, "heavy_stand_in")
+        with extras.collector_paused():
+            import heavy_stand_in  # noqa: F401
+        assert gc.isenabled() and gc.get_freeze_count() > frozen
+        gc.unfreeze()
+        gc.disable()
+        monkeypatch.delitem(sys.modules, "heavy_stand_in")
+        with extras.collector_paused():
+            import heavy_stand_in  # noqa: F401,F811
+        assert not gc.isenabled() and gc.get_freeze_count() == 0  # off before: left as it was
+    finally:
+        gc.unfreeze()
+        gc.enable()

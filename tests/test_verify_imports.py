@@ -16,7 +16,8 @@ VERIFY = Path(__file__).resolve().parent.parent / "polytool" / "verify"
 # facts and file formats: constants and parsers of what the files say, no math of the paths verify checks
 FORMAT_FACTS = {"errors", "architectures", "core.units", "formats.adapter_dir", "formats.jsonfile", "formats.provenance"}
 SHARED = {  # module -> the product modules it may import beyond FORMAT_FACTS, and why (docs/ci.md)
-    "__init__": {"formats.adapter", "formats.base"},  # the adapter validated on input; the base located
+    "__init__": {"formats.adapter", "formats.base", "extras"},  # the adapter validated on input; the base
+    # located; the garbage collector paused around the imports (extras.collector_paused: no value of a verdict)
     "artifacts": {"formats.adapter", "formats.base", "formats.lora"},  # LoRA artifacts read (values checked by
     # the forward against the reference), the dense artifact's shards listed
     "run": {"formats.adapter", "formats.base"},  # which checkpoint key holds each adapted weight

@@ -23,6 +23,9 @@ class Group(click.Group):
     def main(self, args=None, *rest, **kwargs):
         if args is not None or not kwargs.get("standalone_mode", True):  # called in-process (CliRunner, a script)
             return super().main(args, *rest, **kwargs)
+        from .. import extras
+
+        extras.FREEZE = True  # the process is polytool's: what torch's import made may be frozen (collector_paused)
         try:
             return super().main(args, *rest, **kwargs)
         except SystemExit as exc:

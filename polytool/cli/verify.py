@@ -59,7 +59,10 @@ def verify(options, as_json: bool, revision: str | None) -> None:
     from dataclasses import replace
 
     from ..formats.hub import input_path
-    from ..verify.every import verify_every  # GGUF artifacts run in llama.cpp, the others in transformers
+    from ..extras import collector_paused
+
+    with collector_paused():  # it imports torch
+        from ..verify.every import verify_every  # GGUF artifacts run in llama.cpp, the others in transformers
 
     options = replace(options, adapter_dir=input_path(options.adapter_dir, revision))  # a hub id: its snapshot
 

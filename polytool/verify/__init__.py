@@ -22,6 +22,7 @@ from typing import Callable
 
 from ..core.units import parse_size
 from ..errors import CheckpointError, PolytoolError
+from ..extras import collector_paused
 from ..formats.adapter import PolyAdapter, load_adapter
 from ..formats.base import resolve_base_dir
 from .artifacts import Target, artifact_targets, spec_under_test
@@ -215,8 +216,9 @@ def verify(o: VerifyOptions, progress: Callable | None = None) -> dict:
     checking = Forked(_weight_checks, targets, adapter, base_dir, child=all(t.recipe is None for t in targets)) \
         if work else None
     try:
-        config = base_config(base_dir)
-        class_name, family = model_class(adapter.task_type, config)
+        with collector_paused():  # transformers and the model's module are imported here
+            config = base_config(base_dir)
+            class_name, family = model_class(adapter.task_type, config)
         if checking is not None:
             for _ in progress([None], 1, "checking weights") if progress else [None]:
                 for target, (weights, truncation) in zip(targets, checking.result()):
