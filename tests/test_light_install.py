@@ -75,6 +75,7 @@ def test_the_collector_is_paused_around_heavy_imports_and_what_they_made_frozen(
     is the program (FREEZE) and one of FROZEN_AFTER was first imported inside (here a stand-in module), and nothing
     changes where it was off."""
     import gc
+    import importlib
     import sys
 
     from polytool import extras
@@ -86,7 +87,7 @@ def test_the_collector_is_paused_around_heavy_imports_and_what_they_made_frozen(
     frozen = gc.get_freeze_count()
     try:
         with extras.collector_paused():
-            import heavy_stand_in  # noqa: F401
+            importlib.import_module("heavy_stand_in")
             assert not gc.isenabled()
         assert gc.isenabled() and gc.get_freeze_count() == frozen  # a library call (not FREEZE): nothing frozen
         monkeypatch.setattr(extras, "FREEZE", True)  # as the command line sets it
@@ -95,13 +96,13 @@ def test_the_collector_is_paused_around_heavy_imports_and_what_they_made_frozen(
         assert gc.isenabled() and gc.get_freeze_count() == frozen  # nothing heavy imported: nothing frozen
         monkeypatch.delitem(sys.modules, "heavy_stand_in")
         with extras.collector_paused():
-            import heavy_stand_in  # noqa: F401
+            importlib.import_module("heavy_stand_in")
         assert gc.isenabled() and gc.get_freeze_count() > frozen
         gc.unfreeze()
         gc.disable()
         monkeypatch.delitem(sys.modules, "heavy_stand_in")
         with extras.collector_paused():
-            import heavy_stand_in  # noqa: F401,F811
+            importlib.import_module("heavy_stand_in")
         assert not gc.isenabled() and gc.get_freeze_count() == 0  # off before: left as it was
     finally:
         gc.unfreeze()
