@@ -222,3 +222,31 @@ def test_fused_eval_forward_keeps_what_wraps_the_base_layer(monkeypatch):
         assert rel(got, plain) > 0.1
         assert len(calls) == 1  # none of the three took the fused order
         assert torch.allclose(layer(x, task_ids=tasks), plain, atol=1e-6) and len(calls) == 2
+
+
+def test_autocast_and_tensor_subclasses_keep_the_unfused_order(monkeypatch):
+    """Under autocast the products run in half precision and the in-place add would meet the float32 weight: the
+    unfused order runs, as it did before the fused one existed (bfloat16 out, the update applied); a weight that
+    is a tensor subclass (as quantized weights are) is left to the base layer too."""
+    layer, calls = _bias_layer(), _counting_fused(monkeypatch)
+    x, tasks = torch.randn(2, 4, 16), torch.tensor([1, 0])
+    with torch.no_grad():
+        want = layer(x, task_ids=tasks)  # the eval factors cached in float32, outside autocast
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = layer(x, task_ids=tasks)
+            base = layer.base_layer(x)
+        assert got.dtype == torch.bfloat16 and len(calls) == 1
+        assert rel(got, want) <= 2e-2 and rel(base, want) > 0.1  # bfloat16 rounding; the update is there
+        layer.invalidate_cache()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert rel(layer(x, task_ids=tasks), got) <= 1e-2  # factors cached inside autocast this time...
+        assert all(t.dtype == torch.float32 for t in layer._cache["default"][1:])  # ...still float32
+        assert torch.equal(layer(x, task_ids=tasks), want) and len(calls) == 2  # and the float32 result after
+
+        class Marked(torch.Tensor):
+            pass
+
+        plain = layer.base_layer.weight
+        layer.base_layer.weight = torch.nn.Parameter(plain.detach().as_subclass(Marked), requires_grad=False)
+        assert type(layer.base_layer.weight) is not torch.nn.Parameter
+        assert rel(layer(x, task_ids=tasks), want) <= 1e-6 and len(calls) == 2  # no third fused call

@@ -141,8 +141,8 @@ class PolyLayer(nn.Module):
             return A.mT, B / r
         key = tuple((p._version, p.data_ptr(), p.device, p.dtype) for p in params)
         cached = self._cache.get(adapter_name)
-        if cached is None or cached[0] != key:
-            with torch.inference_mode(False), torch.no_grad():
+        if cached is None or cached[0] != key:  # in the parameters' dtype whatever autocast is on: kept for every call
+            with torch.inference_mode(False), torch.no_grad(), torch.autocast(poly_A.device.type, enabled=False):
                 A, B = collapse_factors(poly_A, poly_B, router.task_weights())  # (t, in, r), (t, r, out)
                 cached = self._cache[adapter_name] = (key, A.mT.contiguous(), B / r)
         return cached[1], cached[2]
@@ -189,10 +189,11 @@ class PolyLayer(nn.Module):
 
 
 def _add_product(out: torch.Tensor, xa: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """out + xa @ B for (b, L, out), (b, L, r), (b, r, out): in place unless autograd records the call."""
+    """out + xa @ B for (b, L, out), (b, L, r), (b, r, out): in place unless autograd records the call or autocast
+    runs it (its products come out in half precision beside the float32 factor; an in-place call takes none)."""
     if out.dtype != xa.dtype:  # a half-precision base with the float32 adapter: add in float32, round once
         return (out + xa.bmm(B)).to(out.dtype)
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or torch.is_autocast_enabled(out.device.type):  # autocast: baddbmm's own dtypes
         return torch.baddbmm(out, xa, B)
     return out.baddbmm_(xa, B)
 
@@ -226,12 +227,16 @@ class Linear(PolyLayer):
 
     def _fusable(self, x: torch.Tensor, adapter_name: str) -> bool:
         """Whether the eval update can go into the base layer's own product (`_fused_eval`): nothing records
-        autograd, the base is a plain nn.Linear whose forward nothing wraps or hooks (accelerate's hooks replace
-        the instance's `forward`; a quantized layer is a subclass), and input, weight and adapter share a dtype."""
+        autograd and no autocast changes the dtypes of the products (the in-place add would meet a float32
+        weight with a half output), the base is a plain nn.Linear whose forward nothing wraps or hooks
+        (accelerate's hooks replace the instance's `forward`; a quantized layer is a subclass, a quantized
+        weight a tensor subclass), and input, weight and adapter share a dtype."""
         base = self.base_layer
         return (not torch.is_grad_enabled() and type(base) is nn.Linear and "forward" not in base.__dict__
                 and not (base._forward_hooks or base._forward_pre_hooks or _global_forward_hooks())
-                and x.dtype == base.weight.dtype == self.poly_lora_A[adapter_name].dtype)
+                and type(base.weight) in _PLAIN and (base.bias is None or type(base.bias) in _PLAIN)
+                and x.dtype == base.weight.dtype == self.poly_lora_A[adapter_name].dtype
+                and not torch.is_autocast_enabled(x.device.type))
 
     def _fused_eval(self, adapter_name: str, x: torch.Tensor, route: TaskRoute) -> torch.Tensor:
         """x @ W.T + b + x @ A @ (B / r) with each row's task factors, the update computed first and the base
@@ -250,6 +255,9 @@ class Linear(PolyLayer):
 
     def __repr__(self) -> str:
         return "poly." + super().__repr__()
+
+
+_PLAIN = (nn.Parameter, torch.Tensor)  # tensor types, not subclasses, that the fused order may multiply
 
 
 def _global_forward_hooks() -> bool:
