@@ -250,3 +250,8 @@ def test_autocast_and_tensor_subclasses_keep_the_unfused_order(monkeypatch):
         layer.base_layer.weight = torch.nn.Parameter(plain.detach().as_subclass(Marked), requires_grad=False)
         assert type(layer.base_layer.weight) is not torch.nn.Parameter
         assert rel(layer(x, task_ids=tasks), want) <= 1e-6 and len(calls) == 2  # no third fused call
+        layer.base_layer.weight = plain
+        bias = layer.base_layer.bias
+        del layer.base_layer.bias
+        layer.base_layer.bias = bias.detach() + 1.0  # a plain tensor attribute, not a parameter: still applied
+        assert torch.allclose(layer(x, task_ids=tasks), want + 1.0, atol=1e-5) and len(calls) == 2

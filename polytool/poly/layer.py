@@ -214,8 +214,9 @@ class Linear(PolyLayer):
         if task_ids is None:
             raise PolyValueError(f"module {self.name!r}: task_ids is missing: pass task_ids=... to forward or generate")
         route = task_ids if isinstance(task_ids, TaskRoute) else TaskRoute(task_ids)
-        if not (self.training or args or kwargs) and self._fusable(x, adapter):
-            return self._fused_eval(adapter, x, route)
+        fused = None if self.training or args or kwargs else self._fusable(x, adapter)
+        if fused:
+            return self._fused_eval(adapter, x, route, *fused)
         result = self.base_layer(x, *args, **kwargs)
         update = self._train_update if self.training else self._eval_update
         if x.dim() == 3:  # (b, L, in) already, result (b, L, out): no reshape calls (a decode step's overhead)
@@ -225,39 +226,45 @@ class Linear(PolyLayer):
         out = result.reshape(batch, -1, self.out_features)  # (b, L, out), a view of result
         return update(adapter, out, flat, route).reshape(result.shape)  # (..., out)
 
-    def _fusable(self, x: torch.Tensor, adapter_name: str) -> bool:
-        """Whether the eval update can go into the base layer's own product (`_fused_eval`): nothing records
-        autograd and no autocast changes the dtypes of the products (the in-place add would meet a float32
-        weight with a half output), the base is a plain nn.Linear whose forward nothing wraps or hooks
-        (accelerate's hooks replace the instance's `forward`; a quantized layer is a subclass, a quantized
-        weight a tensor subclass), and input, weight and adapter share a dtype."""
-        base = self.base_layer
-        return (not torch.is_grad_enabled() and type(base) is nn.Linear and "forward" not in base.__dict__
-                and not (base._forward_hooks or base._forward_pre_hooks or _global_forward_hooks())
-                and type(base.weight) in _PLAIN and (base.bias is None or type(base.bias) in _PLAIN)
-                and x.dtype == base.weight.dtype == self.poly_lora_A[adapter_name].dtype
-                and not torch.is_autocast_enabled(x.device.type))
+    def _fusable(self, x: torch.Tensor, adapter_name: str) -> tuple | None:
+        """The base layer's (weight, bias) where the eval update can go into its own product (`_fused_eval`), else
+        None: nothing records autograd and no autocast changes the dtypes of the products (the in-place add would
+        meet a float32 weight with a half output), the base is a plain nn.Linear whose forward nothing wraps or
+        hooks (accelerate's hooks replace the instance's `forward`; a quantized layer is a subclass), weight and
+        bias are its plain parameters (a quantized weight is a tensor subclass; a bias set as a plain attribute
+        is not in `_parameters`), and input, weight and adapter share a dtype. Read from the modules' own dicts:
+        this runs on every call of every layer (a decode step's)."""
+        base = self._modules["base_layer"]
+        if (type(base) is not nn.Linear or torch.is_grad_enabled() or "forward" in base.__dict__
+                or base._forward_hooks or base._forward_pre_hooks or _global_forward_hooks()):
+            return None
+        params = base._parameters
+        weight, bias = params.get("weight"), params.get("bias")
+        if (type(weight) is not nn.Parameter or "bias" not in params
+                or (bias is not None and type(bias) is not nn.Parameter)
+                or not x.dtype == weight.dtype == self.poly_lora_A[adapter_name].dtype
+                or torch.is_autocast_enabled(x.device.type)):
+            return None
+        return weight, bias
 
-    def _fused_eval(self, adapter_name: str, x: torch.Tensor, route: TaskRoute) -> torch.Tensor:
+    def _fused_eval(self, adapter_name: str, x: torch.Tensor, route: TaskRoute, weight: torch.Tensor,
+                    bias: torch.Tensor | None) -> torch.Tensor:
         """x @ W.T + b + x @ A @ (B / r) with each row's task factors, the update computed first and the base
         product added into it by the GEMM itself (addmm_, beta 1): the output is written by the update's
         product and read once inside the GEMM, where the unfused order reads and writes it once more after the
         base's GEMM (bench_forward: 0.5 to 1.2 points less overhead over the bare base, docs/performance.md). The
         same sums in another order: equal to the unfused forward to float32 rounding (tests/test_poly_layer.py)."""
-        base = self.base_layer
-        batch = x.shape[0] if x.dim() > 1 else 1
-        flat = x if x.dim() == 3 else x.reshape(batch, -1, self.in_features)  # (b, L, in)
+        three = x.dim() == 3
+        batch = x.shape[0] if three or x.dim() > 1 else 1
+        flat = x if three else x.reshape(batch, -1, self.in_features)  # (b, L, in)
         At, B = self._row_factors(adapter_name, route, batch)  # (b, r, in), (b, r, out)
         xa = At.bmm(flat.mT).mT  # (b, L, r)
-        out = torch.bmm(xa, B) if base.bias is None else torch.baddbmm(base.bias, xa, B)  # (b, L, out)
-        out.view(-1, self.out_features).addmm_(flat.reshape(-1, self.in_features), base.weight.t())
-        return out if x.dim() == 3 else out.reshape(x.shape[:-1] + (self.out_features,))
+        out = torch.bmm(xa, B) if bias is None else torch.baddbmm(bias, xa, B)  # (b, L, out)
+        out.view(-1, self.out_features).addmm_(flat.reshape(-1, self.in_features), weight.t())
+        return out if three else out.reshape(x.shape[:-1] + (self.out_features,))
 
     def __repr__(self) -> str:
         return "poly." + super().__repr__()
-
-
-_PLAIN = (nn.Parameter, torch.Tensor)  # tensor types, not subclasses, that the fused order may multiply
 
 
 def _global_forward_hooks() -> bool:
