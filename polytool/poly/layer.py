@@ -5,8 +5,9 @@ row from stochastic weights, with PEFT's math (the 1/r applied to B). Eval: per 
 cached until a parameter changes; each row's factors (a broadcast view when all rows share a task,
 else a gathered copy) go into two batched matmuls, and the update is added in place when autograd
 records nothing; where the base is a plain nn.Linear nothing hooks, the update is computed first and the
-base's product added into it by its own GEMM (`Linear._fused_eval`; docs/performance.md has the measurements). Parameters live in ParameterDict / ModuleDict
-keyed by adapter name, as in PEFT (`poly_lora_A.default`, `poly_router.default.module_logits`).
+base's product added into it by its own GEMM (`Linear._fused_eval`; docs/performance.md has the
+measurements). Parameters live in ParameterDict / ModuleDict keyed by adapter name, as in PEFT
+(`poly_lora_A.default`, `poly_router.default.module_logits`).
 """
 from __future__ import annotations
 
@@ -252,7 +253,7 @@ class Linear(PolyLayer):
         """x @ W.T + b + x @ A @ (B / r) with each row's task factors, the update computed first and the base
         product added into it by the GEMM itself (addmm_, beta 1): the output is written by the update's
         product and read once inside the GEMM, where the unfused order reads and writes it once more after the
-        base's GEMM (bench_forward: 0.5 to 1.2 points less overhead over the bare base, docs/performance.md). The
+        base's GEMM (bench_forward: 0.5 to 1.3 points less overhead over the bare base, docs/performance.md). The
         same sums in another order: equal to the unfused forward to float32 rounding (tests/test_poly_layer.py)."""
         three = x.dim() == 3
         batch = x.shape[0] if three or x.dim() > 1 else 1
