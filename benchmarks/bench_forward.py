@@ -96,41 +96,33 @@ UNFUSED = "polytool (unfused)"
 @contextlib.contextmanager
 def unfused():
     """The frozen polytool model as it ran before the fused eval forward: the base layer's product first, the
-    update added after it (Linear._fusable answers no), for a before/after figure in one run."""
+    update added after it (Linear._fusable answers None), for a before/after figure in one run."""
     from polytool.poly.layer import Linear
 
     fusable = Linear._fusable
-    Linear._fusable = lambda self, x, adapter_name: False
+    Linear._fusable = lambda self, x, adapter_name: None
     try:
         yield
     finally:
         Linear._fusable = fusable
 
 
-def _call(model, name: str, **kw):
-    if name == UNFUSED:
-        with unfused():
-            return model(**kw)
-    return model(**kw)
-
-
-def _generate(model, name: str, **kw):
-    if name == UNFUSED:
-        with unfused():
-            return model.generate(**kw)
-    return model.generate(**kw)
+def _run(name: str, fn, **kw):
+    """fn(**kw), in the unfused order for the UNFUSED row."""
+    with unfused() if name == UNFUSED else contextlib.nullcontext():
+        return fn(**kw)
 
 
 def forward_calls(models: dict, ids: torch.Tensor, tasks: torch.Tensor) -> dict:
     return {name: (lambda m=model: m(input_ids=ids)) if name == "base" else
-            (lambda m=model, n=name: _call(m, n, input_ids=ids, task_ids=tasks)) for name, model in models.items()}
+            (lambda m=model, n=name: _run(n, m, input_ids=ids, task_ids=tasks)) for name, model in models.items()}
 
 
 def generate_calls(models: dict, prompts: torch.Tensor, tasks: torch.Tensor, new_tokens: int) -> dict:
     kw = dict(attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
               do_sample=False, pad_token_id=0)
     return {name: (lambda m=model: m.generate(input_ids=prompts, **kw)) if name == "base" else
-            (lambda m=model, n=name: _generate(m, n, input_ids=prompts, task_ids=tasks, **kw))
+            (lambda m=model, n=name: _run(n, m.generate, input_ids=prompts, task_ids=tasks, **kw))
             for name, model in models.items()}
 
 
